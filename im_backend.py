@@ -1,0 +1,1552 @@
+"""IM-Backend: posts, threaded comments and likes for other back-end services.
+
+One hand-written ASGI module, read top to bottom in the order data flows:
+
+  1. errors and the JSON envelope
+  2. configuration (bootstrap file, application configuration, hot reload)
+  3. the appKey
+  4. storage: PostgreSQL tables and every SQL statement
+  5. cache (Redis) and id generation
+  6. domain operations: posts, comments, likes, background clean-up
+  7. HTTP layer: parameter parsing, the route table, OpenAPI
+  8. the ASGI application and its lifespan
+  9. command line
+
+The wire contract is ../shared/SPEC.md (a drop-in replacement for the Go IM-Backend).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import io
+import logging
+import os
+import pathlib
+import random
+import re
+import secrets
+import sys
+import time
+import urllib.parse
+import zoneinfo
+from typing import Any, Awaitable, Callable, Iterable
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+import yaml
+from Crypto.Cipher import AES
+
+log = logging.getLogger("im_backend")
+
+# ============================================================================
+# 1. Errors and the JSON envelope
+# ============================================================================
+
+MESSAGES: dict[int, str] = {
+    200: "success",
+    10001: "the table of the service has not been created",
+    10002: "can not create table of the service",
+    10003: "create data failed",
+    10004: "update data failed",
+    10005: "delete data failed",
+    10006: "find data failed",
+    10007: "count data failed",
+    10008: "find query is empty",
+    10009: "set k-v in cache failed",
+    10010: "sadd val in cache failed",
+    10011: "get k-v from cache failed",
+    10012: "convert json failed",
+    10013: "get set from cache failed",
+    10014: "no right record found",
+    10015: "cache miss",
+    10016: "update query is empty",
+    10017: "generate id failed",
+    10018: "del k-v in cache failed",
+}
+BIND_PARAM_FAILED = "bind param failed"
+PARAMS_WRONG = "something of params is wrong"
+BIND_AUTHENTICATION = "bind authentication"
+
+
+class ApiError(Exception):
+    """An answer other than success; becomes the envelope {code, msg, data: null}."""
+
+    def __init__(self, code: int, msg: str | None = None) -> None:
+        super().__init__(msg or MESSAGES[code])
+        self.code = code
+        self.msg = msg or MESSAGES[code]
+
+
+def bad_param(detail: str = "") -> ApiError:
+    if detail:
+        log.debug("bind param failed: %s", detail)
+    return ApiError(400, BIND_PARAM_FAILED)
+
+
+def http_status(code: int) -> int:
+    return code if code <= 600 else 500
+
+
+def envelope(code: int, msg: str, data: Any = None) -> bytes:
+    return orjson.dumps({"code": code, "msg": msg, "data": data})
+
+
+SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
+
+
+def success(data: Any) -> bytes:
+    return SUCCESS_PREFIX + orjson.dumps(data) + b"}"
+
+
+# ============================================================================
+# 2. Configuration
+# ============================================================================
+
+SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+DEFAULT_BOOTSTRAP = "configs/config.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message says what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DbConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: str = ""
+    dbname: str = "postgres"
+    min_conns: int = 2
+    max_conns: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    addr: str = "127.0.0.1:6379"  # host:port, or unix:///path/to/redis.sock
+    password: str = ""
+    db: int = 0
+    post_expire: int = 604800
+    comment_expire: int = 604800
+    postlike_expire: int = 300
+    commentlike_expire: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanConfig:
+    commentbatch: int = 30
+    postlikebatch: int = 30
+    commentlikebatch: int = 30
+    interval: float = 5.0  # seconds between sweeps for work left by other processes
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    timeout: float = 10.0  # seconds before a request answers 504
+    body_limit: int = 1 << 20  # bytes
+    max_limit: int = 100  # largest page a list endpoint returns
+    time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    services: dict[str, str]  # service name -> secret
+    db: DbConfig
+    cache: CacheConfig
+    clean: CleanConfig
+    server: ServerConfig
+    zone: zoneinfo.ZoneInfo
+
+
+def _section(raw: dict, name: str, cls: type) -> Any:
+    """Build a config dataclass from one YAML mapping, ignoring unknown keys, checking types."""
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"'{name}' must be a mapping")
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in section or section[field.name] is None:
+            continue
+        value, kind = section[field.name], type(field.default)
+        try:
+            values[field.name] = str(value) if kind is str else kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{name}.{field.name}' must be {kind.__name__}, got {value!r}") from None
+        if kind in (int, float) and values[field.name] < 0:
+            raise ConfigError(f"'{name}.{field.name}' must not be negative")
+    return cls(**values)
+
+
+def parse_app_config(text: str) -> AppConfig:
+    """Parse and validate the application configuration (the Go version's YAML format)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the application configuration must be a YAML mapping")
+    services: dict[str, str] = {}
+    for entry in raw.get("svc") or []:
+        if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
+            raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
+        name, secret = str(entry["name"]), str(entry["secret"])
+        if not SERVICE_NAME.match(name):
+            raise ConfigError(f"service name {name!r} must match {SERVICE_NAME.pattern}")
+        if len(secret.encode()) not in (16, 24, 32):
+            raise ConfigError(f"the secret of service {name!r} must be 16, 24 or 32 bytes long")
+        if name in services:
+            raise ConfigError(f"service {name!r} is listed twice")
+        services[name] = secret
+    server = _section(raw, "server", ServerConfig)
+    clean = _section(raw, "clean", CleanConfig)
+    if min(clean.commentbatch, clean.postlikebatch, clean.commentlikebatch) < 1:
+        raise ConfigError("'clean' batch sizes must be at least 1")
+    try:
+        zone = zoneinfo.ZoneInfo(server.time_zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"unknown time zone {server.time_zone!r}") from None
+    return AppConfig(services, _section(raw, "db", DbConfig), _section(raw, "cache", CacheConfig),
+                     clean, server, zone)
+
+
+def read_bootstrap(path: str | os.PathLike) -> dict:
+    """The bootstrap file says where the application configuration lives: Nacos, or `app_conf:` a file."""
+    path = pathlib.Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read bootstrap file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"bootstrap file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"bootstrap file {path} must be a YAML mapping")
+    raw["_path"] = path
+    if not raw.get("app_conf"):
+        for key in ("ipaddr", "port", "dataid", "group"):
+            if key not in raw:
+                raise ConfigError(f"bootstrap file {path}: give 'app_conf' or the Nacos key '{key}'")
+    return raw
+
+
+class FileSource:
+    """Application configuration in a local file, re-read when it changes (polled once a second)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self._task: asyncio.Task | None = None
+
+    def describe(self) -> str:
+        return f"file {self.path}"
+
+    def _stamp(self) -> tuple[int, int] | None:
+        with contextlib.suppress(OSError):
+            st = self.path.stat()
+            return st.st_mtime_ns, st.st_size
+        return None
+
+    async def start(self, on_change: Callable[[str], Awaitable[None]]) -> str:
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read application configuration {self.path}: {exc.strerror}") from None
+        self._task = asyncio.create_task(self._watch(self._stamp(), on_change))
+        return text
+
+    async def _watch(self, seen: tuple[int, int] | None, on_change: Callable[[str], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            stamp = self._stamp()
+            if stamp is None or stamp == seen:
+                continue
+            seen = stamp
+            try:
+                await on_change(self.path.read_text())
+            except OSError as exc:
+                log.error("cannot re-read %s: %s", self.path, exc)
+
+    def save_last_good(self, text: str) -> None:
+        """The file itself is the last good configuration."""
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def app_conf_path(boot: dict) -> pathlib.Path:
+    """`app_conf:` is relative to the bootstrap file."""
+    return boot["_path"].parent / str(boot["app_conf"])
+
+
+def config_source(boot: dict) -> Any:
+    if boot.get("app_conf"):
+        return FileSource(app_conf_path(boot))
+    return NacosSource(boot, boot["_path"].parent / ".app_conf.last-good.yaml")
+
+
+class NacosSource:
+    """Application configuration in Nacos (keys ipaddr, port, namespaceid, group, dataid)."""
+
+    def __init__(self, boot: dict, last_good_path: pathlib.Path) -> None:
+        self.boot = boot
+        self.last_good_path = last_good_path
+
+    def describe(self) -> str:
+        return f"nacos {self.boot['ipaddr']}:{self.boot['port']} dataid={self.boot['dataid']}"
+
+    async def start(self, on_change: Callable[[str], Awaitable[None]]) -> str:
+        raise ConfigError("Nacos is not supported yet in this build; use 'app_conf:' in the bootstrap file")
+
+    def save_last_good(self, text: str) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+# ============================================================================
+# 3. The appKey
+# ============================================================================
+
+APPKEY_WINDOW = 10  # seconds either side of now
+_APPKEY_CACHE_SIZE = 4096
+
+
+def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
+    """What a client does: hex(IV || AES-CFB-128(secret, IV, str(unix seconds)))."""
+    iv = secrets.token_bytes(16)
+    plain = str(int(time.time()) if timestamp is None else timestamp).encode()
+    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=iv, segment_size=128)
+    return (iv + cipher.encrypt(plain)).hex()
+
+
+def decrypt_appkey(secret: str, appkey: str) -> int | None:
+    """The timestamp inside an appKey, or None when it is not a well-formed appKey for this secret."""
+    if len(appkey) < 34 or len(appkey) > 128 or len(appkey) % 2:
+        return None
+    try:
+        raw = bytes.fromhex(appkey)
+    except ValueError:
+        return None
+    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=raw[:16], segment_size=128)
+    plain = cipher.decrypt(raw[16:])
+    if not re.fullmatch(rb"-?[0-9]{1,19}", plain):
+        return None
+    return int(plain)
+
+
+class AppKeyChecker:
+    """Checks (svc, appKey) against the configured secrets; remembers decryptions, never the time check."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[str, int]] = {}  # (svc, appKey) -> (secret, timestamp)
+
+    def check(self, services: dict[str, str], svc: str | None, appkey: str | None) -> None:
+        if not svc or not appkey:
+            raise ApiError(400, BIND_AUTHENTICATION)
+        secret = services.get(svc)
+        if secret is None:
+            raise ApiError(400, BIND_AUTHENTICATION)
+        known = self._seen.get((svc, appkey))
+        if known is not None and known[0] == secret:
+            timestamp = known[1]
+        else:
+            timestamp = decrypt_appkey(secret, appkey)
+            if timestamp is None:
+                raise ApiError(400, BIND_AUTHENTICATION)
+            if len(self._seen) >= _APPKEY_CACHE_SIZE:
+                self._seen.clear()
+            self._seen[(svc, appkey)] = (secret, timestamp)
+        if abs(time.time() - timestamp) > APPKEY_WINDOW:
+            raise ApiError(400, BIND_AUTHENTICATION)
+
+
+# ============================================================================
+# 4. Storage: PostgreSQL
+# ============================================================================
+# Every statement names its tables as {post}, {comment}, {post_like}, {comment_like}, {cleanup};
+# sql() fills in the quoted per-service names. Nothing from a request is spliced into SQL.
+
+MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
+
+DDL = """
+CREATE TABLE IF NOT EXISTS {post} (
+    id BIGINT PRIMARY KEY, content TEXT, title VARCHAR(255), author VARCHAR(255),
+    extra JSONB, created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ);
+CREATE TABLE IF NOT EXISTS {comment} (
+    id BIGINT PRIMARY KEY, user_id VARCHAR(255), root_id BIGINT DEFAULT 0, father_id BIGINT DEFAULT 0,
+    target_user_id VARCHAR(255) DEFAULT NULL, post_id BIGINT, content TEXT, extra JSONB,
+    created_at TIMESTAMPTZ DEFAULT now(), updated_at TIMESTAMPTZ DEFAULT now());
+CREATE TABLE IF NOT EXISTS {post_like} (
+    post_id BIGINT, user_id VARCHAR(255), created_at TIMESTAMPTZ DEFAULT now(),
+    PRIMARY KEY (post_id, user_id));
+CREATE TABLE IF NOT EXISTS {comment_like} (
+    comment_id BIGINT, user_id VARCHAR(255), post_id BIGINT, created_at TIMESTAMPTZ DEFAULT now(),
+    PRIMARY KEY (comment_id, user_id));
+CREATE TABLE IF NOT EXISTS {cleanup} (
+    id BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, target_id BIGINT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE INDEX IF NOT EXISTS {post_created_idx} ON {post} (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS {comment_roots_idx} ON {comment} (post_id, root_id, created_at, id);
+CREATE INDEX IF NOT EXISTS {comment_thread_idx} ON {comment} (root_id, created_at, id);
+CREATE INDEX IF NOT EXISTS {comment_father_idx} ON {comment} (father_id);
+"""
+
+POST_INSERT = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, now(), now())"""
+POST_GET = "SELECT id, title, content, author, extra, created_at FROM {post} WHERE id = $1"
+POST_OWNER = "SELECT author FROM {post} WHERE id = $1 FOR UPDATE"
+POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COALESCE($3, title),
+                 extra = COALESCE($4, extra), updated_at = now() WHERE id = $1"""
+POST_DELETE = "DELETE FROM {post} WHERE id = $1"
+POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+
+# FOR KEY SHARE keeps the post from being deleted until the like commits, so clean-up sees the like.
+POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
+                   ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
+                           SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING)
+                   SELECT EXISTS (SELECT 1 FROM target)"""
+POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
+                     del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2)
+                     SELECT EXISTS (SELECT 1 FROM target)"""
+POST_LIKE_COUNT = "SELECT count(*) FROM {post_like} WHERE post_id = $1"
+
+COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
+COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
+                                           content, extra, created_at, updated_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
+COMMENT_GET = f"SELECT {COMMENT_COLUMNS} FROM {{comment}} WHERE id = $1"
+COMMENT_OWNER = "SELECT user_id FROM {comment} WHERE id = $1 FOR UPDATE"
+COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
+                    updated_at = now() WHERE id = $1"""
+COMMENT_ROOTS_PAGE = f"""SELECT {COMMENT_COLUMNS},
+                            (SELECT count(*) FROM {{comment}} r WHERE r.root_id = c.id) AS child_num
+                         FROM {{comment}} c WHERE post_id = $1 AND root_id = 0 AND created_at > $2
+                         ORDER BY created_at, id LIMIT $3"""
+COMMENT_REPLIES_PAGE = f"""SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comment}}
+                           WHERE root_id = $1 AND created_at > $2 ORDER BY created_at, id LIMIT $3"""
+# A root comment takes its whole thread; a reply takes every reply whose father chain reaches it.
+COMMENT_DELETE_TREE = """
+WITH RECURSIVE doomed AS (
+    SELECT id, root_id FROM {comment} WHERE id = $1
+    UNION
+    SELECT c.id, c.root_id FROM {comment} c JOIN doomed d
+      ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
+)
+DELETE FROM {comment} WHERE id IN (SELECT id FROM doomed) RETURNING id"""
+COMMENT_LIKE_SET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
+                      ins AS (INSERT INTO {comment_like} (comment_id, user_id, post_id, created_at)
+                              SELECT id, $2, post_id, now() FROM target ON CONFLICT DO NOTHING)
+                      SELECT post_id FROM target"""
+COMMENT_LIKE_UNSET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
+                        del AS (DELETE FROM {comment_like}
+                                WHERE comment_id IN (SELECT id FROM target) AND user_id = $2)
+                        SELECT post_id FROM target"""
+COMMENT_LIKE_COUNTS = """SELECT comment_id, count(*) FROM {comment_like}
+                         WHERE comment_id = ANY($1::bigint[]) GROUP BY comment_id"""
+
+# The durable clean-up queue (section 6 of this file explains the kinds).
+CLEANUP_ENQUEUE = "INSERT INTO {cleanup} (kind, target_id) SELECT $1, unnest($2::bigint[])"
+CLEANUP_CLAIM_POST = """SELECT id, target_id FROM {cleanup} WHERE kind = 'post'
+                        ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"""
+CLEANUP_CLAIM_COMMENTS = """SELECT id, target_id FROM {cleanup} WHERE kind = 'comment'
+                            ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"""
+CLEANUP_DONE = "DELETE FROM {cleanup} WHERE id = ANY($1::bigint[])"
+CLEANUP_DEPTH = "SELECT count(*) FROM {cleanup}"
+CLEAN_POST_COMMENTS = """DELETE FROM {comment} WHERE id IN
+                         (SELECT id FROM {comment} WHERE post_id = $1 LIMIT $2) RETURNING id"""
+CLEAN_POST_LIKES = """DELETE FROM {post_like} WHERE (post_id, user_id) IN
+                      (SELECT post_id, user_id FROM {post_like} WHERE post_id = $1 LIMIT $2)"""
+CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) IN
+                         (SELECT comment_id, user_id FROM {comment_like}
+                          WHERE comment_id = ANY($1::bigint[]) LIMIT $2)"""
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@functools.lru_cache(maxsize=4096)
+def sql(svc: str, statement: str) -> str:
+    """A statement with the tables of service `svc` filled in (svc is validated by configuration)."""
+    names = {
+        "post": f"{svc}_post_info", "comment": f"{svc}_post_comment_info",
+        "post_like": f"{svc}_post_like", "comment_like": f"{svc}_comment_like",
+        "cleanup": f"{svc}_cleanup_queue",
+        "post_created_idx": f"{svc}_post_info_created_at_idx",
+        "comment_roots_idx": f"{svc}_post_comment_info_post_root_idx",
+        "comment_thread_idx": f"{svc}_post_comment_info_root_idx",
+        "comment_father_idx": f"{svc}_post_comment_info_father_idx",
+    }
+    return statement.format(**{key: _quote(value) for key, value in names.items()})
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", format="text",
+                              encoder=lambda value: orjson.dumps(value).decode(), decoder=orjson.loads)
+
+
+async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None, database=cfg.dbname,
+        min_size=min(cfg.min_conns, cfg.max_conns), max_size=max(cfg.max_conns, 1), init=_init_connection,
+        statement_cache_size=2048, command_timeout=60)
+
+
+async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]:
+    """Create the tables of each service if missing; returns the services whose tables are ready."""
+    ready = set()
+    for svc in services:
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                # Several processes may start together; CREATE ... IF NOT EXISTS is not race-free.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('im_backend:ddl'))")
+                await conn.execute(sql(svc, DDL))
+            ready.add(svc)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.error("cannot create the tables of service %r: %s", svc, exc)
+    return ready
+
+
+# ============================================================================
+# 5. Cache (Redis) and id generation
+# ============================================================================
+
+HOT_COUNTER = 10000  # a like count at or above this is left to expire instead of being invalidated
+DOUBLE_DELETE_DELAY = 1.0  # seconds
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+def post_info_key(svc: str, post_id: int) -> str:
+    return f"svc:{svc}:post:{post_id}:info"
+
+
+def post_like_key(svc: str, post_id: int) -> str:
+    return f"svc:{svc}:post:{post_id}:like"
+
+
+def comment_info_key(svc: str, comment_id: int) -> str:
+    return f"svc:{svc}:comment:{comment_id}:info"
+
+
+def comment_like_key(svc: str, comment_id: int) -> str:
+    return f"svc:{svc}:comment:{comment_id}:like"
+
+
+def open_redis(cfg: CacheConfig) -> aioredis.Redis:
+    common = dict(password=cfg.password or None, db=cfg.db, socket_timeout=2.0, socket_connect_timeout=2.0,
+                  max_connections=256)
+    if cfg.addr.startswith("unix://") or cfg.addr.startswith("/"):
+        return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), **common)
+    host, _, port = cfg.addr.rpartition(":")
+    return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), **common)
+
+
+def with_jitter(ttl: int) -> int:
+    """Spread expiries over [ttl, 1.5 ttl) so keys written together do not expire together."""
+    return max(1, int(ttl * random.uniform(1.0, 1.5)))
+
+
+class Cache:
+    """Cache-aside reads that survive Redis being down, and invalidation that must succeed before a write."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
+
+    def _read_failed(self, exc: BaseException) -> None:
+        if self._reads_off_until < time.monotonic():
+            log.warning("redis read failed, serving from PostgreSQL: %s", exc)
+        self._reads_off_until = time.monotonic() + 1.0
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if time.monotonic() < self._reads_off_until:
+            return [None] * len(keys)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                return await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._read_failed(exc)
+            return [None] * len(keys)
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many([key]))[0]
+
+    async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
+        """Fill the cache after a read; failing to is only logged (the next read goes to PostgreSQL)."""
+        if not items or time.monotonic() < self._reads_off_until:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value, ttl in items:
+                    pipe.set(key, value, ex=with_jitter(ttl))
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._read_failed(exc)
+
+    async def invalidate(self, keys: list[str]) -> None:
+        """Delete keys before a write; if Redis cannot, the write must not happen (10018)."""
+        if not keys:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:  # one DEL per key: multi-key commands break on Redis Cluster
+                    pipe.delete(key)
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("cache invalidation failed, refusing the write: %s", exc)
+            raise ApiError(10018) from None
+
+    async def next_id(self, counter: str) -> int:
+        """(unix seconds << 32) | (INCR counter & 0xFFFFFFFF), as the Go version, continuing its counters."""
+        try:
+            count = await self.client.incr(counter)
+        except REDIS_ERRORS as exc:
+            log.warning("id generation failed: %s", exc)
+            raise ApiError(10017) from None
+        return (int(time.time()) << 32) | (count & 0xFFFFFFFF)
+
+
+# ============================================================================
+# 6. Domain operations: posts, comments, likes, clean-up
+# ============================================================================
+
+
+class Service:
+    """What a request needs: the configuration in force, the pool, the cache and background tasks."""
+
+    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.ready: set[str] = set()  # services whose tables exist
+        self.cleanup_wakeup = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+
+    # --- helpers ---------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def invalidate_later(self, keys: list[str]) -> None:
+        """Second half of the delayed double delete: catches a read that refilled the cache mid-write."""
+        async def later() -> None:
+            await asyncio.sleep(DOUBLE_DELETE_DELAY)
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(keys)
+        self.spawn(later())
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=DOUBLE_DELETE_DELAY + 2)
+
+    def render_time(self, moment: dt.datetime) -> str:
+        return moment.astimezone(self.config.zone).strftime("%Y-%m-%dT%H:%M:%S")
+
+    @contextlib.asynccontextmanager
+    async def db(self, svc: str, failure: int):
+        """A connection for service svc; database errors become the given code (missing table: 10001)."""
+        if svc not in self.ready:
+            raise ApiError(10002)
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except asyncpg.UndefinedTableError:
+            log.error("a table of service %r is missing", svc)
+            raise ApiError(10001) from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.error("database error (answering %d): %r", failure, exc)
+            raise ApiError(failure) from None
+
+    # --- posts -------------------------------------------------------------------
+
+    def post_json(self, svc: str, row: asyncpg.Record) -> dict:
+        return {"id": row["id"], "title": row["title"] or "", "content": row["content"] or "",
+                "author": row["author"] or "", "time": self.render_time(row["created_at"]), "svc": svc,
+                "extra": row["extra"]}
+
+    async def publish_post(self, svc: str, author: str, content: str, title: str | None,
+                           extra: dict | None) -> dict:
+        post_id = await self.cache.next_id(f"post_id:{svc}")
+        async with self.db(svc, 10003) as conn:
+            await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
+        return {"post_id": post_id}
+
+    async def get_post(self, svc: str, post_id: int) -> bytes:
+        """The post as the JSON `data` object, straight from the cache when it is there."""
+        key = post_info_key(svc, post_id)
+        cached = await self.cache.get(key)
+        if cached is None:
+            async with self.db(svc, 10006) as conn:
+                row = await conn.fetchrow(sql(svc, POST_GET), post_id)
+            if row is None:
+                raise ApiError(10006)
+            cached = orjson.dumps(self.post_json(svc, row))
+            await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
+        return b'{"post":' + cached + b"}"
+
+    async def update_post(self, svc: str, post_id: int, user_id: str, content: str | None,
+                          extra: dict | None, title: str | None) -> None:
+        if content is None and extra is None and title is None:
+            raise ApiError(10016)
+        key = post_info_key(svc, post_id)
+        await self.cache.invalidate([key])
+        async with self.db(svc, 10004) as conn, conn.transaction():
+            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id, post_id)
+            await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
+        self.invalidate_later([key])
+
+    @staticmethod
+    def _check_owner(owner: str | None, user_id: str, target: int) -> None:
+        if owner is None:
+            raise ApiError(10006)
+        if owner != user_id:
+            raise ApiError(10014)
+
+    async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
+        keys = [post_info_key(svc, post_id)]
+        await self.cache.invalidate(keys)
+        async with self.db(svc, 10005) as conn, conn.transaction():
+            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id, post_id)
+            await conn.execute(sql(svc, POST_DELETE), post_id)
+            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
+        log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
+        self.cleanup_wakeup.set()
+        self.invalidate_later(keys)
+
+    async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int) -> dict:
+        cursor = cursor or dt.datetime.now(dt.timezone.utc)
+        async with self.db(svc, 10006) as conn:
+            rows = await conn.fetch(sql(svc, POST_LIST), cursor, limit)
+        return {"post_list": [row["id"] for row in rows]}
+
+    # --- comments ----------------------------------------------------------------
+
+    def comment_json(self, svc: str, row: asyncpg.Record) -> dict:
+        return {"id": row["id"], "user_id": row["user_id"] or "", "content": row["content"] or "",
+                "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
+                "target_user_id": row["target_user_id"], "post_id": row["post_id"],
+                "time": self.render_time(row["created_at"]), "svc": svc,
+                "child_num": row["child_num"] if "child_num" in row.keys() else None, "extra": row["extra"]}
+
+    async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
+                              extra: dict | None) -> dict:
+        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        async with self.db(svc, 10003) as conn:
+            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
+                               content, extra)
+        return {"comment_id": comment_id}
+
+    async def reply_comment(self, svc: str, post_id: int, root_comment_id: int, father_comment_id: int,
+                            user_id: str, content: str, extra: dict | None) -> dict:
+        if root_comment_id == 0 or father_comment_id == 0:
+            raise ApiError(400, PARAMS_WRONG)
+        async with self.db(svc, 10006) as conn:
+            father = await conn.fetchrow(sql(svc, COMMENT_GET), father_comment_id)
+        if father is None:
+            raise ApiError(10006)
+        father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
+        if father["post_id"] != post_id or father_root != root_comment_id:
+            raise ApiError(400, PARAMS_WRONG)
+        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        async with self.db(svc, 10003) as conn:
+            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
+                               father_comment_id, father["user_id"], post_id, content, extra)
+        return {"comment_id": comment_id}
+
+    async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
+                             extra: dict | None) -> None:
+        if content is None and extra is None:
+            raise ApiError(10016)
+        key = comment_info_key(svc, comment_id)
+        await self.cache.invalidate([key])
+        async with self.db(svc, 10004) as conn, conn.transaction():
+            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id, comment_id)
+            await conn.execute(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
+        self.invalidate_later([key])
+
+    async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
+        await self.cache.invalidate([comment_info_key(svc, comment_id)])
+        async with self.db(svc, 10005) as conn, conn.transaction():
+            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id, comment_id)
+            deleted = [row["id"] for row in await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)]
+            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
+        log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
+                 svc, comment_id, len(deleted) - 1)
+        self.cleanup_wakeup.set()
+        self.invalidate_later([comment_info_key(svc, cid) for cid in deleted])
+
+    async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | None,
+                            limit: int) -> dict:
+        cursor = cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        async with self.db(svc, 10006) as conn:
+            if root_comment_id == 0:
+                rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
+            else:
+                rows = await conn.fetch(sql(svc, COMMENT_REPLIES_PAGE), root_comment_id, cursor, limit)
+        result: dict[str, Any] = {"comments": [self.comment_json(svc, row) for row in rows]}
+        if rows:
+            result["next_cursor"] = rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ")
+        return result
+
+    # --- likes -------------------------------------------------------------------
+
+    async def _invalidate_count(self, key: str) -> bool:
+        """Invalidate a like count before a like changes it, unless it is hot; True when invalidated."""
+        cached = await self.cache.get(key)
+        if cached is not None and cached.isdigit() and int(cached) >= HOT_COUNTER:
+            return False
+        await self.cache.invalidate([key])
+        return True
+
+    async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
+        key = post_like_key(svc, post_id)
+        invalidated = await self._invalidate_count(key)
+        async with self.db(svc, 10003 if like else 10005) as conn:
+            exists = await conn.fetchval(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id)
+        if not exists:
+            raise ApiError(10006)
+        if invalidated:
+            self.invalidate_later([key])
+
+    async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
+        key = comment_like_key(svc, comment_id)
+        invalidated = await self._invalidate_count(key)
+        async with self.db(svc, 10003 if like else 10005) as conn, conn.transaction():
+            statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
+            owner_post = await conn.fetchval(sql(svc, statement), comment_id, user_id)
+            if owner_post is None:
+                raise ApiError(10006)
+            if owner_post != post_id:  # roll the like back: the comment is not on that post
+                raise ApiError(400, PARAMS_WRONG)
+        if invalidated:
+            self.invalidate_later([key])
+
+    async def post_likes(self, svc: str, post_id: int) -> dict:
+        key = post_like_key(svc, post_id)
+        cached = await self.cache.get(key)
+        if cached is not None and cached.isdigit():
+            return {"like": int(cached)}
+        async with self.db(svc, 10007) as conn:
+            count = await conn.fetchval(sql(svc, POST_LIKE_COUNT), post_id)
+        await self.cache.set_many([(key, count, self.config.cache.postlike_expire)])
+        return {"like": count}
+
+    async def comment_likes(self, svc: str, comment_ids: list[int] | None) -> dict | None:
+        if not comment_ids:
+            return None
+        keys = [comment_like_key(svc, cid) for cid in comment_ids]
+        counts: dict[int, int] = {}
+        for cid, cached in zip(comment_ids, await self.cache.get_many(keys)):
+            if cached is not None and cached.isdigit():
+                counts[cid] = int(cached)
+        missing = sorted({cid for cid in comment_ids if cid not in counts})
+        if missing:
+            async with self.db(svc, 10007) as conn:
+                found = dict(await conn.fetch(sql(svc, COMMENT_LIKE_COUNTS), missing))
+            ttl = self.config.cache.commentlike_expire
+            await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
+            counts.update((cid, found.get(cid, 0)) for cid in missing)
+        return {"likes": [counts[cid] for cid in comment_ids]}
+
+    # --- background clean-up -------------------------------------------------------
+    # Deleting a post enqueues ('post', post_id): its comments are removed commentbatch at a time, each batch
+    # enqueuing ('comment', id) for the likes of those comments, and its likes postlikebatch at a time.
+    # Deleting comments enqueues ('comment', id) for each; their likes go commentlikebatch at a time.
+    # Every batch is one transaction holding its queue rows with FOR UPDATE SKIP LOCKED: processes share
+    # the queue without doing anything twice, and a crash rolls back to work that is still queued.
+
+    async def clean_once(self, svc: str) -> int:
+        """One batch of clean-up work for svc; returns how many rows it removed (0: nothing to do)."""
+        batch = self.config.clean
+        removed, done_keys = 0, []
+        async with self.db(svc, 10005) as conn, conn.transaction():
+            job = await conn.fetchrow(sql(svc, CLEANUP_CLAIM_POST))
+            if job is not None:
+                post_id = job["target_id"]
+                comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id,
+                                                              batch.commentbatch)]
+                await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
+                likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
+                if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
+                    await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
+                    done_keys.append(post_like_key(svc, post_id))
+                removed = len(comments) + likes + 1
+                done_keys += [comment_info_key(svc, cid) for cid in comments]
+                log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
+            else:
+                jobs = await conn.fetch(sql(svc, CLEANUP_CLAIM_COMMENTS), batch.commentlikebatch)
+                if jobs:
+                    ids = [job["target_id"] for job in jobs]
+                    likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch.commentlikebatch))
+                    if likes < batch.commentlikebatch:
+                        await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
+                        done_keys += [comment_like_key(svc, cid) for cid in ids]
+                    removed = likes + 1
+                    log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
+        if done_keys:
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(done_keys)
+        return removed
+
+    async def cleanup_depth(self) -> dict[str, int]:
+        depth = {}
+        async with self.pool.acquire() as conn:
+            for svc in sorted(self.ready):
+                with contextlib.suppress(asyncpg.PostgresError):
+                    depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
+        return depth
+
+    async def run_cleanup(self) -> None:
+        """Drain the clean-up queues of every service; wake on a local delete or every clean.interval."""
+        while True:
+            worked = False
+            for svc in list(self.ready):
+                try:
+                    while await self.clean_once(svc):
+                        worked = True
+                except ApiError:
+                    await asyncio.sleep(1.0)  # database trouble was logged; try again on the next round
+            if worked:
+                continue
+            self.cleanup_wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.cleanup_wakeup.wait(), self.config.clean.interval)
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as 'DELETE 30'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+# ============================================================================
+# 7. HTTP layer: parameters, the route table, OpenAPI
+# ============================================================================
+
+
+class Request:
+    """One HTTP request: its query, its body (read once, within the size limit) and its headers."""
+
+    def __init__(self, scope: dict, body: bytes) -> None:
+        self.query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"),
+                                           keep_blank_values=True)
+        self.body = body
+        self.headers = {k.decode("latin-1"): v for k, v in scope.get("headers", [])}
+        self._form: dict[str, Any] | None = None
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def form(self) -> dict[str, Any]:
+        """The body as a mapping: multipart, urlencoded or a JSON object (by Content-Type, else by sniffing)."""
+        if self._form is None:
+            self._form = parse_body(self.headers.get("content-type", b"").decode("latin-1"), self.body)
+        return self._form
+
+
+def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        return _parse_multipart(content_type, body)
+    # A JSON body is recognised whatever the Content-Type says: curl -d '{"like":true}' labels it a form,
+    # and the Go version bound JSON regardless.
+    if body.lstrip()[:1] in (b"{", b"[") or kind == "application/json" or kind.endswith("+json"):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise bad_param("body is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise bad_param("JSON body must be an object")
+        return parsed
+    if kind in ("application/x-www-form-urlencoded", "text/plain", ""):
+        try:
+            text = body.decode("utf-8", errors="strict")
+            pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise bad_param("body is not valid urlencoded UTF-8") from None
+        return dict(pairs)
+    raise bad_param(f"unsupported content type {kind!r}")
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
+    from python_multipart import parse_form
+    from python_multipart.exceptions import FormParserError
+
+    fields: dict[str, Any] = {}
+
+    def on_field(field: Any) -> None:
+        fields[field.field_name.decode("utf-8")] = (field.value or b"").decode("utf-8")
+
+    def on_file(file: Any) -> None:  # a value sent as a file part (curl -F name=@file) counts as a field
+        file.file_object.seek(0)
+        fields[file.field_name.decode("utf-8")] = file.file_object.read().decode("utf-8")
+
+    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
+    try:
+        parse_form(headers, io.BytesIO(body), on_field, on_file)
+    except (FormParserError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
+        raise bad_param(f"broken multipart body: {exc}") from None
+    return fields
+
+
+# --- parameter kinds: each turns the raw value (str from a query/form, anything from JSON) into its type ---
+
+def _text(raw: Any, max_len: int | None) -> str:
+    if not isinstance(raw, str):
+        raise bad_param("expected a string")
+    if "\x00" in raw or (max_len is not None and len(raw) > max_len):
+        raise bad_param("string too long or holds NUL")
+    return raw
+
+
+def as_id(raw: Any) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+        value = int(raw)
+    else:
+        raise bad_param(f"not an id: {raw!r}")
+    if not 0 <= value <= MAX_ID:
+        raise bad_param(f"id out of range: {raw!r}")
+    return value
+
+
+def as_name(raw: Any) -> str:
+    """author, title, user_id: VARCHAR(255) columns."""
+    return _text(raw, 255)
+
+
+def as_content(raw: Any) -> str:
+    return _text(raw, None)
+
+
+def as_extra(raw: Any) -> dict:
+    """A JSON object, or a string holding one (as forms send it)."""
+    if isinstance(raw, str):
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise bad_param("extra is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise bad_param("extra must be a JSON object")
+    if b"\\u0000" in orjson.dumps(raw):  # PostgreSQL's JSONB cannot hold NUL characters
+        raise bad_param("extra holds NUL")
+    return raw
+
+
+def as_cursor(raw: Any) -> dt.datetime:
+    """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
+    if not isinstance(raw, str) or not 10 <= len(raw) <= 40:
+        raise bad_param("bad cursor")
+    try:
+        moment = dt.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise bad_param(f"bad cursor {raw!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment
+
+
+def as_limit(raw: Any) -> int:
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 10:
+        return int(raw)
+    raise bad_param(f"bad limit {raw!r}")
+
+
+def as_like(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise bad_param("like must be true or false")
+    return raw
+
+
+def as_id_list(raw: Any) -> list[int]:
+    """A JSON array of ids, or (query extension) comma-separated / repeated ids."""
+    if isinstance(raw, str):
+        raw = [part for part in raw.split(",") if part.strip()]
+    if not isinstance(raw, list) or len(raw) > 1000:
+        raise bad_param("comment_ids must be a list of at most 1000 ids")
+    return [as_id(item.strip() if isinstance(item, str) else item) for item in raw]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "query", "body" (form or JSON object), "json" (JSON body only), "any" (body, else query)
+    parse: Callable[[Any], Any]
+    required: bool = True
+    description: str = ""
+    schema: dict = dataclasses.field(default_factory=lambda: {"type": "string"})
+
+
+ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0}
+
+POST_ID = Param("post_id", "query", as_id, schema=ID_SCHEMA)
+COMMENT_ID = Param("comment_id", "query", as_id, schema=ID_SCHEMA)
+USER_ID = Param("user_id", "query", as_name, description="the caller's user; at most 255 characters")
+CURSOR = Param("cursor", "query", as_cursor, required=False,
+               description="UTC: YYYY-MM-DDTHH:MM:SS or ISO 8601", schema={"type": "string", "format": "date-time"})
+LIMIT = Param("limit", "query", as_limit, required=False, description="0 or missing: 20; capped at the maximum",
+              schema={"type": "integer", "minimum": 0})
+AUTHOR = Param("author", "body", as_name, description="at most 255 characters")
+CONTENT = Param("content", "body", as_content)
+CONTENT_OPT = dataclasses.replace(CONTENT, required=False)
+TITLE_OPT = Param("title", "body", as_name, required=False, description="at most 255 characters")
+EXTRA_OPT = Param("extra", "body", as_extra, required=False,
+                  description="a JSON object (in a form: a string holding one)")
+LIKE = Param("like", "json", as_like, schema={"type": "boolean"})
+COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
+                    description="JSON array in the body; or in the query, comma-separated",
+                    schema={"type": "array", "items": ID_SCHEMA})
+
+
+def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
+    """Parse a route's declared parameters; anything missing or malformed is 400 bind param failed."""
+    values: dict[str, Any] = {}
+    for param in params:
+        if param.where == "query":
+            raw = req.arg(param.name)
+        else:
+            raw = req.form().get(param.name)
+            if raw is None and param.where == "any" and req.query.get(param.name):
+                raw = ",".join(req.query[param.name])
+        if raw is None or raw == "":
+            if param.required:
+                raise bad_param(f"missing {param.name}")
+            values[param.name] = None
+        else:
+            values[param.name] = param.parse(raw)
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    operation: str  # the name of the Service method that does the work
+    params: tuple[Param, ...]
+    summary: str
+    data: dict | None  # OpenAPI schema of `data` on success
+
+
+PREFIX = "/api/v1/posts"
+ID_OUT = {"type": "integer", "format": "int64"}
+POST_SCHEMA = {"$ref": "#/components/schemas/Post"}
+COMMENT_SCHEMA = {"$ref": "#/components/schemas/Comment"}
+
+
+def _obj(**props: Any) -> dict:
+    return {"type": "object", "properties": props}
+
+
+ROUTES: tuple[Route, ...] = (
+    # method    path                   operation         parameters                                summary
+    Route("POST", "/publish", "publish_post", (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT),
+          "Publish a post", _obj(post_id=ID_OUT)),
+    Route("GET", "/getinfo", "get_post", (POST_ID,), "Read a post", _obj(post=POST_SCHEMA)),
+    Route("PUT", "/update", "update_post", (POST_ID, USER_ID, CONTENT_OPT, EXTRA_OPT, TITLE_OPT),
+          "Update your post", None),
+    Route("DELETE", "/delete", "delete_post", (POST_ID, USER_ID), "Delete your post", None),
+    Route("PUT", "/like", "like_post", (POST_ID, USER_ID, LIKE), "Like or unlike a post", None),
+    Route("GET", "/getlike", "post_likes", (POST_ID,), "Count a post's likes", _obj(like={"type": "integer"})),
+    Route("GET", "/getlist", "list_posts", (CURSOR, LIMIT), "Post ids, newest first, created before cursor",
+          _obj(post_list={"type": "array", "items": ID_OUT})),
+    Route("POST", "/comments/publish", "publish_comment", (POST_ID, USER_ID, CONTENT, EXTRA_OPT),
+          "Comment on a post", _obj(comment_id=ID_OUT)),
+    Route("POST", "/comments/reply", "reply_comment",
+          (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA),
+           Param("father_comment_id", "query", as_id, schema=ID_SCHEMA), USER_ID, CONTENT, EXTRA_OPT),
+          "Reply to a comment", _obj(comment_id=ID_OUT)),
+    Route("PUT", "/comments/update", "update_comment", (COMMENT_ID, USER_ID, CONTENT_OPT, EXTRA_OPT),
+          "Update your comment", None),
+    Route("DELETE", "/comments/delete", "delete_comment", (COMMENT_ID, USER_ID),
+          "Delete your comment and its sub-comments", None),
+    Route("GET", "/comments/getinfo", "list_comments",
+          (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: root comments"),
+           CURSOR, LIMIT),
+          "Comments created after cursor, oldest first",
+          _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})),
+    Route("PUT", "/comments/like", "like_comment", (POST_ID, COMMENT_ID, USER_ID, LIKE),
+          "Like or unlike a comment", None),
+    Route("GET", "/comments/getlike", "comment_likes", (COMMENT_IDS,), "Count likes of comments",
+          _obj(likes={"type": "array", "items": {"type": "integer"}})),
+)
+
+ROUTE_TABLE: dict[str, dict[str, Route]] = {}
+for _route in ROUTES:
+    ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3 description of ROUTES (built from the same declarations the server parses with)."""
+    auth = [{"name": "svc", "in": "query", "required": True, "schema": {"type": "string"}},
+            {"name": "appKey", "in": "query", "required": True, "schema": {"type": "string"},
+             "description": "hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±10 s"}]
+    paths: dict[str, dict] = {}
+    for route in ROUTES:
+        query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
+                  "description": p.description} for p in route.params if p.where in ("query", "any")]
+        body = [p for p in route.params if p.where in ("body", "json", "any")]
+        op: dict[str, Any] = {
+            "summary": route.summary, "operationId": route.operation, "parameters": auth + query,
+            "responses": {
+                "200": {"description": "success", "content": {"application/json": {"schema": {
+                    "allOf": [{"$ref": "#/components/schemas/Envelope"},
+                              _obj(data=route.data or {"type": "null"})]}}}},
+                "400": {"$ref": "#/components/responses/Error"},
+                "500": {"$ref": "#/components/responses/Error"},
+                "504": {"$ref": "#/components/responses/Error"}}}
+        if body:
+            schema = {"type": "object", "properties": {p.name: dict(p.schema, description=p.description)
+                                                       for p in body},
+                      "required": [p.name for p in body if p.required]}
+            form_types = {} if all(p.where == "json" for p in body) else {
+                "multipart/form-data": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
+            op["requestBody"] = {"required": any(p.required for p in body),
+                                 "content": {"application/json": {"schema": schema}, **form_types}}
+        paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = op
+    for path in ("/healthz", "/readyz"):
+        paths[path] = {"get": {"summary": "liveness" if path == "/healthz" else "readiness (PostgreSQL, Redis)",
+                               "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}}
+    string, nullable_string = {"type": "string"}, {"type": ["string", "null"]}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "IM-Backend", "version": "1.0.0",
+                 "description": "Posts, threaded comments and likes for back-end services. Every response is "
+                                "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500."},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Envelope": _obj(code={"type": "integer"}, msg=string, data={}),
+                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=string, svc=string,
+                             extra={"type": ["object", "null"]}),
+                "Comment": _obj(id=ID_OUT, user_id=string, content=string, root_id=ID_OUT, father_id=ID_OUT,
+                                target_user_id=nullable_string, post_id=ID_OUT, time=string, svc=string,
+                                child_num={"type": ["integer", "null"]}, extra={"type": ["object", "null"]}),
+            },
+            "responses": {"Error": {"description": "error envelope (see the code table)", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}}},
+        },
+    }
+
+
+# ============================================================================
+# 8. The ASGI application and its lifespan
+# ============================================================================
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class App:
+    """The ASGI application. `uvicorn im_backend:app` serves the module-level instance."""
+
+    def __init__(self, bootstrap_path: str | os.PathLike | None = None) -> None:
+        self.bootstrap_path = bootstrap_path
+        self.service: Service | None = None
+        self.appkeys = AppKeyChecker()
+        self.source: Any = None
+        self._cleanup_task: asyncio.Task | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._openapi = orjson.dumps(openapi_document())
+        self._reload_lock = asyncio.Lock()
+
+    # --- lifespan --------------------------------------------------------------
+
+    async def startup(self) -> None:
+        path = self.bootstrap_path or os.environ.get("IM_CONF") or DEFAULT_BOOTSTRAP
+        boot = read_bootstrap(path)
+        self.source = config_source(boot)
+        text = await self.source.start(self.reload)
+        config = parse_app_config(text)
+        pool = await self._connect_db(config.db)
+        self.service = Service(config, pool, Cache(open_redis(config.cache)))
+        self.service.ready = await ensure_tables(pool, config.services)
+        self.source.save_last_good(text)
+        self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
+        log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
+                 self.source.describe(), sorted(config.services), config.db.host, config.db.port,
+                 config.db.dbname, config.cache.addr)
+
+    @staticmethod
+    async def _connect_db(cfg: DbConfig) -> asyncpg.Pool:
+        try:
+            return await asyncio.wait_for(open_pool(cfg), 30)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database "
+                              f"{cfg.dbname!r} as {cfg.user!r}: {exc or type(exc).__name__}") from None
+
+    async def shutdown(self) -> None:
+        if self.source:
+            await self.source.stop()
+        if self._cleanup_task:
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
+        if self.service:
+            await self.service.drain_background()
+            await self.service.pool.close()
+            await self.service.cache.client.aclose()
+            self.service = None
+        log.info("im_backend stopped")
+
+    async def reload(self, text: str) -> None:
+        """Apply a changed application configuration atomically, or keep the old one if it is bad."""
+        async with self._reload_lock:
+            try:
+                config = parse_app_config(text)
+            except ConfigError as exc:
+                log.error("rejected the new configuration, keeping the old one: %s", exc)
+                return
+            old = self.service
+            if old is None:
+                return
+            pool, cache = old.pool, old.cache
+            try:
+                if config.db != old.config.db:
+                    pool = await self._connect_db(config.db)
+                if config.cache != old.config.cache:
+                    cache = Cache(open_redis(config.cache))
+            except ConfigError as exc:
+                log.error("rejected the new configuration, keeping the old one: %s", exc)
+                return
+            ready = await ensure_tables(pool, config.services) if pool is not old.pool else \
+                old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
+            new = Service(config, pool, cache)
+            new.ready, new.cleanup_wakeup, new._background = ready, old.cleanup_wakeup, old._background
+            self.service = new
+            self.source.save_last_good(text)
+            if self._cleanup_task:
+                self._cleanup_task.cancel()
+                self._cleanup_task = asyncio.create_task(new.run_cleanup())
+            added, removed = set(config.services) - set(old.config.services), set(old.config.services) - set(
+                config.services)
+            log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
+                     sorted(added), sorted(removed))
+            if pool is not old.pool:
+                self.service.spawn(old.pool.close())  # waits for in-flight queries on the old pool
+            if cache is not old.cache:
+                self.service.spawn(_close_later(old.cache.client))
+
+    # --- requests --------------------------------------------------------------
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            await self.handle_http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.handle_lifespan(receive, send)
+
+    async def handle_lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except ConfigError as exc:
+                    log.error("cannot start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self):
+        """For a host ASGI app whose lifespan does not reach mounted apps: `async with im_app.lifespan(): ...`."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    async def _ensure_started(self) -> None:
+        """Mounted in a framework that does not forward lifespan events: start on the first request."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.service is None:
+                log.info("no lifespan start-up was received; starting on the first request")
+                await self.startup()
+
+    async def handle_http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        try:
+            status, body = await self.dispatch(scope, path, receive)
+        except Exception:  # the one place that turns an unexpected error into the 500 envelope
+            log.exception("unexpected error on %s %s", scope.get("method"), path)
+            status, body = 500, envelope(500, "internal server error")
+        await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+
+    async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
+        if path == "/healthz":
+            return 200, envelope(200, "success", {"status": "up"})
+        if path == "/openapi.json":
+            return 200, self._openapi
+        if self.service is None:
+            await self._ensure_started()
+        if path == "/readyz":
+            return await self.readiness()
+        methods = ROUTE_TABLE.get(path)
+        if methods is None:
+            return 404, envelope(404, "not found")
+        route = methods.get(scope["method"])
+        if route is None:
+            return 405, envelope(405, "method not allowed")
+        service = self.service
+        try:
+            async with asyncio.timeout(service.config.server.timeout):
+                body = await read_body(scope, receive, service.config.server.body_limit)
+                req = Request(scope, body)
+                self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
+                args = extract(req, route.params)
+                if "limit" in args:
+                    args["limit"] = min(args["limit"] or 20, service.config.server.max_limit)
+                data = await getattr(service, route.operation)(req.arg("svc"), **args)
+        except ApiError as exc:
+            return http_status(exc.code), envelope(exc.code, exc.msg)
+        except TimeoutError:
+            log.warning("request timed out after %ss: %s %s", service.config.server.timeout, route.method, path)
+            return 504, envelope(504, "Request timeout")
+        if isinstance(data, bytes):
+            return 200, SUCCESS_PREFIX + data + b"}"
+        return 200, success(data)
+
+    async def readiness(self) -> tuple[int, bytes]:
+        service, checks = self.service, {}
+        try:
+            async with asyncio.timeout(2):
+                async with service.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:  # any failure means not ready
+            checks["postgres"] = f"error: {exc!r}"
+        try:
+            async with asyncio.timeout(2):
+                await service.cache.client.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {exc!r}"
+        ok = all(v == "ok" for v in checks.values())
+        if ok:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    checks["cleanup_queue"] = await service.cleanup_depth()
+        code = 200 if ok else 503
+        return code, envelope(code, "success" if ok else "not ready", checks)
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to be larger than the limit."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise ApiError(413, "request body too large")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, BIND_PARAM_FAILED)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "request body too large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _close_later(client: aioredis.Redis) -> None:
+    await asyncio.sleep(5)  # let requests that picked up the old client finish
+    await client.aclose()
+
+
+def create_app(bootstrap_path: str | os.PathLike | None = None) -> App:
+    """An application reading the bootstrap file at `bootstrap_path` (default: $IM_CONF, configs/config.yaml)."""
+    return App(bootstrap_path)
+
+
+app = create_app()
+
+
+# ============================================================================
+# 9. Command line
+# ============================================================================
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="im_backend.py", description="IM-Backend API server")
+    parser.add_argument("-conf", "--conf", default=os.environ.get("IM_CONF", DEFAULT_BOOTSTRAP),
+                        help="bootstrap configuration file (default: $IM_CONF or configs/config.yaml)")
+    parser.add_argument("--host", default=os.environ.get("IM_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("IM_PORT", "8181")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("IM_WORKERS", "1")))
+    parser.add_argument("--log-level", default=os.environ.get("IM_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command")
+    key = sub.add_parser("appkey", help="print a fresh appKey for a service (valid for 10 seconds)")
+    key.add_argument("--svc", help="service name, its secret read from the configuration")
+    key.add_argument("--secret", help="the secret itself")
+    key.add_argument("-conf", "--conf", dest="key_conf", help="bootstrap configuration file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+
+    if args.command == "appkey":
+        return print_appkey(args.secret, args.svc, args.key_conf or args.conf)
+
+    try:  # fail early, with the reason, before uvicorn starts
+        boot = read_bootstrap(args.conf)
+        if boot.get("app_conf"):
+            parse_app_config(app_conf_path(boot).read_text())
+    except (ConfigError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
+    import uvicorn
+
+    uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level.lower(), loop="auto", http="auto", timeout_graceful_shutdown=15,
+                proxy_headers=False, server_header=False)
+    return 0
+
+
+def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
+    if secret is None:
+        if not svc:
+            print("give --svc NAME (secret from the configuration) or --secret SECRET", file=sys.stderr)
+            return 2
+        try:
+            boot = read_bootstrap(conf)
+            if not boot.get("app_conf"):
+                raise ConfigError("the bootstrap file points at Nacos; pass --secret")
+            services = parse_app_config(app_conf_path(boot).read_text()).services
+        except (ConfigError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if svc not in services:
+            print(f"error: no service {svc!r} in the configuration", file=sys.stderr)
+            return 2
+        secret = services[svc]
+    print(encrypt_appkey(secret))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
