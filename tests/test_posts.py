@@ -1,0 +1,136 @@
+"""Posts: publish, getinfo, update, delete, getlist — over HTTP against the real servers."""
+import asyncio
+import datetime as dt
+import re
+
+import pytest
+
+from conftest import expect
+
+
+async def test_publish_urlencoded_and_read_back(api):
+    post_id = await api.publish("alice", "hello world", title="T1", extra='{"image":"x.png"}')
+    data = await api.ok("GET", "/getinfo", {"post_id": post_id})
+    post = data["post"]
+    assert post["id"] == post_id and post["content"] == "hello world" and post["author"] == "alice"
+    assert post["title"] == "T1" and post["svc"] == api.svc and post["extra"] == {"image": "x.png"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", post["time"])
+    assert set(post) == {"id", "title", "content", "author", "time", "svc", "extra"}
+
+
+async def test_publish_multipart_and_json(api):
+    multi = await api.ok("POST", "/publish", files={"author": (None, "bob"), "content": (None, "multi 中文")})
+    as_json = await api.ok("POST", "/publish", json={"author": "carol", "content": "j", "extra": {"k": [1, 2]}})
+    as_json_string_extra = await api.ok("POST", "/publish", json={"author": "d", "content": "j", "extra": '{"k":1}'})
+    assert (await api.ok("GET", "/getinfo", {"post_id": multi["post_id"]}))["post"]["content"] == "multi 中文"
+    assert (await api.ok("GET", "/getinfo", {"post_id": as_json["post_id"]}))["post"]["extra"] == {"k": [1, 2]}
+    post = (await api.ok("GET", "/getinfo", {"post_id": as_json_string_extra["post_id"]}))["post"]
+    assert post["extra"] == {"k": 1} and post["title"] == ""
+
+
+async def test_time_is_in_shanghai(api, db):
+    post_id = await api.publish()
+    created = await db.fetchval(f'SELECT created_at FROM "{api.svc}_post_info" WHERE id = $1', post_id)
+    post = (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]
+    shanghai = created.astimezone(dt.timezone(dt.timedelta(hours=8))).strftime("%Y-%m-%dT%H:%M:%S")
+    assert post["time"] == shanghai
+
+
+async def test_ids_follow_the_go_scheme_and_counter(api, server, backing):
+    import redis
+
+    before = int(time_now())
+    post_id = await api.publish()
+    assert before - 2 <= post_id >> 32 <= before + 2
+    addr = backing["cache"]["addr"]
+    client = redis.Redis(unix_socket_path=addr.removeprefix("unix://")) if addr.startswith("unix://") else \
+        redis.Redis(host=addr.rsplit(":", 1)[0], port=int(addr.rsplit(":", 1)[1]),
+                    password=backing["cache"]["password"] or None)
+    counter = int(client.get(f"post_id:{api.svc}"))
+    assert post_id & 0xFFFFFFFF == counter & 0xFFFFFFFF
+
+
+def time_now() -> float:
+    import time
+    return time.time()
+
+
+async def test_getinfo_unknown_post(api):
+    expect(await api.call("GET", "/getinfo", {"post_id": 12345}), 10006, "find data failed")
+
+
+async def test_update_post(api):
+    post_id = await api.publish("alice", "v1", extra='{"a":1}')
+    await api.ok("GET", "/getinfo", {"post_id": post_id})  # fill the cache
+    await api.ok("PUT", "/update", {"post_id": post_id, "user_id": "alice"}, data={"content": "v2"})
+    post = (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]
+    assert post["content"] == "v2" and post["extra"] == {"a": 1}  # only the given field changed
+    await api.ok("PUT", "/update", {"post_id": post_id, "user_id": "alice"}, data={"extra": '{"b":2}'})
+    post = (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]
+    assert post["content"] == "v2" and post["extra"] == {"b": 2}
+    await api.ok("PUT", "/update", {"post_id": post_id, "user_id": "alice"}, json={"title": "new title"})
+    assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["title"] == "new title"
+
+
+async def test_update_errors(api):
+    post_id = await api.publish("alice", "v1")
+    expect(await api.call("PUT", "/update", {"post_id": post_id, "user_id": "mallory"}, data={"content": "x"}),
+           10014, "no right record found")
+    expect(await api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"}), 10016, "update query is empty")
+    expect(await api.call("PUT", "/update", {"post_id": 999, "user_id": "alice"}, data={"content": "x"}), 10006)
+    expect(await api.call("PUT", "/update", {"post_id": post_id}, data={"content": "x"}), 400, "bind param failed")
+    assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["content"] == "v1"
+
+
+async def test_delete_post(api):
+    post_id = await api.publish("alice")
+    await api.ok("GET", "/getinfo", {"post_id": post_id})
+    expect(await api.call("DELETE", "/delete", {"post_id": post_id, "user_id": "bob"}), 10014)
+    await api.ok("GET", "/getinfo", {"post_id": post_id})
+    assert await api.ok("DELETE", "/delete", {"post_id": post_id, "user_id": "alice"}) is None
+    expect(await api.call("GET", "/getinfo", {"post_id": post_id}), 10006)
+    expect(await api.call("DELETE", "/delete", {"post_id": post_id, "user_id": "alice"}), 10006)
+
+
+async def test_getlist_newest_first_with_cursor_and_limit(api_b):
+    api = api_b
+    ids = []
+    for i in range(5):
+        ids.append(await api.publish(content=f"p{i}"))
+        await asyncio.sleep(0.01)
+    newest = (await api.ok("GET", "/getlist", {"limit": 3}))["post_list"]
+    assert newest == ids[::-1][:3]
+    everything = (await api.ok("GET", "/getlist", {"limit": 100}))["post_list"]
+    assert everything[:5] == ids[::-1]
+    future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert (await api.ok("GET", "/getlist", {"cursor": future, "limit": 2}))["post_list"] == ids[::-1][:2]
+    assert (await api.ok("GET", "/getlist", {"cursor": "1949-10-01T00:00:00"}))["post_list"] == []
+    default_limit = (await api.ok("GET", "/getlist", {"limit": 0}))["post_list"]
+    assert len(default_limit) == min(20, len(everything))
+
+
+async def test_getlist_limit_is_capped(api):
+    for _ in range(3):
+        await api.publish()
+    capped = (await api.ok("GET", "/getlist", {"limit": 1000000}))["post_list"]
+    assert 3 <= len(capped) <= 100
+
+
+@pytest.mark.parametrize("cursor", ["2030-01-01T00:00:00", "2030-01-01T00:00:00Z", "2030-01-01T00:00:00.123456Z",
+                                    "2030-01-01T08:00:00+08:00", "2030-01-01 00:00:00"])
+async def test_getlist_cursor_formats(api, cursor):
+    await api.publish()
+    assert len((await api.ok("GET", "/getlist", {"cursor": cursor, "limit": 1}))["post_list"]) == 1
+
+
+async def test_tenants_are_isolated(api, api_b):
+    post_a = await api.publish("alice", "only in a")
+    expect(await api_b.call("GET", "/getinfo", {"post_id": post_a}), 10006)
+    assert post_a not in (await api_b.ok("GET", "/getlist", {"limit": 100}))["post_list"]
+    expect(await api_b.call("DELETE", "/delete", {"post_id": post_a, "user_id": "alice"}), 10006)
+    assert (await api.ok("GET", "/getinfo", {"post_id": post_a}))["post"]["content"] == "only in a"
+
+
+async def test_concurrent_publishes_get_distinct_ids(api):
+    ids = await asyncio.gather(*(api.publish(content=f"c{i}") for i in range(60)))
+    assert len(set(ids)) == 60
