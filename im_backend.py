@@ -1249,6 +1249,7 @@ def openapi_document() -> dict:
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class App:
@@ -1267,6 +1268,7 @@ class App:
     # --- lifespan --------------------------------------------------------------
 
     async def startup(self) -> None:
+        _ensure_logging()
         path = self.bootstrap_path or os.environ.get("IM_CONF") or DEFAULT_BOOTSTRAP
         boot = read_bootstrap(path)
         self.source = config_source(boot)
@@ -1477,6 +1479,15 @@ async def _close_later(client: aioredis.Redis) -> None:
     await client.aclose()
 
 
+def _ensure_logging() -> None:
+    """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
+
+
 def create_app(bootstrap_path: str | os.PathLike | None = None) -> App:
     """An application reading the bootstrap file at `bootstrap_path` (default: $IM_CONF, configs/config.yaml)."""
     return App(bootstrap_path)
@@ -1488,9 +1499,6 @@ app = create_app()
 # ============================================================================
 # 9. Command line
 # ============================================================================
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="im_backend.py", description="IM-Backend API server")

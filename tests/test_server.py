@@ -1,0 +1,298 @@
+"""The server as operators run it: configuration, hot reload, start-up errors, health, limits, Redis outages,
+tables made by the Go version, embedding under a path prefix, OpenAPI."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import asyncpg
+import httpx
+import pytest
+
+import embedded
+import im_backend
+from conftest import ROOT, Api, Server, app_config, eventually, expect, svc_name
+
+SECRET = "W7K8pJ3aQv2LcXgH"
+
+
+async def api_for(server: Server, client: httpx.AsyncClient, svc: str) -> Api:
+    return Api(client, svc, server.services.get(svc, SECRET))
+
+
+async def authenticates(client: httpx.AsyncClient, svc: str, secret: str = SECRET) -> bool:
+    response = await client.get("/api/v1/posts/getlist", params={"svc": svc, "appKey": im_backend.encrypt_appkey(secret)})
+    return response.json()["code"] == 200
+
+
+# --- health, readiness, OpenAPI --------------------------------------------------------------------------------
+
+async def test_health_and_readiness(client):
+    response = await client.get("/healthz")
+    assert response.status_code == 200 and response.json()["code"] == 200
+    ready = await client.get("/readyz")
+    data = ready.json()["data"]
+    assert ready.status_code == 200 and data["postgres"] == "ok" and data["redis"] == "ok"
+    assert all(isinstance(depth, int) for depth in data["cleanup_queue"].values())
+
+
+async def test_openapi_describes_every_route(client):
+    doc = (await client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    declared = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops
+                if path.startswith("/api/")}
+    served = {(path, method) for path, methods in im_backend.ROUTE_TABLE.items() for method in methods}
+    assert declared == served and len(served) == 14
+    reply = doc["paths"]["/api/v1/posts/comments/reply"]["post"]
+    assert {p["name"] for p in reply["parameters"]} == {"svc", "appKey", "post_id", "root_comment_id",
+                                                        "father_comment_id", "user_id"}
+    body = reply["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["content"] and set(body["properties"]) == {"content", "extra"}
+    like = doc["paths"]["/api/v1/posts/like"]["put"]["requestBody"]["content"]
+    assert list(like) == ["application/json"] and like["application/json"]["schema"]["required"] == ["like"]
+
+
+# --- hot reload --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def reload_server(workdir, backing):
+    srv = Server(workdir / f"reload-{time.monotonic_ns()}", app_config(backing, {svc_name("r1"): SECRET})).start()
+    yield srv
+    srv.stop()
+
+
+async def test_hot_reload_adds_and_removes_services(reload_server, backing):
+    srv, first, added = reload_server, svc_name("r1"), svc_name("r2")
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+        assert await authenticates(client, first) and not await authenticates(client, added)
+        srv.write_config(app_config(backing, {first: SECRET, added: SECRET}))
+        assert await eventually(lambda: authenticates(client, added), timeout=10)
+        api = await api_for(srv, client, added)
+        post_id = await api.publish("new", "tables were created for the new service")
+        assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["author"] == "new"
+        srv.write_config(app_config(backing, {added: SECRET}))
+        assert await eventually(lambda: _not(authenticates(client, first)), timeout=10)
+        assert await authenticates(client, added)
+    assert "configuration reloaded" in srv.log()
+
+
+async def _not(awaitable):
+    return not await awaitable
+
+
+@pytest.mark.parametrize("bad_text", ["svc: [\n  - name: x", "svc:\n  - name: 'Bad-Name'\n    secret: W7K8pJ3aQv2LcXgH\n",
+                                      "svc:\n  - name: ok\n    secret: short\n", "just a string",
+                                      "svc: []\ndb: {port: notanumber}\n"])
+async def test_invalid_reload_keeps_the_old_configuration(reload_server, bad_text):
+    srv, first = reload_server, svc_name("r1")
+    srv.write_config(bad_text)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+        assert await eventually(lambda: _async(lambda: "rejected the new configuration" in srv.log()), timeout=10)
+        assert await authenticates(client, first)
+
+
+async def _async(check):
+    return check()
+
+
+# --- start-up errors -----------------------------------------------------------------------------------------------
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "im_backend.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL)
+
+
+def test_startup_errors_are_clear(workdir, backing):
+    missing = run_cli("-conf", str(workdir / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read bootstrap file" in missing.stderr
+    bad_dir = workdir / "bad-start"
+    bad_dir.mkdir(exist_ok=True)
+    (bad_dir / "boot.yaml").write_text("app_conf: app.yaml\n")
+    (bad_dir / "app.yaml").write_text("svc:\n  - name: 'has space'\n    secret: W7K8pJ3aQv2LcXgH\n")
+    bad_name = run_cli("--conf", str(bad_dir / "boot.yaml"))
+    assert bad_name.returncode == 2 and "must match" in bad_name.stderr
+    (bad_dir / "boot.yaml").write_text("ipaddr: 127.0.0.1\n")
+    incomplete = run_cli("--conf", str(bad_dir / "boot.yaml"))
+    assert incomplete.returncode == 2 and "'port'" in incomplete.stderr
+
+
+def test_unreachable_database_fails_start_up_with_a_clear_message(workdir, backing):
+    config = app_config(backing, {svc_name("x"): SECRET})
+    config["db"].update(host="127.0.0.1", port=1)
+    srv = Server(workdir / "no-db", config).start(wait=False)
+    try:
+        assert srv.process.wait(60) != 0
+    finally:
+        srv.stop()
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1" in srv.log()
+
+
+def test_appkey_command(server):
+    svc = svc_name("a")
+    printed = run_cli("appkey", "--svc", svc, "-conf", str(server.boot))
+    assert printed.returncode == 0
+    assert abs(im_backend.decrypt_appkey(server.services[svc], printed.stdout.strip()) - time.time()) < 5
+    with_secret = run_cli("appkey", "--secret", "testsecret666666")
+    assert im_backend.decrypt_appkey("testsecret666666", with_secret.stdout.strip()) is not None
+    unknown = run_cli("appkey", "--svc", "nobody", "-conf", str(server.boot))
+    assert unknown.returncode == 2 and "no service" in unknown.stderr
+
+
+def test_python_im_backend_serves_and_shuts_down_gracefully(workdir, backing):
+    """`python im_backend.py -conf PATH --port P` as the Go binary; SIGTERM stops it cleanly."""
+    directory = workdir / "cli-run"
+    srv = Server(directory, app_config(backing, {svc_name("cli"): SECRET}))
+    srv.process = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(srv.boot),
+                                    "--host", "127.0.0.1", "--port", str(srv.port)], cwd=directory,
+                                   stdout=open(srv.log_path, "wb"), stderr=subprocess.STDOUT)
+    srv.wait_ready()
+    assert httpx.get(srv.url + "/readyz").status_code == 200
+    assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
+    assert "im_backend stopped" in srv.log() and "Traceback" not in srv.log()
+
+
+# --- limits: timeout --------------------------------------------------------------------------------------------
+
+async def test_slow_request_answers_504_and_writes_nothing(workdir, backing, db):
+    svc = svc_name("slow")
+    srv = Server(workdir / "slow", app_config(backing, {svc: SECRET}, server={"timeout": 1})).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+            api = await api_for(srv, client, svc)
+            post_id = await api.publish("alice", "before")
+            async with db.transaction():  # hold the row so the update has to wait
+                await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
+                started = time.monotonic()
+                result = await api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
+                                        data={"content": "after"})
+                assert time.monotonic() - started < 5
+            expect(result, 504, "Request timeout")
+            await asyncio.sleep(0.2)
+            assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "before"
+    finally:
+        srv.stop()
+
+
+# --- Redis outage --------------------------------------------------------------------------------------------------
+
+async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
+    redis_server, addr = embedded.start_redis(workdir / f"redis-outage-{time.monotonic_ns()}")
+    svc = svc_name("rdown")
+    config = app_config(backing, {svc: SECRET})
+    config["cache"].update(addr=addr, password="")
+    srv = Server(workdir / "redis-outage", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=15) as client:
+            api = await api_for(srv, client, svc)
+            post_id = await api.publish("alice", "cached")
+            cid = await api.comment(post_id)
+            await api.ok("PUT", "/like", {"post_id": post_id, "user_id": "u1"}, json={"like": True})
+            await api.ok("GET", "/getinfo", {"post_id": post_id})
+            os.kill(redis_server.pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            post = (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]
+            assert post["content"] == "cached"
+            assert (await api.ok("GET", "/getlike", {"post_id": post_id}))["like"] == 1
+            assert (await api.ok("GET", "/comments/getlike", {"comment_ids": str(cid)}))["likes"] == [0]
+            assert post_id in (await api.ok("GET", "/getlist"))["post_list"]
+            expect(await api.call("POST", "/publish", data={"author": "a", "content": "x"}), 10017,
+                   "generate id failed")
+            expect(await api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
+                                  data={"content": "stale?"}), 10018, "del k-v in cache failed")
+            expect(await api.call("PUT", "/like", {"post_id": post_id, "user_id": "u2"}, json={"like": True}), 10018)
+            expect(await api.call("DELETE", "/delete", {"post_id": post_id, "user_id": "alice"}), 10018)
+            assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["content"] == "cached"
+            assert (await client.get("/readyz")).status_code == 503
+    finally:
+        srv.stop()
+        del redis_server
+
+
+# --- tables created by the Go version ---------------------------------------------------------------------------
+
+GO_DDL = """
+CREATE TABLE "{s}_post_info" ("id" bigint,"content" text,"title" varchar(255),"author" varchar(255),"extra" jsonb,
+    "created_at" timestamptz,"updated_at" timestamptz,PRIMARY KEY ("id"));
+CREATE INDEX "idx_created_at_{s}" ON "{s}_post_info" ("created_at");
+CREATE TABLE "{s}_post_comment_info" ("id" bigint,"user_id" varchar(255),"root_id" bigint DEFAULT 0,
+    "father_id" bigint DEFAULT 0,"target_user_id" varchar(255) DEFAULT NULL,"post_id" bigint,"content" text,
+    "extra" jsonb,"created_at" timestamptz DEFAULT now(),"updated_at" timestamptz DEFAULT now(),PRIMARY KEY ("id"));
+CREATE INDEX "idx_post_id_{s}" ON "{s}_post_comment_info" ("post_id");
+CREATE TABLE "{s}_post_like" ("post_id" bigint,"user_id" varchar(255),"created_at" timestamptz DEFAULT now(),
+    PRIMARY KEY ("post_id","user_id"));
+CREATE TABLE "{s}_comment_like" ("comment_id" bigint,"user_id" varchar(255),"post_id" bigint,
+    "created_at" timestamptz DEFAULT now(),PRIMARY KEY ("comment_id","user_id"));
+"""
+
+
+async def test_serves_tables_created_by_the_go_version(workdir, backing, db):
+    svc = svc_name("go")
+    await db.execute(GO_DDL.format(s=svc))
+    old_id = (1700000000 << 32) | 7
+    await db.execute(f'INSERT INTO "{svc}_post_info" VALUES ($1, $2, $3, $4, $5, $6, $6)', old_id, "from go", "",
+                     "gopher", '{"image": "a.png"}', __import__("datetime").datetime(2023, 11, 14, 22, 13, 20,
+                                                                                        tzinfo=__import__("datetime").timezone.utc))
+    await db.execute(f'INSERT INTO "{svc}_post_comment_info" (id, user_id, post_id, content) VALUES (1, $1, $2, $3)',
+                     "u1", old_id, "old comment")
+    await db.execute(f'INSERT INTO "{svc}_post_like" (post_id, user_id) VALUES ($1, $2)', old_id, "fan")
+    srv = Server(workdir / "go-tables", app_config(backing, {svc: SECRET})).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+            api = await api_for(srv, client, svc)
+            post = (await api.ok("GET", "/getinfo", {"post_id": old_id}))["post"]
+            assert (post["content"], post["author"], post["time"], post["extra"]) == (
+                "from go", "gopher", "2023-11-15T06:13:20", {"image": "a.png"})
+            assert (await api.ok("GET", "/getlike", {"post_id": old_id}))["like"] == 1
+            comments = (await api.ok("GET", "/comments/getinfo", {"post_id": old_id, "root_comment_id": 0}))["comments"]
+            assert [c["content"] for c in comments] == ["old comment"]
+            await api.reply(old_id, 1, 1)
+            new_id = await api.publish()
+            assert new_id > old_id
+    finally:
+        srv.stop()
+
+
+# --- embedding under a path prefix --------------------------------------------------------------------------------
+
+def prefix_app(prefix: str, inner, strip_path: bool):
+    """A host ASGI app mounting `inner` under `prefix`, as Starlette's Mount does (both path conventions)."""
+    async def host(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(prefix + "/"):
+            path = scope["path"][len(prefix):] if strip_path else scope["path"]
+            await inner(dict(scope, path=path, root_path=scope.get("root_path", "") + prefix), receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"host app"})
+    return host
+
+
+@pytest.mark.parametrize("strip_path", [False, True])
+async def test_mounted_under_a_prefix(server, strip_path):
+    inner = im_backend.create_app(server.boot)
+    host = prefix_app("/im", inner, strip_path)
+    svc = svc_name("a")
+    async with inner.lifespan():
+        transport = httpx.ASGITransport(app=host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/other")).text == "host app"
+            key = im_backend.encrypt_appkey(server.services[svc])
+            response = await client.post("/im/api/v1/posts/publish", params={"svc": svc, "appKey": key},
+                                         data={"author": "mounted", "content": "x"})
+            post_id = response.json()["data"]["post_id"]
+            response = await client.get("/im/api/v1/posts/getinfo", params={"svc": svc, "appKey": key,
+                                                                            "post_id": post_id})
+            assert response.json()["data"]["post"]["author"] == "mounted"
+            assert (await client.get("/im/healthz")).status_code == 200
+    assert inner.service is None  # the lifespan closed the pools
+
+
+async def test_starts_on_first_request_without_lifespan(server):
+    inner = im_backend.create_app(server.boot)
+    try:
+        transport = httpx.ASGITransport(app=inner)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/readyz")).status_code == 200
+    finally:
+        await inner.shutdown()
