@@ -34,8 +34,8 @@ RUN set -eux; \
         ${PIP_INDEX:+--index-url "$PIP_INDEX"} ${PIP_CA_CERT:+--cert "$PIP_CA_CERT"} \
         -r requirements-runtime.txt; \
     /opt/venv/bin/python -c "import asyncpg, Crypto.Cipher.AES, hiredis, httptools, orjson, redis, uvicorn, uvloop, yaml"; \
-    groupadd --system --gid 10001 im; \
-    useradd --system --uid 10001 --gid im --home-dir /app --no-create-home --shell /usr/sbin/nologin im; \
+    groupadd --gid 10001 im; \
+    useradd --uid 10001 --gid im --home-dir /app --no-create-home --shell /usr/sbin/nologin im; \
     mkdir -p /data/config; \
     chown im:im /data/config
 

@@ -1,0 +1,228 @@
+"""NacosSource against FakeNacos (a Nacos speaking the real gRPC protocol), through the real nacos-sdk-python."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, "/work/drafts")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from fake_nacos import FakeNacos  # noqa: E402
+from nacos_source import NacosSource  # noqa: E402
+
+NS, GROUP, DATA_ID = "im", "dev", "app"
+
+
+def boot_for(fake: FakeNacos) -> dict:
+    return {"ipaddr": "127.0.0.1", "port": fake.port, "namespaceid": NS, "group": GROUP, "dataid": DATA_ID}
+
+
+class Changes:
+    """Collects on_change calls; wait_for() polls with a bounded deadline."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    async def __call__(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def wait_for(self, text: str, timeout: float = 15.0) -> float:
+        start = time.monotonic()
+        for _ in range(int(timeout / 0.05)):
+            if text in self.texts:
+                return time.monotonic() - start
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"on_change({text!r}) not called within {timeout}s; got {self.texts!r}")
+
+
+@pytest.fixture
+async def fake():
+    server = FakeNacos()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def sources():
+    """Factory for NacosSource objects that are always stopped at the end of the test."""
+    made: list[NacosSource] = []
+
+    def make(fake: FakeNacos, last_good: pathlib.Path, **kw) -> NacosSource:
+        src = NacosSource(boot_for(fake), last_good, **kw)
+        made.append(src)
+        return src
+
+    yield make
+    for src in made:
+        await src.stop()
+
+
+@pytest.mark.asyncio
+async def test_initial_load_and_runtime_change(fake, sources, tmp_path):
+    await fake.start()
+    fake.publish(DATA_ID, GROUP, "svc: [v1]", tenant=NS)
+    changes = Changes()
+    src = sources(fake, tmp_path / "last_good.yaml")
+    assert await asyncio.wait_for(src.start(changes), 10) == "svc: [v1]"
+    assert "ConfigQueryRequest" in fake.requests_seen and "ConnectionSetupRequest" in fake.requests_seen
+
+    fake.publish(DATA_ID, GROUP, "svc: [v2]", tenant=NS)
+    await changes.wait_for("svc: [v2]", timeout=8)
+    fake.publish(DATA_ID, GROUP, "svc: [v3]", tenant=NS)
+    await changes.wait_for("svc: [v3]", timeout=8)
+    assert changes.texts == ["svc: [v2]", "svc: [v3]"]
+    assert "ConfigChangeNotifyRequest" not in fake.requests_seen  # server->client pushes are not requests
+    assert "NotifySubscriberResponse" in fake.requests_seen       # the SDK acked the push on the bi-stream
+    assert fake.listeners(DATA_ID, GROUP, NS) == 1
+
+    tmp_dir = pathlib.Path(src._tmp_dir)
+    assert tmp_dir.is_dir()
+    await src.stop()
+    assert not tmp_dir.exists()  # SDK cache and log files are cleaned up
+    for _ in range(40):  # the server notices the closed stream
+        if not fake.conns:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.conns == {}
+    await fake.stop()
+    await asyncio.sleep(0.1)
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert leftovers == []  # the SDK client left nothing running
+
+
+@pytest.mark.asyncio
+async def test_unchanged_republish_and_handler_errors(fake, sources, tmp_path):
+    await fake.start()
+    fake.publish(DATA_ID, GROUP, "a", tenant=NS)
+    calls: list[str] = []
+
+    async def on_change(text: str) -> None:
+        calls.append(text)
+        if text == "bad":
+            raise ValueError("rejected")
+
+    src = sources(fake, tmp_path / "lg.yaml")
+    assert await src.start(on_change) == "a"
+    fake.publish(DATA_ID, GROUP, "a", tenant=NS)  # same content: no call
+    fake.publish(DATA_ID, GROUP, "bad", tenant=NS)  # handler raises: logged, source keeps working
+    fake.publish(DATA_ID, GROUP, "good", tenant=NS)
+    for _ in range(200):
+        if "good" in calls:
+            break
+        await asyncio.sleep(0.05)
+    assert calls[-1] == "good" and "a" not in calls
+
+
+@pytest.mark.asyncio
+async def test_down_at_startup_uses_last_good(fake, sources, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="im_backend")
+    last_good = tmp_path / "last_good.yaml"
+    src = sources(fake, last_good, startup_timeout=1.0)
+    src.save_last_good("svc: [saved]")
+    assert last_good.read_text() == "svc: [saved]"
+    assert [p.name for p in tmp_path.iterdir()] == ["last_good.yaml"]  # no temp file left behind
+    started = time.monotonic()
+    assert await src.start(Changes()) == "svc: [saved]"
+    assert time.monotonic() - started < 5
+    assert any("last-good" in r.getMessage() and fake.address in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_down_at_startup_without_last_good_raises(fake, sources, tmp_path):
+    src = sources(fake, tmp_path / "missing.yaml", startup_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{fake.port}"):
+        await src.start(Changes())
+    assert time.monotonic() - started < 5
+    assert src._client is None and src._tmp_dir is None  # start() cleaned up after itself
+
+
+@pytest.mark.asyncio
+async def test_missing_data_id_uses_last_good_then_picks_it_up(fake, sources, tmp_path):
+    await fake.start()
+    src = sources(fake, tmp_path / "lg.yaml", startup_timeout=3.0)
+    src.save_last_good("saved")
+    changes = Changes()
+    assert await src.start(changes) == "saved"
+    fake.publish(DATA_ID, GROUP, "created", tenant=NS)
+    await changes.wait_for("created", timeout=8)
+
+
+@pytest.mark.asyncio
+async def test_nacos_restart_on_same_port(fake, sources, tmp_path):
+    await fake.start()
+    fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
+    changes = Changes()
+    src = sources(fake, tmp_path / "lg.yaml")
+    assert await src.start(changes) == "v1"
+    fake.publish(DATA_ID, GROUP, "v2", tenant=NS)
+    await changes.wait_for("v2", timeout=8)
+
+    port = fake.port
+    await fake.stop()
+    fake.publish(DATA_ID, GROUP, "v3-while-down", tenant=NS)  # stored; nobody is connected to be told
+    await asyncio.sleep(0.5)
+    await fake.start()
+    assert fake.port == port
+    await changes.wait_for("v3-while-down", timeout=15)  # md5 check when the SDK re-listens after reconnect
+    fake.publish(DATA_ID, GROUP, "v4", tenant=NS)
+    await changes.wait_for("v4", timeout=8)
+    assert changes.texts == ["v2", "v3-while-down", "v4"]
+    assert fake.requests_seen.count("ConnectionSetupRequest") >= 2
+
+
+@pytest.mark.asyncio
+async def test_down_at_startup_then_nacos_comes_up(fake, sources, tmp_path):
+    src = sources(fake, tmp_path / "lg.yaml", startup_timeout=1.0)
+    src.save_last_good("saved")
+    changes = Changes()
+    assert await src.start(changes) == "saved"
+    fake.publish(DATA_ID, GROUP, "from-nacos", tenant=NS)
+    await fake.start()  # while the SDK is still in its start-up connect attempts
+    await changes.wait_for("from-nacos", timeout=15)
+    fake.publish(DATA_ID, GROUP, "later", tenant=NS)
+    await changes.wait_for("later", timeout=8)
+    assert changes.texts == ["from-nacos", "later"]
+
+
+@pytest.mark.asyncio
+async def test_long_outage_at_startup_then_nacos_comes_up(fake, sources, tmp_path):
+    """Nacos comes up only after the SDK gave up its start-up attempts (~9 s) and went to background reconnect."""
+    src = sources(fake, tmp_path / "lg.yaml", startup_timeout=1.0)
+    src.save_last_good("saved")
+    changes = Changes()
+    assert await src.start(changes) == "saved"
+    for _ in range(300):  # until our connect task is past the SDK's start-up retries
+        if src._task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert src._task.done() and src._task.result() is None
+    fake.publish(DATA_ID, GROUP, "from-nacos", tenant=NS)
+    await fake.start()
+    await changes.wait_for("from-nacos", timeout=15)
+    fake.publish(DATA_ID, GROUP, "later", tenant=NS)
+    await changes.wait_for("later", timeout=8)
+    assert changes.texts == ["from-nacos", "later"]
+
+
+@pytest.mark.asyncio
+async def test_login_when_username_and_password_are_set(sources, tmp_path):
+    fake = FakeNacos(username="nacos", password="s3cret")
+    await fake.start()
+    try:
+        fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
+        src = NacosSource(dict(boot_for(fake), username="nacos", password="s3cret"), tmp_path / "lg.yaml")
+        try:
+            assert await src.start(Changes()) == "v1"
+        finally:
+            await src.stop()
+        assert "HTTP POST /nacos/v1/auth/users/login" in fake.requests_seen
+    finally:
+        await fake.stop()
