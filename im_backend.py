@@ -39,6 +39,8 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 import yaml
 from Crypto.Cipher import AES
 
@@ -422,7 +424,7 @@ COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, pos
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
                                            content, extra, created_at, updated_at)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
-COMMENT_GET = f"SELECT {COMMENT_COLUMNS} FROM {{comment}} WHERE id = $1"
+COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comment}} WHERE id = $1"
 COMMENT_OWNER = "SELECT user_id FROM {comment} WHERE id = $1 FOR UPDATE"
 COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
                     updated_at = now() WHERE id = $1"""
@@ -541,8 +543,10 @@ def comment_like_key(svc: str, comment_id: int) -> str:
 
 
 def open_redis(cfg: CacheConfig) -> aioredis.Redis:
+    # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
+    # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
     common = dict(password=cfg.password or None, db=cfg.db, socket_timeout=2.0, socket_connect_timeout=2.0,
-                  max_connections=256)
+                  max_connections=256, retry=Retry(NoBackoff(), 1))
     if cfg.addr.startswith("unix://") or cfg.addr.startswith("/"):
         return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), **common)
     host, _, port = cfg.addr.rpartition(":")
@@ -579,7 +583,13 @@ class Cache:
             return [None] * len(keys)
 
     async def get(self, key: str) -> bytes | None:
-        return (await self.get_many([key]))[0]
+        if time.monotonic() < self._reads_off_until:
+            return None
+        try:
+            return await self.client.get(key)
+        except REDIS_ERRORS as exc:
+            self._read_failed(exc)
+            return None
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
         """Fill the cache after a read; failing to is only logged (the next read goes to PostgreSQL)."""
@@ -621,23 +631,35 @@ class Cache:
 # ============================================================================
 
 
-class Service:
-    """What a request needs: the configuration in force, the pool, the cache and background tasks."""
+class Background:
+    """What outlives a request and a configuration reload: delayed work and the clean-up wake-up call."""
 
-    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache) -> None:
-        self.config = config
-        self.pool = pool
-        self.cache = cache
-        self.ready: set[str] = set()  # services whose tables exist
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
         self.cleanup_wakeup = asyncio.Event()
-        self._background: set[asyncio.Task] = set()
-
-    # --- helpers ---------------------------------------------------------------
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + 2)
+
+
+class Service:
+    """The domain operations, bound to one configuration; a reload builds a new one and swaps it in whole."""
+
+    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+                 background: Background) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.ready = ready  # services whose tables exist
+        self.background = background
+
+    # --- helpers ---------------------------------------------------------------
 
     def invalidate_later(self, keys: list[str]) -> None:
         """Second half of the delayed double delete: catches a read that refilled the cache mid-write."""
@@ -645,11 +667,11 @@ class Service:
             await asyncio.sleep(DOUBLE_DELETE_DELAY)
             with contextlib.suppress(ApiError):
                 await self.cache.invalidate(keys)
-        self.spawn(later())
+        self.background.spawn(later())
 
-    async def drain_background(self) -> None:
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=DOUBLE_DELETE_DELAY + 2)
+    def page_size(self, limit: int | None) -> int:
+        """Missing or 0: 20; never above the configured maximum."""
+        return min(limit or 20, self.config.server.max_limit)
 
     def render_time(self, moment: dt.datetime) -> str:
         return moment.astimezone(self.config.zone).strftime("%Y-%m-%dT%H:%M:%S")
@@ -703,12 +725,12 @@ class Service:
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
         async with self.db(svc, 10004) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id, post_id)
+            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
         self.invalidate_later([key])
 
     @staticmethod
-    def _check_owner(owner: str | None, user_id: str, target: int) -> None:
+    def _check_owner(owner: str | None, user_id: str) -> None:
         if owner is None:
             raise ApiError(10006)
         if owner != user_id:
@@ -718,17 +740,17 @@ class Service:
         keys = [post_info_key(svc, post_id)]
         await self.cache.invalidate(keys)
         async with self.db(svc, 10005) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id, post_id)
+            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_DELETE), post_id)
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
         log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
-        self.cleanup_wakeup.set()
+        self.background.cleanup_wakeup.set()
         self.invalidate_later(keys)
 
-    async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int) -> dict:
+    async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int | None) -> dict:
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
         async with self.db(svc, 10006) as conn:
-            rows = await conn.fetch(sql(svc, POST_LIST), cursor, limit)
+            rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
         return {"post_list": [row["id"] for row in rows]}
 
     # --- comments ----------------------------------------------------------------
@@ -738,7 +760,21 @@ class Service:
                 "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
                 "target_user_id": row["target_user_id"], "post_id": row["post_id"],
                 "time": self.render_time(row["created_at"]), "svc": svc,
-                "child_num": row["child_num"] if "child_num" in row.keys() else None, "extra": row["extra"]}
+                "child_num": row["child_num"], "extra": row["extra"]}
+
+    async def get_comment(self, svc: str, comment_id: int) -> dict:
+        """A comment as JSON (child_num null), cache-aside; an unknown id is 10006."""
+        key = comment_info_key(svc, comment_id)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            return orjson.loads(cached)
+        async with self.db(svc, 10006) as conn:
+            row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
+        if row is None:
+            raise ApiError(10006)
+        comment = self.comment_json(svc, row)
+        await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
+        return comment
 
     async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
                               extra: dict | None) -> dict:
@@ -752,10 +788,7 @@ class Service:
                             user_id: str, content: str, extra: dict | None) -> dict:
         if root_comment_id == 0 or father_comment_id == 0:
             raise ApiError(400, PARAMS_WRONG)
-        async with self.db(svc, 10006) as conn:
-            father = await conn.fetchrow(sql(svc, COMMENT_GET), father_comment_id)
-        if father is None:
-            raise ApiError(10006)
+        father = await self.get_comment(svc, father_comment_id)
         father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
         if father["post_id"] != post_id or father_root != root_comment_id:
             raise ApiError(400, PARAMS_WRONG)
@@ -772,24 +805,28 @@ class Service:
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
         async with self.db(svc, 10004) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id, comment_id)
+            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             await conn.execute(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
         self.invalidate_later([key])
 
     async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, 10005) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id, comment_id)
+            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             deleted = [row["id"] for row in await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)]
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
-        self.cleanup_wakeup.set()
-        self.invalidate_later([comment_info_key(svc, cid) for cid in deleted])
+        self.background.cleanup_wakeup.set()
+        keys = [comment_info_key(svc, cid) for cid in deleted]
+        with contextlib.suppress(ApiError):  # the sub-comments' entries: now, and once more later
+            await self.cache.invalidate(keys)
+        self.invalidate_later(keys)
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | None,
-                            limit: int) -> dict:
+                            limit: int | None) -> dict:
         cursor = cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        limit = self.page_size(limit)
         async with self.db(svc, 10006) as conn:
             if root_comment_id == 0:
                 rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
@@ -921,9 +958,10 @@ class Service:
                     await asyncio.sleep(1.0)  # database trouble was logged; try again on the next round
             if worked:
                 continue
-            self.cleanup_wakeup.clear()
+            wakeup = self.background.cleanup_wakeup
+            wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.cleanup_wakeup.wait(), self.config.clean.interval)
+                await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
 
 
 def _count(status: str) -> int:
@@ -1051,15 +1089,15 @@ def as_extra(raw: Any) -> dict:
 
 def as_cursor(raw: Any) -> dt.datetime:
     """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
-    if not isinstance(raw, str) or not 10 <= len(raw) <= 40:
+    if not isinstance(raw, str) or not raw.isascii() or not 10 <= len(raw) <= 40:
         raise bad_param("bad cursor")
     try:
         moment = dt.datetime.fromisoformat(raw.strip())
-    except ValueError:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=dt.timezone.utc)
+        return moment.astimezone(dt.timezone.utc)  # fails here, not in the driver, for year 9999 at -05:00
+    except (ValueError, OverflowError):
         raise bad_param(f"bad cursor {raw!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment
 
 
 def as_limit(raw: Any) -> int:
@@ -1137,7 +1175,7 @@ def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
 class Route:
     method: str
     path: str
-    operation: str  # the name of the Service method that does the work
+    operation: Callable[..., Awaitable[Any]]  # the Service method that does the work
     params: tuple[Param, ...]
     summary: str
     data: dict | None  # OpenAPI schema of `data` on success
@@ -1154,35 +1192,35 @@ def _obj(**props: Any) -> dict:
 
 
 ROUTES: tuple[Route, ...] = (
-    # method    path                   operation         parameters                                summary
-    Route("POST", "/publish", "publish_post", (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT),
+    #    method   path                 operation               parameters                       summary
+    Route("POST", "/publish", Service.publish_post, (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT),
           "Publish a post", _obj(post_id=ID_OUT)),
-    Route("GET", "/getinfo", "get_post", (POST_ID,), "Read a post", _obj(post=POST_SCHEMA)),
-    Route("PUT", "/update", "update_post", (POST_ID, USER_ID, CONTENT_OPT, EXTRA_OPT, TITLE_OPT),
+    Route("GET", "/getinfo", Service.get_post, (POST_ID,), "Read a post", _obj(post=POST_SCHEMA)),
+    Route("PUT", "/update", Service.update_post, (POST_ID, USER_ID, CONTENT_OPT, EXTRA_OPT, TITLE_OPT),
           "Update your post", None),
-    Route("DELETE", "/delete", "delete_post", (POST_ID, USER_ID), "Delete your post", None),
-    Route("PUT", "/like", "like_post", (POST_ID, USER_ID, LIKE), "Like or unlike a post", None),
-    Route("GET", "/getlike", "post_likes", (POST_ID,), "Count a post's likes", _obj(like={"type": "integer"})),
-    Route("GET", "/getlist", "list_posts", (CURSOR, LIMIT), "Post ids, newest first, created before cursor",
+    Route("DELETE", "/delete", Service.delete_post, (POST_ID, USER_ID), "Delete your post", None),
+    Route("PUT", "/like", Service.like_post, (POST_ID, USER_ID, LIKE), "Like or unlike a post", None),
+    Route("GET", "/getlike", Service.post_likes, (POST_ID,), "Count a post's likes", _obj(like={"type": "integer"})),
+    Route("GET", "/getlist", Service.list_posts, (CURSOR, LIMIT), "Post ids, newest first, created before cursor",
           _obj(post_list={"type": "array", "items": ID_OUT})),
-    Route("POST", "/comments/publish", "publish_comment", (POST_ID, USER_ID, CONTENT, EXTRA_OPT),
+    Route("POST", "/comments/publish", Service.publish_comment, (POST_ID, USER_ID, CONTENT, EXTRA_OPT),
           "Comment on a post", _obj(comment_id=ID_OUT)),
-    Route("POST", "/comments/reply", "reply_comment",
+    Route("POST", "/comments/reply", Service.reply_comment,
           (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA),
            Param("father_comment_id", "query", as_id, schema=ID_SCHEMA), USER_ID, CONTENT, EXTRA_OPT),
           "Reply to a comment", _obj(comment_id=ID_OUT)),
-    Route("PUT", "/comments/update", "update_comment", (COMMENT_ID, USER_ID, CONTENT_OPT, EXTRA_OPT),
+    Route("PUT", "/comments/update", Service.update_comment, (COMMENT_ID, USER_ID, CONTENT_OPT, EXTRA_OPT),
           "Update your comment", None),
-    Route("DELETE", "/comments/delete", "delete_comment", (COMMENT_ID, USER_ID),
+    Route("DELETE", "/comments/delete", Service.delete_comment, (COMMENT_ID, USER_ID),
           "Delete your comment and its sub-comments", None),
-    Route("GET", "/comments/getinfo", "list_comments",
+    Route("GET", "/comments/getinfo", Service.list_comments,
           (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: root comments"),
            CURSOR, LIMIT),
           "Comments created after cursor, oldest first",
           _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})),
-    Route("PUT", "/comments/like", "like_comment", (POST_ID, COMMENT_ID, USER_ID, LIKE),
+    Route("PUT", "/comments/like", Service.like_comment, (POST_ID, COMMENT_ID, USER_ID, LIKE),
           "Like or unlike a comment", None),
-    Route("GET", "/comments/getlike", "comment_likes", (COMMENT_IDS,), "Count likes of comments",
+    Route("GET", "/comments/getlike", Service.comment_likes, (COMMENT_IDS,), "Count likes of comments",
           _obj(likes={"type": "array", "items": {"type": "integer"}})),
 )
 
@@ -1202,7 +1240,7 @@ def openapi_document() -> dict:
                   "description": p.description} for p in route.params if p.where in ("query", "any")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         op: dict[str, Any] = {
-            "summary": route.summary, "operationId": route.operation, "parameters": auth + query,
+            "summary": route.summary, "operationId": route.operation.__name__, "parameters": auth + query,
             "responses": {
                 "200": {"description": "success", "content": {"application/json": {"schema": {
                     "allOf": [{"$ref": "#/components/schemas/Envelope"},
@@ -1258,6 +1296,7 @@ class App:
     def __init__(self, bootstrap_path: str | os.PathLike | None = None) -> None:
         self.bootstrap_path = bootstrap_path
         self.service: Service | None = None
+        self.background = Background()
         self.appkeys = AppKeyChecker()
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
@@ -1275,8 +1314,8 @@ class App:
         text = await self.source.start(self.reload)
         config = parse_app_config(text)
         pool = await self._connect_db(config.db)
-        self.service = Service(config, pool, Cache(open_redis(config.cache)))
-        self.service.ready = await ensure_tables(pool, config.services)
+        self.service = Service(config, pool, Cache(open_redis(config.cache)),
+                               await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
         log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
@@ -1299,7 +1338,7 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
         if self.service:
-            await self.service.drain_background()
+            await self.background.drain()
             await self.service.pool.close()
             await self.service.cache.client.aclose()
             self.service = None
@@ -1325,10 +1364,11 @@ class App:
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
                 return
-            ready = await ensure_tables(pool, config.services) if pool is not old.pool else \
-                old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
-            new = Service(config, pool, cache)
-            new.ready, new.cleanup_wakeup, new._background = ready, old.cleanup_wakeup, old._background
+            if pool is old.pool:  # only services new to this database need their tables
+                ready = old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
+            else:
+                ready = await ensure_tables(pool, config.services)
+            new = Service(config, pool, cache, ready, old.background)
             self.service = new
             self.source.save_last_good(text)
             if self._cleanup_task:
@@ -1339,9 +1379,9 @@ class App:
             log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
                      sorted(added), sorted(removed))
             if pool is not old.pool:
-                self.service.spawn(old.pool.close())  # waits for in-flight queries on the old pool
+                self.background.spawn(old.pool.close())  # waits for in-flight queries on the old pool
             if cache is not old.cache:
-                self.service.spawn(_close_later(old.cache.client))
+                self.background.spawn(_close_later(old.cache.client))
 
     # --- requests --------------------------------------------------------------
 
@@ -1419,9 +1459,7 @@ class App:
                 req = Request(scope, body)
                 self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
                 args = extract(req, route.params)
-                if "limit" in args:
-                    args["limit"] = min(args["limit"] or 20, service.config.server.max_limit)
-                data = await getattr(service, route.operation)(req.arg("svc"), **args)
+                data = await route.operation(service, req.arg("svc"), **args)
         except ApiError as exc:
             return http_status(exc.code), envelope(exc.code, exc.msg)
         except TimeoutError:
