@@ -296,3 +296,26 @@ async def test_starts_on_first_request_without_lifespan(server):
             assert (await client.get("/readyz")).status_code == 200
     finally:
         await inner.shutdown()
+
+
+# --- unexpected errors ---------------------------------------------------------------------------------------------
+
+async def test_unexpected_error_is_a_500_envelope_with_details_only_in_the_log(server, monkeypatch, caplog):
+    inner = im_backend.create_app(server.boot)
+
+    async def broken(self, svc, post_id):
+        raise RuntimeError("secret detail")
+
+    svc = svc_name("a")
+    async with inner.lifespan():
+        route = im_backend.ROUTE_TABLE["/api/v1/posts/getinfo"]["GET"]
+        monkeypatch.setitem(im_backend.ROUTE_TABLE["/api/v1/posts/getinfo"], "GET",
+                            im_backend.dataclasses.replace(route, operation=broken))
+        transport = httpx.ASGITransport(app=inner)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/api/v1/posts/getinfo", params={
+                "svc": svc, "appKey": im_backend.encrypt_appkey(server.services[svc]), "post_id": 1})
+    assert response.status_code == 500
+    assert response.json() == {"code": 500, "msg": "internal server error", "data": None}
+    assert "secret detail" not in response.text
+    assert "secret detail" in caplog.text and "Traceback" in caplog.text
