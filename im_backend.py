@@ -23,6 +23,7 @@ import dataclasses
 import datetime as dt
 import functools
 import io
+import itertools
 import logging
 import os
 import pathlib
@@ -138,6 +139,8 @@ class CacheConfig:
     comment_expire: int = 604800
     postlike_expire: int = 300
     commentlike_expire: int = 300
+    near_ttl: float = 0.5  # seconds a process may serve an entry from its own memory (0: never)
+    near_size: int = 10000  # entries kept in that memory at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +395,8 @@ CREATE TABLE IF NOT EXISTS {post_like} (
 CREATE TABLE IF NOT EXISTS {comment_like} (
     comment_id BIGINT, user_id VARCHAR(255), post_id BIGINT, created_at TIMESTAMPTZ DEFAULT now(),
     PRIMARY KEY (comment_id, user_id));
+CREATE TABLE IF NOT EXISTS {like_counts} (
+    kind TEXT NOT NULL, target_id BIGINT NOT NULL, likes BIGINT NOT NULL, PRIMARY KEY (kind, target_id));
 CREATE TABLE IF NOT EXISTS {cleanup} (
     id BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, target_id BIGINT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now());
@@ -410,15 +415,27 @@ POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COAL
 POST_DELETE = "DELETE FROM {post} WHERE id = $1"
 POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
 
-# FOR KEY SHARE keeps the post from being deleted until the like commits, so clean-up sees the like.
+# Like counts live in {like_counts}, maintained in the transaction of each like, so reading one costs the same
+# at ten likes or ten million. A missing counter (a new target, or likes written by the Go version) is made by
+# counting once, under FOR UPDATE on the target: that waits for likes in flight, which hold FOR KEY SHARE on it.
+# FOR KEY SHARE also keeps the target from being deleted until the like commits, so clean-up sees the like.
 POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                    ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
-                           SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING)
+                           SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
+                   bump AS (UPDATE {like_counts} SET likes = likes + 1
+                            WHERE kind = 'post' AND target_id = $1 AND EXISTS (SELECT 1 FROM ins))
                    SELECT EXISTS (SELECT 1 FROM target)"""
 POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
-                     del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2)
+                     del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2
+                             RETURNING 1),
+                     bump AS (UPDATE {like_counts} SET likes = likes - 1
+                              WHERE kind = 'post' AND target_id = $1 AND EXISTS (SELECT 1 FROM del))
                      SELECT EXISTS (SELECT 1 FROM target)"""
-POST_LIKE_COUNT = "SELECT count(*) FROM {post_like} WHERE post_id = $1"
+POST_LIKES_READ = "SELECT likes FROM {like_counts} WHERE kind = 'post' AND target_id = $1"
+POST_LOCK = "SELECT id FROM {post} WHERE id = $1 FOR UPDATE"
+POST_LIKES_INIT = """INSERT INTO {like_counts} (kind, target_id, likes)
+                     SELECT 'post', $1, count(*) FROM {post_like} WHERE post_id = $1
+                     ON CONFLICT (kind, target_id) DO UPDATE SET likes = EXCLUDED.likes RETURNING likes"""
 
 COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
@@ -445,14 +462,25 @@ WITH RECURSIVE doomed AS (
 DELETE FROM {comment} WHERE id IN (SELECT id FROM doomed) RETURNING id"""
 COMMENT_LIKE_SET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
                       ins AS (INSERT INTO {comment_like} (comment_id, user_id, post_id, created_at)
-                              SELECT id, $2, post_id, now() FROM target ON CONFLICT DO NOTHING)
+                              SELECT id, $2, post_id, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
+                      bump AS (UPDATE {like_counts} SET likes = likes + 1
+                               WHERE kind = 'comment' AND target_id = $1 AND EXISTS (SELECT 1 FROM ins))
                       SELECT post_id FROM target"""
 COMMENT_LIKE_UNSET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
                         del AS (DELETE FROM {comment_like}
-                                WHERE comment_id IN (SELECT id FROM target) AND user_id = $2)
+                                WHERE comment_id IN (SELECT id FROM target) AND user_id = $2 RETURNING 1),
+                        bump AS (UPDATE {like_counts} SET likes = likes - 1
+                                 WHERE kind = 'comment' AND target_id = $1 AND EXISTS (SELECT 1 FROM del))
                         SELECT post_id FROM target"""
-COMMENT_LIKE_COUNTS = """SELECT comment_id, count(*) FROM {comment_like}
-                         WHERE comment_id = ANY($1::bigint[]) GROUP BY comment_id"""
+COMMENT_LIKES_READ = """SELECT target_id, likes FROM {like_counts}
+                        WHERE kind = 'comment' AND target_id = ANY($1::bigint[])"""
+COMMENTS_LOCK = "SELECT id FROM {comment} WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+COMMENT_LIKES_INIT = """INSERT INTO {like_counts} (kind, target_id, likes)
+                        SELECT 'comment', c.id, (SELECT count(*) FROM {comment_like} WHERE comment_id = c.id)
+                        FROM unnest($1::bigint[]) AS c (id)
+                        ON CONFLICT (kind, target_id) DO UPDATE SET likes = EXCLUDED.likes
+                        RETURNING target_id, likes"""
+LIKE_COUNTS_DROP = "DELETE FROM {like_counts} WHERE kind = $1 AND target_id = ANY($2::bigint[])"
 
 # The durable clean-up queue (section 6 of this file explains the kinds).
 CLEANUP_ENQUEUE = "INSERT INTO {cleanup} (kind, target_id) SELECT $1, unnest($2::bigint[])"
@@ -481,7 +509,7 @@ def sql(svc: str, statement: str) -> str:
     names = {
         "post": f"{svc}_post_info", "comment": f"{svc}_post_comment_info",
         "post_like": f"{svc}_post_like", "comment_like": f"{svc}_comment_like",
-        "cleanup": f"{svc}_cleanup_queue",
+        "cleanup": f"{svc}_cleanup_queue", "like_counts": f"{svc}_like_counts",
         "post_created_idx": f"{svc}_post_info_created_at_idx",
         "comment_roots_idx": f"{svc}_post_comment_info_post_root_idx",
         "comment_thread_idx": f"{svc}_post_comment_info_root_idx",
@@ -558,11 +586,45 @@ def with_jitter(ttl: int) -> int:
     return max(1, int(ttl * random.uniform(1.0, 1.5)))
 
 
+class NearCache:
+    """A few thousand recent cache entries in this process's memory, each served for at most `ttl` seconds.
+
+    Hot reads then cost no Redis round trip. Coherence comes from the short TTL rather than from messages:
+    the process that writes drops its entry at once, and every other process stops serving the old value
+    within `ttl` (writes in other replicas become visible within a second, the bound we promise)."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: bytes) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.size:  # drop the oldest tenth; dicts keep insertion order
+            for old in list(itertools.islice(self._entries, self.size // 10 + 1)):
+                del self._entries[old]
+        self._entries[key] = (time.monotonic() + self.ttl, value)
+
+    def drop(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._entries.pop(key, None)
+
+
 class Cache:
     """Cache-aside reads that survive Redis being down, and invalidation that must succeed before a write."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, near: NearCache) -> None:
         self.client = client
+        self.near = near
         self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
 
     def _read_failed(self, exc: BaseException) -> None:
@@ -570,26 +632,37 @@ class Cache:
             log.warning("redis read failed, serving from PostgreSQL: %s", exc)
         self._reads_off_until = time.monotonic() + 1.0
 
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+    async def get(self, key: str, near: bool = True) -> bytes | None:
+        """A cached value; `near=False` asks Redis itself (for decisions that must see the shared value)."""
+        if near and (value := self.near.get(key)) is not None:
+            return value
         if time.monotonic() < self._reads_off_until:
-            return [None] * len(keys)
+            return None
+        try:
+            value = await self.client.get(key)
+        except REDIS_ERRORS as exc:
+            self._read_failed(exc)
+            return None
+        if value is not None:
+            self.near.put(key, value)
+        return value
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        values = [self.near.get(key) for key in keys]
+        missing = [i for i, value in enumerate(values) if value is None]
+        if not missing or time.monotonic() < self._reads_off_until:
+            return values
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.get(key)
-                return await pipe.execute()
+                for i in missing:
+                    pipe.get(keys[i])
+                for i, value in zip(missing, await pipe.execute()):
+                    values[i] = value
+                    if value is not None:
+                        self.near.put(keys[i], value)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
-            return [None] * len(keys)
-
-    async def get(self, key: str) -> bytes | None:
-        if time.monotonic() < self._reads_off_until:
-            return None
-        try:
-            return await self.client.get(key)
-        except REDIS_ERRORS as exc:
-            self._read_failed(exc)
-            return None
+        return values
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
         """Fill the cache after a read; failing to is only logged (the next read goes to PostgreSQL)."""
@@ -600,6 +673,8 @@ class Cache:
                 for key, value, ttl in items:
                     pipe.set(key, value, ex=with_jitter(ttl))
                 await pipe.execute()
+            for key, value, _ in items:
+                self.near.put(key, value if isinstance(value, bytes) else str(value).encode())
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
 
@@ -607,6 +682,7 @@ class Cache:
         """Delete keys before a write; if Redis cannot, the write must not happen (10018)."""
         if not keys:
             return
+        self.near.drop(keys)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key in keys:  # one DEL per key: multi-key commands break on Redis Cluster
@@ -624,6 +700,10 @@ class Cache:
             log.warning("id generation failed: %s", exc)
             raise ApiError(10017) from None
         return (int(time.time()) << 32) | (count & 0xFFFFFFFF)
+
+
+def open_cache(cfg: CacheConfig) -> Cache:
+    return Cache(open_redis(cfg), NearCache(cfg.near_ttl, cfg.near_size))
 
 
 # ============================================================================
@@ -743,6 +823,7 @@ class Service:
             self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_DELETE), post_id)
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
         log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
         self.background.cleanup_wakeup.set()
         self.invalidate_later(keys)
@@ -815,6 +896,7 @@ class Service:
             self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             deleted = [row["id"] for row in await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)]
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
@@ -842,7 +924,7 @@ class Service:
 
     async def _invalidate_count(self, key: str) -> bool:
         """Invalidate a like count before a like changes it, unless it is hot; True when invalidated."""
-        cached = await self.cache.get(key)
+        cached = await self.cache.get(key, near=False)
         if cached is not None and cached.isdigit() and int(cached) >= HOT_COUNTER:
             return False
         await self.cache.invalidate([key])
@@ -877,7 +959,11 @@ class Service:
         if cached is not None and cached.isdigit():
             return {"like": int(cached)}
         async with self.db(svc, 10007) as conn:
-            count = await conn.fetchval(sql(svc, POST_LIKE_COUNT), post_id)
+            count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id)
+            if count is None:
+                async with conn.transaction():
+                    exists = await conn.fetchval(sql(svc, POST_LOCK), post_id)
+                    count = await conn.fetchval(sql(svc, POST_LIKES_INIT), post_id) if exists else 0
         await self.cache.set_many([(key, count, self.config.cache.postlike_expire)])
         return {"like": count}
 
@@ -892,7 +978,12 @@ class Service:
         missing = sorted({cid for cid in comment_ids if cid not in counts})
         if missing:
             async with self.db(svc, 10007) as conn:
-                found = dict(await conn.fetch(sql(svc, COMMENT_LIKE_COUNTS), missing))
+                found = dict(await conn.fetch(sql(svc, COMMENT_LIKES_READ), missing))
+                uncounted = [cid for cid in missing if cid not in found]
+                if uncounted:
+                    async with conn.transaction():
+                        existing = [r["id"] for r in await conn.fetch(sql(svc, COMMENTS_LOCK), uncounted)]
+                        found.update(await conn.fetch(sql(svc, COMMENT_LIKES_INIT), existing))
             ttl = self.config.cache.commentlike_expire
             await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
             counts.update((cid, found.get(cid, 0)) for cid in missing)
@@ -916,6 +1007,7 @@ class Service:
                 comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id,
                                                               batch.commentbatch)]
                 await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
+                await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
                 likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
                 if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
                     await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
@@ -1314,7 +1406,7 @@ class App:
         text = await self.source.start(self.reload)
         config = parse_app_config(text)
         pool = await self._connect_db(config.db)
-        self.service = Service(config, pool, Cache(open_redis(config.cache)),
+        self.service = Service(config, pool, open_cache(config.cache),
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
@@ -1360,7 +1452,7 @@ class App:
                 if config.db != old.config.db:
                     pool = await self._connect_db(config.db)
                 if config.cache != old.config.cache:
-                    cache = Cache(open_redis(config.cache))
+                    cache = open_cache(config.cache)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
                 return
