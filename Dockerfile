@@ -36,20 +36,22 @@ RUN set -eux; \
     /opt/venv/bin/python -c "import asyncpg, Crypto.Cipher.AES, hiredis, httptools, orjson, redis, uvicorn, uvloop, yaml"; \
     groupadd --gid 10001 im; \
     useradd --uid 10001 --gid im --home-dir /app --no-create-home --shell /usr/sbin/nologin im; \
-    mkdir -p /data/config; \
-    chown im:im /data/config
+    mkdir -p /data/config /data/state; \
+    chown im:im /data/config /data/state
 
 COPY im_backend.py ./
 COPY configs/ ./configs/
 
 USER im
 
+# IM_STATE_DIR: where the last good Nacos configuration is kept for start-ups while Nacos is down.
 ENV IM_HOST=0.0.0.0 \
     IM_PORT=8181 \
-    IM_WORKERS=1
+    IM_WORKERS=1 \
+    IM_STATE_DIR=/data/state
 
 EXPOSE 8181
-VOLUME ["/data/config"]
+VOLUME ["/data/config", "/data/state"]
 
 # No curl in slim images: ask /healthz with the standard library.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

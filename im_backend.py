@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import io
 import itertools
 import logging
@@ -30,7 +31,9 @@ import pathlib
 import random
 import re
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 import urllib.parse
 import zoneinfo
@@ -290,30 +293,191 @@ def app_conf_path(boot: dict) -> pathlib.Path:
     return boot["_path"].parent / str(boot["app_conf"])
 
 
-def config_source(boot: dict) -> Any:
-    if boot.get("app_conf"):
-        return FileSource(app_conf_path(boot))
-    return NacosSource(boot, boot["_path"].parent / ".app_conf.last-good.yaml")
+class _DropSdkRootRecords(logging.Filter):
+    """nacos-sdk-python logs some reconnect errors on the root logger (logging.error); keep them out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}v2{os.sep}nacos{os.sep}" not in record.pathname
+
+
+def _cancel_orphaned_stream_feeders() -> None:
+    """SDK quirk: when the server breaks a bi-stream (Nacos restart), gRPC's task feeding that stream from the
+    SDK's generator GrpcConnection.request_payloads (waiting forever on a queue) stays pending; cancel those."""
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        gen, call = (frame.f_locals.get("request_iterator"), frame.f_locals.get("self")) if frame else (None, None)
+        if getattr(gen, "__qualname__", "") == "GrpcConnection.request_payloads" and call is not None and call.done():
+            task.cancel()
 
 
 class NacosSource:
-    """Application configuration in Nacos (keys ipaddr, port, namespaceid, group, dataid)."""
+    """Application configuration kept in Nacos (bootstrap keys: ipaddr, port, namespaceid, group, dataid,
+    optional username/password; optional nacos_log_dir for the SDK's own log file).
 
-    def __init__(self, boot: dict, last_good_path: pathlib.Path) -> None:
-        self.boot = boot
-        self.last_good_path = last_good_path
+    Uses nacos-sdk-python 3.x (module v2.nacos), which talks gRPC to port + 1000 and reconnects by itself.
+    """
+
+    def __init__(self, boot: dict, last_good_path: pathlib.Path, startup_timeout: float = 5.0) -> None:
+        self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or 8848)}"
+        self.namespace = str(boot.get("namespaceid") or "")
+        self.group = str(boot.get("group") or "DEFAULT_GROUP")
+        self.data_id = str(boot["dataid"])
+        self.username, self.password = boot.get("username"), boot.get("password")
+        self.sdk_log_dir: str | None = boot.get("nacos_log_dir")
+        self.last_good_path = pathlib.Path(last_good_path)
+        self.startup_timeout = startup_timeout
+        self._client: Any = None
+        self._task: asyncio.Task | None = None
+        self._on_change: Callable[[str], Awaitable[None]] | None = None
+        self._current: str | None = None
+        self._fell_back = False
+        self._tmp_dir: str | None = None
+        self._root_filter = _DropSdkRootRecords()
+        self._sdk_handlers: list[logging.Handler] = []
 
     def describe(self) -> str:
-        return f"nacos {self.boot['ipaddr']}:{self.boot['port']} dataid={self.boot['dataid']}"
+        return f"nacos {self.address} namespace {self.namespace!r} group {self.group!r} dataid {self.data_id!r}"
 
     async def start(self, on_change: Callable[[str], Awaitable[None]]) -> str:
-        raise ConfigError("Nacos is not supported yet in this build; use 'app_conf:' in the bootstrap file")
+        """Fetch the configuration text and listen for changes (on_change(new_text) for each change)."""
+        from v2.nacos import ClientConfigBuilder, NacosConfigService  # only needed when Nacos is configured
+
+        self._on_change = on_change
+        self._tmp_dir = tempfile.mkdtemp(prefix="im-backend-nacos-")  # SDK cache (holds config text): 0700
+        builder = (ClientConfigBuilder().server_address(self.address).namespace_id(self.namespace)
+                   .cache_dir(self._tmp_dir).log_dir(self.sdk_log_dir or self._tmp_dir).log_level(logging.WARNING))
+        if self.username and self.password:
+            builder = builder.username(str(self.username)).password(str(self.password))
+        logging.getLogger().addFilter(self._root_filter)
+        sdk_logger = logging.getLogger("config")  # the SDK's (badly named) logger; it adds a file handler per client
+        before = set(sdk_logger.handlers)
+        # NacosConfigService.create_config_service() is exactly these two steps; they are split so that stop()
+        # can shut the client down even while it is still connecting (it retries ~9 s when Nacos is down).
+        try:
+            self._client = NacosConfigService(builder.build())
+        finally:
+            self._sdk_handlers = [h for h in sdk_logger.handlers if h not in before]
+            if self._client is None:  # construction failed
+                await self.stop()
+        for task in asyncio.all_tasks():  # the SDK's fire-and-forget first login: its failure is not news
+            if getattr(task.get_coro(), "__qualname__", "") == "AuthClient.get_access_token":
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._task = asyncio.create_task(self._connect())
+        await asyncio.wait({self._task}, timeout=self.startup_timeout)
+        text: str | None = None
+        if self._task.done():
+            exc = None if self._task.cancelled() else self._task.exception()
+            text = None if exc or self._task.cancelled() else self._task.result()
+            if exc:
+                log.warning("nacos %s: %s", self.address, exc)
+        self._fell_back = text is None  # from now on _connect() delivers what it gets through on_change
+        if text is not None:
+            self._current = text
+            return text
+        saved = self._read_last_good()
+        if saved is None:
+            await self.stop()
+            raise ConfigError(f"cannot load configuration data id {self.data_id!r} group {self.group!r} from Nacos "
+                               f"at {self.address} (namespace {self.namespace!r}), and there is no last-good copy "
+                               f"at {self.last_good_path}")
+        log.warning("nacos %s unreachable or config %s/%s missing; using last-good configuration %s; "
+                    "will pick up the Nacos configuration once it is available",
+                    self.address, self.group, self.data_id, self.last_good_path)
+        self._current = saved
+        return saved
+
+    async def _connect(self) -> str | None:
+        from v2.nacos import ConfigParam
+
+        await self._client.grpc_client_proxy.start()
+        text: str | None = None
+        try:
+            text = await self._client.get_config(ConfigParam(data_id=self.data_id, group=self.group)) or None
+            if text is None:
+                log.warning("nacos %s: config %s/%s (namespace %r) not found", self.address, self.group,
+                            self.data_id, self.namespace)
+        except Exception as exc:  # Nacos not reachable yet: the SDK keeps reconnecting in the background
+            log.warning("nacos %s: cannot fetch config %s/%s: %s", self.address, self.group, self.data_id, exc)
+        # The listener keeps the md5 of the SDK cache; with no text yet it is "" and the SDK delivers the
+        # server's text (through _on_push) as soon as it is connected.
+        await self._client.add_listener(self.data_id, self.group, self._on_push)
+        # have the SDK register the listener with the server now, not at its next 5 s tick
+        self._client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+        if text is not None and self._fell_back:
+            await self._deliver(text)
+        return text
+
+    async def _on_push(self, tenant: str, group: str, data_id: str, content: str) -> None:
+        await self._deliver(content)
+
+    async def _deliver(self, text: str) -> None:
+        if not text:
+            log.warning("nacos %s: config %s/%s is empty or deleted; keeping the current one",
+                        self.address, self.group, self.data_id)
+            return
+        if text == self._current or self._on_change is None:
+            return
+        self._current = text
+        try:
+            await self._on_change(text)
+        except Exception:
+            log.exception("nacos %s: configuration change handler failed", self.address)
+
+    def _read_last_good(self) -> str | None:
+        try:
+            return self.last_good_path.read_text(encoding="utf-8") or None
+        except FileNotFoundError:
+            return None
 
     def save_last_good(self, text: str) -> None:
-        pass
+        """Keep a validated configuration text for start-ups while Nacos is unreachable (atomic replace)."""
+        tmp = None
+        try:
+            self.last_good_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.last_good_path.name}.", dir=self.last_good_path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.last_good_path)
+        except OSError as exc:  # a read-only configuration volume must not stop the service
+            log.warning("cannot save the last good configuration to %s (set IM_STATE_DIR): %s",
+                        self.last_good_path, exc)
+            if tmp:
+                pathlib.Path(tmp).unlink(missing_ok=True)
 
     async def stop(self) -> None:
-        pass
+        """Remove the listener and shut the SDK client down (no tasks, channels or log files left open)."""
+        client, task, self._client, self._task, self._on_change = self._client, self._task, None, None, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # also collects an exception it may have ended with
+        if client is not None:
+            try:
+                await client.remove_listener(self.data_id, self.group, self._on_push)
+                # wake the SDK's listen loop (it otherwise sleeps up to 5 s before seeing the stop flag)
+                client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+                await client.shutdown()
+            except Exception as exc:
+                log.warning("nacos %s: shutdown: %s", self.address, exc)
+            _cancel_orphaned_stream_feeders()
+        for handler in self._sdk_handlers:
+            logging.getLogger("config").removeHandler(handler)
+            handler.close()
+        self._sdk_handlers = []
+        logging.getLogger().removeFilter(self._root_filter)
+        gc.collect()  # gRPC channels of connect attempts cancelled above are closed when collected; do it now
+        if self._tmp_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+
+
+def config_source(boot: dict) -> FileSource | NacosSource:
+    """The source the bootstrap file names; Nacos keeps its last good text in $IM_STATE_DIR or beside the file."""
+    if boot.get("app_conf"):
+        return FileSource(app_conf_path(boot))
+    state_dir = pathlib.Path(os.environ.get("IM_STATE_DIR") or boot["_path"].parent)
+    return NacosSource(boot, state_dir / f".{boot['dataid']}.last-good.yaml")
 
 
 # ============================================================================
@@ -1395,6 +1559,7 @@ class App:
         self._start_lock: asyncio.Lock | None = None
         self._openapi = orjson.dumps(openapi_document())
         self._reload_lock = asyncio.Lock()
+        self._pending_text: str | None = None
 
     # --- lifespan --------------------------------------------------------------
 
@@ -1410,6 +1575,8 @@ class App:
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
+        if self._pending_text is not None:
+            await self.reload(self._pending_text)
         log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
                  self.source.describe(), sorted(config.services), config.db.host, config.db.port,
                  config.db.dbname, config.cache.addr)
@@ -1445,7 +1612,8 @@ class App:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
                 return
             old = self.service
-            if old is None:
+            if old is None:  # arrived while starting: applied once start-up is done
+                self._pending_text = text
                 return
             pool, cache = old.pool, old.cache
             try:

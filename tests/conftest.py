@@ -111,8 +111,8 @@ class Server:
         tmp.write_text(config)
         os.replace(tmp, self.directory / "app.yaml")
 
-    def start(self, wait: bool = True) -> "Server":
-        env = dict(os.environ, IM_CONF=str(self.boot))
+    def start(self, wait: bool = True, **env_vars: str) -> "Server":
+        env = dict(os.environ, IM_CONF=str(self.boot), **env_vars)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
@@ -133,6 +133,21 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    async def wait_ready_async(self, timeout: float = 30) -> None:
+        """wait_ready() for tests whose event loop also runs a peer of the server (a fake Nacos)."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=1) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if (await client.get(self.url + "/healthz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

@@ -97,7 +97,9 @@ class FakeNacos:
     """In-process Nacos: ``await start()``, configure the SDK with ``127.0.0.1:port``, ``publish()`` configs.
 
     The config store survives ``stop()``/``start()`` (like a real Nacos backed by a DB); connections and
-    listener registrations do not.
+    listener registrations do not.  ``requests_seen`` lists, in order, the type names of unary requests
+    (``ConfigQueryRequest`` ...), of messages received on bi-streams (``ConnectionSetupRequest`` and the
+    clients' acks such as ``NotifySubscriberResponse``), and ``"HTTP <METHOD> <path>"`` for HTTP calls.
     """
 
     def __init__(self, port: int = 0, *, username: str | None = None, password: str | None = None,

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import pathlib
-import sys
+import socket
+
 import time
 
 import pytest
 
-sys.path.insert(0, "/work/drafts")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from fake_nacos import FakeNacos  # noqa: E402
-from nacos_source import NacosSource  # noqa: E402
+from fake_nacos import FakeNacos
+from im_backend import ConfigError, NacosSource
 
 NS, GROUP, DATA_ID = "im", "dev", "app"
 
@@ -81,6 +80,12 @@ async def test_initial_load_and_runtime_change(fake, sources, tmp_path):
     assert "ConfigChangeNotifyRequest" not in fake.requests_seen  # server->client pushes are not requests
     assert "NotifySubscriberResponse" in fake.requests_seen       # the SDK acked the push on the bi-stream
     assert fake.listeners(DATA_ID, GROUP, NS) == 1
+    fake.detect_clients()  # server-initiated request on the bi-stream; the SDK must answer it
+    for _ in range(100):
+        if "ClientDetectionResponse" in fake.requests_seen:
+            break
+        await asyncio.sleep(0.05)
+    assert "ClientDetectionResponse" in fake.requests_seen
 
     tmp_dir = pathlib.Path(src._tmp_dir)
     assert tmp_dir.is_dir()
@@ -138,7 +143,7 @@ async def test_down_at_startup_uses_last_good(fake, sources, tmp_path, caplog):
 async def test_down_at_startup_without_last_good_raises(fake, sources, tmp_path):
     src = sources(fake, tmp_path / "missing.yaml", startup_timeout=1.0)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=f"127.0.0.1:{fake.port}"):
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{fake.port}"):
         await src.start(Changes())
     assert time.monotonic() - started < 5
     assert src._client is None and src._tmp_dir is None  # start() cleaned up after itself
@@ -156,7 +161,8 @@ async def test_missing_data_id_uses_last_good_then_picks_it_up(fake, sources, tm
 
 
 @pytest.mark.asyncio
-async def test_nacos_restart_on_same_port(fake, sources, tmp_path):
+async def test_nacos_restart_on_same_port(fake, sources, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     await fake.start()
     fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
     changes = Changes()
@@ -167,8 +173,11 @@ async def test_nacos_restart_on_same_port(fake, sources, tmp_path):
 
     port = fake.port
     await fake.stop()
+    for p in (fake.port, fake.grpc_port):  # both ports really closed
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p), timeout=1).close()
     fake.publish(DATA_ID, GROUP, "v3-while-down", tenant=NS)  # stored; nobody is connected to be told
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(4)  # long enough for at least one failed SDK reconnect attempt (3 s connect timeout)
     await fake.start()
     assert fake.port == port
     await changes.wait_for("v3-while-down", timeout=15)  # md5 check when the SDK re-listens after reconnect
@@ -176,6 +185,16 @@ async def test_nacos_restart_on_same_port(fake, sources, tmp_path):
     await changes.wait_for("v4", timeout=8)
     assert changes.texts == ["v2", "v3-while-down", "v4"]
     assert fake.requests_seen.count("ConnectionSetupRequest") >= 2
+    # the SDK's own chatter stays out of the application's logs: its "config" logger does not propagate, and
+    # the reconnect errors it logs on the root logger are filtered out (pytest itself hooks "config" too)
+    assert logging.getLogger("config").propagate is False
+    assert [r for r in caplog.records if r.name == "root" and "/v2/nacos/" in r.pathname] == []
+
+    await src.stop()
+    await fake.stop()
+    await asyncio.sleep(0.1)
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert leftovers == []  # includes gRPC's feeder task of the stream the restart broke
 
 
 @pytest.mark.asyncio
@@ -213,16 +232,40 @@ async def test_long_outage_at_startup_then_nacos_comes_up(fake, sources, tmp_pat
 
 
 @pytest.mark.asyncio
-async def test_login_when_username_and_password_are_set(sources, tmp_path):
+async def test_login_when_username_and_password_are_set(tmp_path, caplog):
+    """With credentials the SDK logs in over HTTP on the Nacos port (not +1000); here Nacos is down at first."""
+    caplog.set_level(logging.WARNING)
+    fake = FakeNacos(username="nacos", password="s3cret")
+    src = NacosSource(dict(boot_for(fake), username="nacos", password="s3cret"), tmp_path / "lg.yaml",
+                      startup_timeout=1.0)
+    src.save_last_good("saved")
+    changes = Changes()
+    try:
+        assert await src.start(changes) == "saved"
+        fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
+        await fake.start()
+        await changes.wait_for("v1", timeout=15)
+        fake.publish(DATA_ID, GROUP, "v2", tenant=NS)
+        await changes.wait_for("v2", timeout=8)
+    finally:
+        await src.stop()
+        await fake.stop()
+    assert "HTTP POST /nacos/v1/auth/users/login" in fake.requests_seen
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+@pytest.mark.asyncio
+async def test_wrong_password_is_refused(tmp_path):
     fake = FakeNacos(username="nacos", password="s3cret")
     await fake.start()
+    fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
+    src = NacosSource(dict(boot_for(fake), username="nacos", password="wrong"), tmp_path / "lg.yaml",
+                      startup_timeout=2.0)
     try:
-        fake.publish(DATA_ID, GROUP, "v1", tenant=NS)
-        src = NacosSource(dict(boot_for(fake), username="nacos", password="s3cret"), tmp_path / "lg.yaml")
-        try:
-            assert await src.start(Changes()) == "v1"
-        finally:
-            await src.stop()
-        assert "HTTP POST /nacos/v1/auth/users/login" in fake.requests_seen
+        with pytest.raises(ConfigError, match="no last-good"):
+            await src.start(Changes())
     finally:
+        await src.stop()
         await fake.stop()
+    assert "ConfigQueryRequest" not in fake.requests_seen  # the SDK does not even ask without a token
