@@ -43,6 +43,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 import yaml
@@ -135,9 +136,10 @@ class DbConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    addr: str = "127.0.0.1:6379"  # host:port, or unix:///path/to/redis.sock
+    addr: str = "127.0.0.1:6379"  # host:port, or unix:///path/to/redis.sock; with cluster: host:port,host:port
     password: str = ""
     db: int = 0
+    cluster: bool = False  # addr lists nodes of a Redis Cluster
     post_expire: int = 604800
     comment_expire: int = 604800
     postlike_expire: int = 300
@@ -182,6 +184,8 @@ def _section(raw: dict, name: str, cls: type) -> Any:
         if field.name not in section or section[field.name] is None:
             continue
         value, kind = section[field.name], type(field.default)
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"'{name}.{field.name}' must be true or false, got {value!r}")
         try:
             values[field.name] = str(value) if kind is str else kind(value)
         except (TypeError, ValueError):
@@ -219,8 +223,13 @@ def parse_app_config(text: str) -> AppConfig:
         zone = zoneinfo.ZoneInfo(server.time_zone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"unknown time zone {server.time_zone!r}") from None
-    return AppConfig(services, _section(raw, "db", DbConfig), _section(raw, "cache", CacheConfig),
-                     clean, server, zone)
+    cache = _section(raw, "cache", CacheConfig)
+    if not cache.addr.startswith(("unix://", "/")):
+        try:
+            [_host_port(addr) for addr in cache.addr.split(",") if addr.strip()]
+        except ValueError:
+            raise ConfigError(f"'cache.addr' must be host:port (a list of them for a cluster), got {cache.addr!r}")
+    return AppConfig(services, _section(raw, "db", DbConfig), cache, clean, server, zone)
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
@@ -734,15 +743,23 @@ def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
 
 
-def open_redis(cfg: CacheConfig) -> aioredis.Redis:
+def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
     # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
-    common = dict(password=cfg.password or None, db=cfg.db, socket_timeout=2.0, socket_connect_timeout=2.0,
+    common = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
                   max_connections=256, retry=Retry(NoBackoff(), 1))
+    if cfg.cluster:
+        nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
+        return RedisCluster(startup_nodes=nodes, **common)
     if cfg.addr.startswith("unix://") or cfg.addr.startswith("/"):
-        return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), **common)
-    host, _, port = cfg.addr.rpartition(":")
-    return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), **common)
+        return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), db=cfg.db, **common)
+    host, port = _host_port(cfg.addr)
+    return aioredis.Redis(host=host, port=port, db=cfg.db, **common)
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.strip().rpartition(":")
+    return host or "127.0.0.1", int(port or 6379)
 
 
 def with_jitter(ttl: int) -> int:

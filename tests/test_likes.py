@@ -1,7 +1,7 @@
 """Likes of posts and comments: idempotent set/unset, counts, caching rules, concurrency."""
 import asyncio
 
-from conftest import expect, table_counts
+from conftest import expect, redis_client, table_counts
 
 
 async def test_like_post_idempotent(api):
@@ -95,13 +95,8 @@ async def test_concurrent_likes_give_exact_count(api):
 
 async def test_hot_counter_is_left_to_expire(api, server, backing):
     """A cached count >= 10000 is not invalidated by a like (it expires by itself)."""
-    import redis.asyncio as aioredis
-
     post_id = await api.publish()
-    addr = backing["cache"]["addr"]
-    r = aioredis.Redis(unix_socket_path=addr.removeprefix("unix://")) if addr.startswith("unix://") else \
-        aioredis.Redis(host=addr.rsplit(":", 1)[0], port=int(addr.rsplit(":", 1)[1]),
-                       password=backing["cache"]["password"] or None)
+    r = redis_client(backing["cache"])
     key = f"svc:{api.svc}:post:{post_id}:like"
     await r.set(key, 12000, ex=60)
     await api.ok("PUT", "/like", {"post_id": post_id, "user_id": "u1"}, json={"like": True})

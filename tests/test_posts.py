@@ -2,10 +2,11 @@
 import asyncio
 import datetime as dt
 import re
+import time
 
 import pytest
 
-from conftest import expect
+from conftest import expect, redis_client
 
 
 async def test_publish_urlencoded_and_read_back(api):
@@ -37,22 +38,13 @@ async def test_time_is_in_shanghai(api, db):
 
 
 async def test_ids_follow_the_go_scheme_and_counter(api, server, backing):
-    import redis
-
-    before = int(time_now())
+    before = int(time.time())
     post_id = await api.publish()
     assert before - 2 <= post_id >> 32 <= before + 2
-    addr = backing["cache"]["addr"]
-    client = redis.Redis(unix_socket_path=addr.removeprefix("unix://")) if addr.startswith("unix://") else \
-        redis.Redis(host=addr.rsplit(":", 1)[0], port=int(addr.rsplit(":", 1)[1]),
-                    password=backing["cache"]["password"] or None)
-    counter = int(client.get(f"post_id:{api.svc}"))
+    client = redis_client(backing["cache"])
+    counter = int(await client.get(f"post_id:{api.svc}"))
+    await client.aclose()
     assert post_id & 0xFFFFFFFF == counter & 0xFFFFFFFF
-
-
-def time_now() -> float:
-    import time
-    return time.time()
 
 
 async def test_getinfo_unknown_post(api):

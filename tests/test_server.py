@@ -13,7 +13,7 @@ import pytest
 
 import embedded
 import im_backend
-from conftest import ROOT, Api, Server, app_config, eventually, expect, svc_name
+from conftest import ROOT, Api, RedisProcess, Server, app_config, eventually, expect, svc_name
 
 SECRET = "W7K8pJ3aQv2LcXgH"
 
@@ -178,10 +178,10 @@ async def test_slow_request_answers_504_and_writes_nothing(workdir, backing, db)
 # --- Redis outage --------------------------------------------------------------------------------------------------
 
 async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
-    redis_server, addr = embedded.start_redis(workdir / f"redis-outage-{time.monotonic_ns()}")
+    redis_server = RedisProcess(workdir / "redis-outage", password="outage-secret")
     svc = svc_name("rdown")
     config = app_config(backing, {svc: SECRET})
-    config["cache"].update(addr=addr, password="")
+    config["cache"].update(addr=redis_server.addr, password=redis_server.password)
     srv = Server(workdir / "redis-outage", config).start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=15) as client:
@@ -190,7 +190,7 @@ async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
             cid = await api.comment(post_id)
             await api.ok("PUT", "/like", {"post_id": post_id, "user_id": "u1"}, json={"like": True})
             await api.ok("GET", "/getinfo", {"post_id": post_id})
-            os.kill(redis_server.pid, signal.SIGKILL)
+            redis_server.stop()
             await asyncio.sleep(0.5)
             post = (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]
             assert post["content"] == "cached"
@@ -207,7 +207,7 @@ async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
             assert (await client.get("/readyz")).status_code == 503
     finally:
         srv.stop()
-        del redis_server
+        redis_server.stop()
 
 
 # --- tables created by the Go version ---------------------------------------------------------------------------
