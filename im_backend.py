@@ -696,11 +696,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               encoder=lambda value: orjson.dumps(value).decode(), decoder=orjson.loads)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Returning a connection to the pool: asyncpg still rolls back an open transaction; the full reset
+    (UNLISTEN, RESET ALL, unlock session advisory locks...) would cost a round trip per request and undo
+    nothing, because nothing here changes session state."""
+
+
 async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None, database=cfg.dbname,
         min_size=min(cfg.min_conns, cfg.max_conns), max_size=max(cfg.max_conns, 1), init=_init_connection,
-        statement_cache_size=2048, command_timeout=60)
+        reset=_keep_session, statement_cache_size=2048, command_timeout=60)
 
 
 async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]:
@@ -723,6 +729,13 @@ async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]
 # ============================================================================
 
 HOT_COUNTER = 10000  # a like count at or above this is left to expire instead of being invalidated
+# One key, so it runs on Redis Cluster too: delete the cached count unless it is hot; 1 when deleted.
+DELETE_UNLESS_HOT = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if count >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
 DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
@@ -807,15 +820,15 @@ class Cache:
         self.client = client
         self.near = near
         self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
+        self._delete_unless_hot = client.register_script(DELETE_UNLESS_HOT)
 
     def _read_failed(self, exc: BaseException) -> None:
         if self._reads_off_until < time.monotonic():
             log.warning("redis read failed, serving from PostgreSQL: %s", exc)
         self._reads_off_until = time.monotonic() + 1.0
 
-    async def get(self, key: str, near: bool = True) -> bytes | None:
-        """A cached value; `near=False` asks Redis itself (for decisions that must see the shared value)."""
-        if near and (value := self.near.get(key)) is not None:
+    async def get(self, key: str) -> bytes | None:
+        if (value := self.near.get(key)) is not None:
             return value
         if time.monotonic() < self._reads_off_until:
             return None
@@ -869,6 +882,15 @@ class Cache:
                 for key in keys:  # one DEL per key: multi-key commands break on Redis Cluster
                     pipe.delete(key)
                 await pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("cache invalidation failed, refusing the write: %s", exc)
+            raise ApiError(10018) from None
+
+    async def invalidate_unless_hot(self, key: str) -> bool:
+        """Invalidate a like count before a like changes it, unless it is hot; True when invalidated."""
+        self.near.drop([key])
+        try:
+            return bool(await self._delete_unless_hot(keys=[key], args=[HOT_COUNTER]))
         except REDIS_ERRORS as exc:
             log.warning("cache invalidation failed, refusing the write: %s", exc)
             raise ApiError(10018) from None
@@ -935,7 +957,7 @@ class Service:
         return min(limit or 20, self.config.server.max_limit)
 
     def render_time(self, moment: dt.datetime) -> str:
-        return moment.astimezone(self.config.zone).strftime("%Y-%m-%dT%H:%M:%S")
+        return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
 
     @contextlib.asynccontextmanager
     async def db(self, svc: str, failure: int):
@@ -1103,17 +1125,9 @@ class Service:
 
     # --- likes -------------------------------------------------------------------
 
-    async def _invalidate_count(self, key: str) -> bool:
-        """Invalidate a like count before a like changes it, unless it is hot; True when invalidated."""
-        cached = await self.cache.get(key, near=False)
-        if cached is not None and cached.isdigit() and int(cached) >= HOT_COUNTER:
-            return False
-        await self.cache.invalidate([key])
-        return True
-
     async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
         key = post_like_key(svc, post_id)
-        invalidated = await self._invalidate_count(key)
+        invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, 10003 if like else 10005) as conn:
             exists = await conn.fetchval(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id)
         if not exists:
@@ -1123,7 +1137,7 @@ class Service:
 
     async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
         key = comment_like_key(svc, comment_id)
-        invalidated = await self._invalidate_count(key)
+        invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, 10003 if like else 10005) as conn, conn.transaction():
             statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
             owner_post = await conn.fetchval(sql(svc, statement), comment_id, user_id)
