@@ -1600,8 +1600,12 @@ class App:
         boot = read_bootstrap(path)
         self.source = config_source(boot)
         text = await self.source.start(self.reload)
-        config = parse_app_config(text)
-        pool = await self._connect_db(config.db)
+        try:
+            config = parse_app_config(text)
+            pool = await self._connect_db(config.db)
+        except BaseException:
+            await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
+            raise
         self.service = Service(config, pool, open_cache(config.cache),
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
