@@ -1265,11 +1265,16 @@ class Request:
     """One HTTP request: its query, its body (read once, within the size limit) and its headers."""
 
     def __init__(self, scope: dict, body: bytes) -> None:
-        self.query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"),
-                                           keep_blank_values=True)
+        self.scope = scope
+        self.query = parse_query(scope.get("query_string", b""))
         self.body = body
-        self.headers = {k.decode("latin-1"): v for k, v in scope.get("headers", [])}
         self._form: dict[str, Any] | None = None
+
+    def header(self, name: bytes) -> str:
+        for key, value in self.scope.get("headers", ()):
+            if key == name:
+                return value.decode("latin-1")
+        return ""
 
     def arg(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -1278,8 +1283,21 @@ class Request:
     def form(self) -> dict[str, Any]:
         """The body as a mapping: multipart, urlencoded or a JSON object (by Content-Type, else by sniffing)."""
         if self._form is None:
-            self._form = parse_body(self.headers.get("content-type", b"").decode("latin-1"), self.body)
+            self._form = parse_body(self.header(b"content-type"), self.body)
         return self._form
+
+
+def parse_query(raw: bytes) -> dict[str, list[str]]:
+    """The query string, as urllib's parse_qs with blank values kept, without its cost on plain pairs."""
+    query: dict[str, list[str]] = {}
+    for pair in raw.decode("latin-1").split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        if "%" in pair or "+" in pair:
+            name, value = urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value)
+        query.setdefault(name, []).append(value)
+    return query
 
 
 def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
@@ -1585,6 +1603,7 @@ class App:
         self.service: Service | None = None
         self.background = Background()
         self.appkeys = AppKeyChecker()
+        self.deadlines = Deadlines()
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
@@ -1631,6 +1650,7 @@ class App:
             self._cleanup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
+        await self.deadlines.stop()
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
@@ -1748,18 +1768,24 @@ class App:
         if route is None:
             return 405, envelope(405, "method not allowed")
         service = self.service
+        task = asyncio.current_task()
+        self.deadlines.start(task, service.config.server.timeout)
         try:
-            async with asyncio.timeout(service.config.server.timeout):
-                body = await read_body(scope, receive, service.config.server.body_limit)
-                req = Request(scope, body)
-                self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
-                args = extract(req, route.params)
-                data = await route.operation(service, req.arg("svc"), **args)
+            body = await read_body(scope, receive, service.config.server.body_limit)
+            req = Request(scope, body)
+            self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
+            args = extract(req, route.params)
+            data = await route.operation(service, req.arg("svc"), **args)
         except ApiError as exc:
             return http_status(exc.code), envelope(exc.code, exc.msg)
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not self.deadlines.expired(task):
+                raise
+            task.uncancel()
             log.warning("request timed out after %ss: %s %s", service.config.server.timeout, route.method, path)
             return 504, envelope(504, "Request timeout")
+        finally:
+            self.deadlines.finish(task)
         if isinstance(data, bytes):
             return 200, SUCCESS_PREFIX + data + b"}"
         return 200, success(data)
@@ -1786,6 +1812,45 @@ class App:
                     checks["cleanup_queue"] = await service.cleanup_depth()
         code = 200 if ok else 503
         return code, envelope(code, "success" if ok else "not ready", checks)
+
+
+class Deadlines:
+    """Request timeouts: a sweep every 0.1 s cancels the requests past their deadline. (asyncio.timeout() would
+    arm a timer per request, which costs a third of a cached read.)"""
+
+    SWEEP = 0.1
+
+    def __init__(self) -> None:
+        self._active: dict[asyncio.Task, float] = {}
+        self._expired: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self, task: asyncio.Task, timeout: float) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        self._active[task] = time.monotonic() + timeout
+
+    def expired(self, task: asyncio.Task) -> bool:
+        return task in self._expired
+
+    def finish(self, task: asyncio.Task) -> None:
+        self._active.pop(task, None)
+        self._expired.discard(task)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP)
+            now = time.monotonic()
+            for task, deadline in list(self._active.items()):
+                if deadline < now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
 
 async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
