@@ -956,7 +956,9 @@ class Service:
         """Missing or 0: 20; never above the configured maximum."""
         return min(limit or 20, self.config.server.max_limit)
 
-    def render_time(self, moment: dt.datetime) -> str:
+    def render_time(self, moment: dt.datetime | None) -> str:
+        if moment is None:  # the Go version's columns allow it
+            return ""
         return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
 
     @contextlib.asynccontextmanager
@@ -1020,7 +1022,7 @@ class Service:
             raise ApiError(10014)
 
     async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
-        keys = [post_info_key(svc, post_id)]
+        keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
         await self.cache.invalidate(keys)
         async with self.db(svc, 10005) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
@@ -1103,7 +1105,7 @@ class Service:
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
-        keys = [comment_info_key(svc, cid) for cid in deleted]
+        keys = [key for cid in deleted for key in (comment_info_key(svc, cid), comment_like_key(svc, cid))]
         with contextlib.suppress(ApiError):  # the sub-comments' entries: now, and once more later
             await self.cache.invalidate(keys)
         self.invalidate_later(keys)

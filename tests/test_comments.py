@@ -98,7 +98,10 @@ async def test_delete_root_comment_takes_its_thread(api, db):
     await api.reply(post_id, root, r1)
     keep_reply = await api.reply(post_id, keep, keep)
     expect(await api.call("DELETE", "/comments/delete", {"comment_id": root, "user_id": "u2"}), 10014)
+    await api.ok("PUT", "/comments/like", {"post_id": post_id, "comment_id": r1, "user_id": "fan"}, json={"like": True})
+    assert (await api.ok("GET", "/comments/getlike", {"comment_ids": f"{r1},{keep}"}))["likes"] == [1, 0]
     await api.ok("DELETE", "/comments/delete", {"comment_id": root, "user_id": "u1"})
+    assert (await api.ok("GET", "/comments/getlike", {"comment_ids": f"{r1},{keep}"}))["likes"] == [0, 0]
     left = await db.fetch(f'SELECT id FROM "{api.svc}_post_comment_info" WHERE post_id = $1', post_id)
     assert sorted(r["id"] for r in left) == sorted([keep, keep_reply])
     expect(await api.call("DELETE", "/comments/delete", {"comment_id": root, "user_id": "u1"}), 10006)

@@ -79,8 +79,11 @@ async def test_delete_post(api):
     await api.ok("GET", "/getinfo", {"post_id": post_id})
     expect(await api.call("DELETE", "/delete", {"post_id": post_id, "user_id": "bob"}), 10014)
     await api.ok("GET", "/getinfo", {"post_id": post_id})
+    await api.ok("PUT", "/like", {"post_id": post_id, "user_id": "fan"}, json={"like": True})
+    assert (await api.ok("GET", "/getlike", {"post_id": post_id}))["like"] == 1  # now cached
     assert await api.ok("DELETE", "/delete", {"post_id": post_id, "user_id": "alice"}) is None
     expect(await api.call("GET", "/getinfo", {"post_id": post_id}), 10006)
+    assert (await api.ok("GET", "/getlike", {"post_id": post_id}))["like"] == 0  # at once, before the clean-up
     expect(await api.call("DELETE", "/delete", {"post_id": post_id, "user_id": "alice"}), 10006)
 
 
