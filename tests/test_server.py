@@ -319,3 +319,38 @@ async def test_unexpected_error_is_a_500_envelope_with_details_only_in_the_log(s
     assert response.json() == {"code": 500, "msg": "internal server error", "data": None}
     assert "secret detail" not in response.text
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_reload_moves_to_another_database_and_redis(workdir, backing, db):
+    """A changed `db`/`cache` address takes effect by reconnecting; requests keep being answered."""
+    svc = svc_name("move")
+    other_db = f"im_move_{svc}"
+    await db.execute(f'CREATE DATABASE "{other_db}"')
+    other_redis = RedisProcess(workdir / "moved-redis", password="moved")
+    srv = Server(workdir / "move", app_config(backing, {svc: SECRET})).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+            api = await api_for(srv, client, svc)
+            before = await api.publish("alice", "in the first database")
+            moved = app_config(backing, {svc: SECRET})
+            moved["db"]["dbname"] = other_db
+            moved["cache"].update(addr=other_redis.addr, password=other_redis.password)
+            srv.write_config(moved)
+
+            async def moved_over():
+                await api.publish("probe", "x")  # answered throughout the switch
+                return (await api.call("GET", "/getinfo", {"post_id": before}))[1]["code"] == 10006
+            assert await eventually(moved_over, timeout=15)
+            after = await api.publish("bob", "in the second database")
+            assert (await api.ok("GET", "/getinfo", {"post_id": after}))["post"]["author"] == "bob"
+        assert int(other_redis.cli("get", f"post_id:{svc}").strip()) >= 1  # ids now come from the new Redis
+        conn = await asyncpg.connect(host=backing["db"]["host"], port=backing["db"]["port"], user=backing["db"]["user"],
+                                     password=backing["db"]["password"] or None, database=other_db)
+        try:
+            assert await conn.fetchval(f'SELECT author FROM "{svc}_post_info" WHERE id = $1', after) == "bob"
+        finally:
+            await conn.close()
+    finally:
+        srv.stop()
+        other_redis.stop()
+        await db.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
