@@ -1341,6 +1341,8 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
         file.file_object.seek(0)
         fields[file.field_name.decode("utf-8")] = file.file_object.read().decode("utf-8")
 
+    if "boundary=" not in content_type.lower():  # checked here: the parser would log an error of its own
+        raise bad_param("multipart body without a boundary")
     headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
     try:
         parse_form(headers, io.BytesIO(body), on_field, on_file)
