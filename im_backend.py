@@ -1195,37 +1195,43 @@ class Service:
 
     async def clean_once(self, svc: str) -> int:
         """One batch of clean-up work for svc; returns how many rows it removed (0: nothing to do)."""
-        batch = self.config.clean
-        removed, done_keys = 0, []
         async with self.db(svc, 10005) as conn, conn.transaction():
             job = await conn.fetchrow(sql(svc, CLEANUP_CLAIM_POST))
             if job is not None:
-                post_id = job["target_id"]
-                comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id,
-                                                              batch.commentbatch)]
-                await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
-                await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
-                likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
-                if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
-                    await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
-                    done_keys.append(post_like_key(svc, post_id))
-                removed = len(comments) + likes + 1
-                done_keys += [comment_info_key(svc, cid) for cid in comments]
-                log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
+                removed, done_keys = await self._clean_post_batch(conn, svc, job)
             else:
-                jobs = await conn.fetch(sql(svc, CLEANUP_CLAIM_COMMENTS), batch.commentlikebatch)
-                if jobs:
-                    ids = [job["target_id"] for job in jobs]
-                    likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch.commentlikebatch))
-                    if likes < batch.commentlikebatch:
-                        await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
-                        done_keys += [comment_like_key(svc, cid) for cid in ids]
-                    removed = likes + 1
-                    log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
+                jobs = await conn.fetch(sql(svc, CLEANUP_CLAIM_COMMENTS), self.config.clean.commentlikebatch)
+                removed, done_keys = await self._clean_comment_likes_batch(conn, svc, jobs) if jobs else (0, [])
         if done_keys:
             with contextlib.suppress(ApiError):
                 await self.cache.invalidate(done_keys)
         return removed
+
+    async def _clean_post_batch(self, conn: asyncpg.Connection, svc: str, job: asyncpg.Record) -> tuple[int, list]:
+        """Some comments and likes of a deleted post; the job is done when a batch comes back short."""
+        batch, post_id = self.config.clean, job["target_id"]
+        comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id, batch.commentbatch)]
+        await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
+        likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
+        done_keys = [comment_info_key(svc, cid) for cid in comments]
+        if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
+            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
+            done_keys.append(post_like_key(svc, post_id))
+        log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
+        return len(comments) + likes + 1, done_keys
+
+    async def _clean_comment_likes_batch(self, conn: asyncpg.Connection, svc: str,
+                                         jobs: list[asyncpg.Record]) -> tuple[int, list]:
+        """Some likes of deleted comments; their jobs are done when a batch comes back short."""
+        batch, ids = self.config.clean.commentlikebatch, [job["target_id"] for job in jobs]
+        likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch))
+        done_keys = []
+        if likes < batch:
+            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
+            done_keys = [comment_like_key(svc, cid) for cid in ids]
+        log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
+        return likes + 1, done_keys
 
     async def cleanup_depth(self) -> dict[str, int]:
         depth = {}
