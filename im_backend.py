@@ -162,6 +162,7 @@ class ServerConfig:
     body_limit: int = 1 << 20  # bytes
     max_limit: int = 100  # largest page a list endpoint returns
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
+    startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1631,7 +1632,7 @@ class App:
         text = await self.source.start(self.reload)
         try:
             config = parse_app_config(text)
-            pool = await self._connect_db(config.db)
+            pool = await self._connect_db(config.db, wait=config.server.startup_wait)
         except BaseException:
             await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
             raise
@@ -1646,12 +1647,24 @@ class App:
                  config.db.dbname, config.cache.addr)
 
     @staticmethod
-    async def _connect_db(cfg: DbConfig) -> asyncpg.Pool:
-        try:
-            return await asyncio.wait_for(open_pool(cfg), 30)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-            raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database "
-                              f"{cfg.dbname!r} as {cfg.user!r}: {exc or type(exc).__name__}") from None
+    async def _connect_db(cfg: DbConfig, wait: float = 0) -> asyncpg.Pool:
+        """A pool; a PostgreSQL that is not up yet is retried for `wait` seconds, a refusal is final."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return await asyncio.wait_for(open_pool(cfg), 10)
+            except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
+                if time.monotonic() >= deadline:
+                    error = exc
+                    break
+                log.warning("PostgreSQL at %s:%s is not reachable yet (%s); retrying", cfg.host, cfg.port,
+                            exc or type(exc).__name__)
+                await asyncio.sleep(1)
+            except asyncpg.PostgresError as exc:  # wrong password, no such database...
+                error = exc
+                break
+        raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database {cfg.dbname!r} "
+                          f"as {cfg.user!r}: {error or type(error).__name__}")
 
     async def shutdown(self) -> None:
         if self.source:

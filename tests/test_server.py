@@ -119,14 +119,23 @@ def test_startup_errors_are_clear(workdir, backing):
 
 
 def test_unreachable_database_fails_start_up_with_a_clear_message(workdir, backing):
-    config = app_config(backing, {svc_name("x"): SECRET})
+    config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 2})
     config["db"].update(host="127.0.0.1", port=1)
     srv = Server(workdir / "no-db", config).start(wait=False)
     try:
         assert srv.process.wait(60) != 0
     finally:
         srv.stop()
+    assert "PostgreSQL at 127.0.0.1:1 is not reachable yet" in srv.log()  # retried while it might be starting
     assert "cannot connect to PostgreSQL at 127.0.0.1:1" in srv.log()
+    config = app_config(backing, {svc_name("x"): SECRET})
+    config["db"].update(dbname="no_such_database")
+    srv = Server(workdir / "no-database", config).start(wait=False)
+    try:
+        assert srv.process.wait(60) != 0  # a refusal is final at once
+    finally:
+        srv.stop()
+    assert 'database "no_such_database" does not exist' in srv.log()
 
 
 def test_appkey_command(server):
