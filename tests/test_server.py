@@ -363,3 +363,49 @@ async def test_reload_moves_to_another_database_and_redis(workdir, backing, db):
         srv.stop()
         other_redis.stop()
         await db.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
+
+
+async def test_several_workers_start_together_on_a_new_service(workdir, backing):
+    """uvicorn --workers 3: three processes create the same new tables at once (serialised by an advisory lock)."""
+    svc = svc_name("workers")
+    srv = Server(workdir / "workers", app_config(backing, {svc: SECRET}))
+    srv.process = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(srv.boot), "--host",
+                                    "127.0.0.1", "--port", str(srv.port), "--workers", "3"], cwd=ROOT,
+                                   stdout=open(srv.log_path, "wb"), stderr=subprocess.STDOUT)
+    try:
+        srv.wait_ready()
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+            api = await api_for(srv, client, svc)
+            ids = await asyncio.gather(*(api.publish(content=f"w{i}") for i in range(30)))
+            assert len(set(ids)) == 30
+        deadline = time.monotonic() + 20
+        while srv.log().count("im_backend ready") < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert srv.log().count("im_backend ready") == 3
+        assert "cannot create the tables" not in srv.log()
+    finally:
+        srv.stop()
+
+
+async def test_sigterm_lets_requests_in_flight_finish(workdir, backing, db):
+    svc = svc_name("drain")
+    srv = Server(workdir / "drain", app_config(backing, {svc: SECRET})).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as client:
+            api = await api_for(srv, client, svc)
+            post_id = await api.publish("alice", "before")
+            async with db.transaction():
+                await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
+                pending = asyncio.ensure_future(api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
+                                                         data={"content": "after"}))
+                await asyncio.sleep(0.5)  # the update is now waiting for the row
+                srv.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert srv.process.poll() is None  # still finishing its request
+            status, body = await pending
+            assert (status, body["code"]) == (200, 200)
+        assert srv.process.wait(20) in (0, -signal.SIGTERM)
+        assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "after"
+        assert "im_backend stopped" in srv.log()
+    finally:
+        srv.stop()
