@@ -27,12 +27,12 @@ WORKDIR /app
 
 # Dependencies first (their own layer, rebuilt only when the pins change). A virtual environment keeps
 # them apart from the base image's Python (works on python:*-slim and on Debian's own python3 alike).
-COPY requirements-runtime.txt ./
+COPY requirements-runtime.txt constraints.txt ./
 RUN set -eux; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/python -m pip install \
         ${PIP_INDEX:+--index-url "$PIP_INDEX"} ${PIP_CA_CERT:+--cert "$PIP_CA_CERT"} \
-        -r requirements-runtime.txt; \
+        -r requirements-runtime.txt -c constraints.txt; \
     /opt/venv/bin/python -c "import asyncpg, Crypto.Cipher.AES, hiredis, httptools, orjson, redis, uvicorn, uvloop, yaml"; \
     groupadd --gid 10001 im; \
     useradd --uid 10001 --gid im --home-dir /app --no-create-home --shell /usr/sbin/nologin im; \
