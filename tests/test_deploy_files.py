@@ -1,0 +1,70 @@
+"""docker-compose.yaml, the Dockerfile and their configuration files agree with each other and with the app.
+(No container engine runs here; tests/container_smoke.sh builds and runs the image with podman.)"""
+import re
+
+import yaml
+
+import im_backend
+from conftest import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_compose_has_the_four_services_and_the_init_step():
+    assert {"postgres", "redis", "nacos", "nacos-init", "app"} <= set(SERVICES)
+    depends = SERVICES["app"]["depends_on"]
+    assert depends["postgres"]["condition"] == depends["redis"]["condition"] == "service_healthy"
+    assert depends["nacos-init"]["condition"] == "service_completed_successfully"
+    for name in ("postgres", "redis", "nacos", "app"):
+        assert "healthcheck" in SERVICES[name], name
+
+
+def test_every_bind_mount_exists():
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_app_configuration_matches_the_other_services():
+    mount = next(v for v in SERVICES["app"]["volumes"] if v.endswith(":/data/config"))
+    boot = im_backend.read_bootstrap(ROOT / mount.split(":")[0] / "config.yaml")
+    init_env = SERVICES["nacos-init"]["environment"]
+    assert (boot["ipaddr"], int(boot["port"])) == ("nacos", 8848)
+    assert (boot["namespaceid"], boot["group"], boot["dataid"]) == (
+        init_env["NACOS_NAMESPACE"], init_env["NACOS_GROUP"], init_env["NACOS_DATA_ID"])
+    assert (boot["username"], boot["password"]) == (init_env["NACOS_USERNAME"], init_env["NACOS_PASSWORD"])
+    published = next(v for v in SERVICES["nacos-init"]["volumes"] if v.endswith(":/init/app_conf.yaml:ro"))
+    config = im_backend.parse_app_config((ROOT / published.split(":")[0]).read_text())
+    pg_env = SERVICES["postgres"]["environment"]
+    assert (config.db.host, config.db.port) == ("postgres", 5432)
+    assert (config.db.user, config.db.password, config.db.dbname) == (
+        pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
+    redis_command = SERVICES["redis"]["command"]
+    assert config.cache.addr == "redis:6379"
+    assert config.cache.password == redis_command[redis_command.index("--requirepass") + 1]
+    assert config.services  # at least one calling service
+
+
+def test_dockerfile_runs_what_the_compose_file_expects():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "EXPOSE 8181" in dockerfile and "HEALTHCHECK" in dockerfile
+    user = re.search(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user.group(1) not in ("root", "0")
+    assert '"-conf", "/data/config/config.yaml"' in dockerfile
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+    ports = SERVICES["app"]["ports"]
+    assert any(p.endswith(":8181") for p in ports)
+    assert "IM_WORKERS" in SERVICES["app"]["environment"]
+
+
+def test_requirements_pin_every_package():
+    for name in ("requirements.txt", "requirements-runtime.txt", "constraints.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and not line.startswith("-r "):
+                assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), f"{name}: {line}"
