@@ -851,7 +851,7 @@ class Cache:
             async with self.client.pipeline(transaction=False) as pipe:
                 for i in missing:
                     pipe.get(keys[i])
-                for i, value in zip(missing, await pipe.execute()):
+                for i, value in zip(missing, await pipe.execute(), strict=True):
                     values[i] = value
                     if value is not None:
                         self.near.put(keys[i], value)
@@ -1170,7 +1170,7 @@ class Service:
             return None
         keys = [comment_like_key(svc, cid) for cid in comment_ids]
         counts: dict[int, int] = {}
-        for cid, cached in zip(comment_ids, await self.cache.get_many(keys)):
+        for cid, cached in zip(comment_ids, await self.cache.get_many(keys), strict=True):
             if cached is not None and cached.isdigit():
                 counts[cid] = int(cached)
         missing = sorted({cid for cid in comment_ids if cid not in counts})

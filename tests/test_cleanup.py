@@ -8,7 +8,6 @@ import time
 
 import asyncpg
 import httpx
-import pytest
 
 from conftest import Api, Server, app_config, eventually, svc_name
 
@@ -141,7 +140,7 @@ async def test_two_processes_share_the_queue_each_row_once(workdir, backing, db)
         await asyncio.gather(*(apis[i % 2].ok("DELETE", "/delete", {"post_id": p, "user_id": "owner"})
                                for i, p in enumerate(posts)))
         for post_id, comment_ids in posts.items():
-            assert await eventually(lambda: all_gone(db, svc, post_id, comment_ids), timeout=30)
+            assert await eventually(lambda p=post_id, c=comment_ids: all_gone(db, svc, p, c), timeout=30)
     finally:
         for a in apis:
             await a.client.aclose()

@@ -11,7 +11,6 @@ import asyncpg
 import httpx
 import pytest
 
-import embedded
 import im_backend
 from conftest import ROOT, Api, RedisProcess, Server, app_config, eventually, expect, svc_name
 
