@@ -534,9 +534,8 @@ class AppKeyChecker:
         if secret is None:
             raise ApiError(400, BIND_AUTHENTICATION)
         known = self._seen.get((svc, appkey))
-        if known is not None and known[0] == secret:
-            timestamp = known[1]
-        else:
+        timestamp = known[1] if known is not None and known[0] == secret else None
+        if timestamp is None:
             timestamp = decrypt_appkey(secret, appkey)
             if timestamp is None:
                 raise ApiError(400, BIND_AUTHENTICATION)
@@ -760,8 +759,8 @@ def comment_like_key(svc: str, comment_id: int) -> str:
 def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
     # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
-    common = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
-                  max_connections=256, retry=Retry(NoBackoff(), 1))
+    common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                  max_connections=256, retry=Retry(NoBackoff(), 1))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
@@ -817,7 +816,7 @@ class NearCache:
 class Cache:
     """Cache-aside reads that survive Redis being down, and invalidation that must succeed before a write."""
 
-    def __init__(self, client: aioredis.Redis, near: NearCache) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, near: NearCache) -> None:
         self.client = client
         self.near = near
         self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
@@ -1790,8 +1789,8 @@ class App:
         route = methods.get(scope["method"])
         if route is None:
             return 405, envelope(405, "method not allowed")
-        service = self.service
-        task = asyncio.current_task()
+        service, task = self.service, asyncio.current_task()
+        assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
         try:
             body = await read_body(scope, receive, service.config.server.body_limit)
@@ -1814,7 +1813,8 @@ class App:
         return 200, success(data)
 
     async def readiness(self) -> tuple[int, bytes]:
-        service, checks = self.service, {}
+        service, checks = self.service, dict[str, Any]()
+        assert service is not None  # started by dispatch()
         try:
             async with asyncio.timeout(2):
                 async with service.pool.acquire() as conn:
@@ -1895,7 +1895,7 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _close_later(client: aioredis.Redis) -> None:
+async def _close_later(client: aioredis.Redis | RedisCluster) -> None:
     await asyncio.sleep(5)  # let requests that picked up the old client finish
     await client.aclose()
 
