@@ -1929,6 +1929,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("IM_PORT", "8181")))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("IM_WORKERS", "1")))
     parser.add_argument("--log-level", default=os.environ.get("IM_LOG_LEVEL", "info"))
+    parser.add_argument("--no-access-log", action="store_true", default=os.environ.get("IM_ACCESS_LOG") == "0",
+                        help="no line per request (also IM_ACCESS_LOG=0); worth it under heavy load")
     sub = parser.add_subparsers(dest="command")
     key = sub.add_parser("appkey", help="print a fresh appKey for a service (valid for 10 seconds)")
     key.add_argument("--svc", help="service name, its secret read from the configuration")
@@ -1951,8 +1953,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level.lower(), loop="auto", http="auto", timeout_graceful_shutdown=15,
-                proxy_headers=False, server_header=False)
+                log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+                timeout_graceful_shutdown=15, proxy_headers=False, server_header=False)
     return 0
 
 
