@@ -985,13 +985,14 @@ class Service:
 
     async def publish_post(self, svc: str, author: str, content: str, title: str | None,
                            extra: dict | None) -> dict:
+        """Publish a post."""
         post_id = await self.cache.next_id(f"post_id:{svc}")
         async with self.db(svc, 10003) as conn:
             await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
         return {"post_id": post_id}
 
     async def get_post(self, svc: str, post_id: int) -> bytes:
-        """The post as the JSON `data` object, straight from the cache when it is there."""
+        """Read a post (answered as ready-made JSON, straight from the cache when it is there)."""
         key = post_info_key(svc, post_id)
         cached = await self.cache.get(key)
         if cached is None:
@@ -1005,6 +1006,7 @@ class Service:
 
     async def update_post(self, svc: str, post_id: int, user_id: str, content: str | None,
                           extra: dict | None, title: str | None) -> None:
+        """Update your post: only the fields given."""
         if content is None and extra is None and title is None:
             raise ApiError(10016)
         key = post_info_key(svc, post_id)
@@ -1022,6 +1024,7 @@ class Service:
             raise ApiError(10014)
 
     async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
+        """Delete your post; its comments and likes go in the background."""
         keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
         await self.cache.invalidate(keys)
         async with self.db(svc, 10005) as conn, conn.transaction():
@@ -1034,6 +1037,7 @@ class Service:
         self.invalidate_later(keys)
 
     async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int | None) -> dict:
+        """Ids of the posts created before cursor, newest first."""
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
         async with self.db(svc, 10006) as conn:
             rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
@@ -1064,6 +1068,7 @@ class Service:
 
     async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
                               extra: dict | None) -> dict:
+        """Comment on a post (or on any object id of the caller's)."""
         comment_id = await self.cache.next_id(f"comment_id:{svc}")
         async with self.db(svc, 10003) as conn:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
@@ -1072,6 +1077,7 @@ class Service:
 
     async def reply_comment(self, svc: str, post_id: int, root_comment_id: int, father_comment_id: int,
                             user_id: str, content: str, extra: dict | None) -> dict:
+        """Reply to a comment of a thread."""
         if root_comment_id == 0 or father_comment_id == 0:
             raise ApiError(400, PARAMS_WRONG)
         father = await self.get_comment(svc, father_comment_id)
@@ -1086,6 +1092,7 @@ class Service:
 
     async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
                              extra: dict | None) -> None:
+        """Update your comment: only the fields given."""
         if content is None and extra is None:
             raise ApiError(10016)
         key = comment_info_key(svc, comment_id)
@@ -1096,6 +1103,7 @@ class Service:
         self.invalidate_later([key])
 
     async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
+        """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, 10005) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
@@ -1112,6 +1120,7 @@ class Service:
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | None,
                             limit: int | None) -> dict:
+        """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
         cursor = cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
         limit = self.page_size(limit)
         async with self.db(svc, 10006) as conn:
@@ -1128,6 +1137,7 @@ class Service:
     # --- likes -------------------------------------------------------------------
 
     async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
+        """Like or unlike a post (idempotent)."""
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, 10003 if like else 10005) as conn:
@@ -1138,6 +1148,7 @@ class Service:
             self.invalidate_later([key])
 
     async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
+        """Like or unlike a comment (idempotent)."""
         key = comment_like_key(svc, comment_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, 10003 if like else 10005) as conn, conn.transaction():
@@ -1151,6 +1162,7 @@ class Service:
             self.invalidate_later([key])
 
     async def post_likes(self, svc: str, post_id: int) -> dict:
+        """Count the likes of a post (0 for an unknown post)."""
         key = post_like_key(svc, post_id)
         cached = await self.cache.get(key)
         if cached is not None and cached.isdigit():
@@ -1165,6 +1177,7 @@ class Service:
         return {"like": count}
 
     async def comment_likes(self, svc: str, comment_ids: list[int] | None) -> dict | None:
+        """Count the likes of comments, in request order (0 for unknown ids)."""
         if not comment_ids:
             return None
         keys = [comment_like_key(svc, cid) for cid in comment_ids]
@@ -1489,11 +1502,10 @@ def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Route:
     method: str
-    path: str
-    operation: Callable[..., Awaitable[Any]]  # the Service method that does the work
-    params: tuple[Param, ...]
-    summary: str
+    path: str  # below PREFIX
+    operation: Callable[..., Awaitable[Any]]  # the Service method that does the work; its docstring is the summary
     data: dict | None  # OpenAPI schema of `data` on success
+    params: tuple[Param, ...]
 
 
 PREFIX = "/api/v1/posts"
@@ -1506,37 +1518,36 @@ def _obj(**props: Any) -> dict:
     return {"type": "object", "properties": props}
 
 
+ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: the root comments")
+FATHER_COMMENT_ID = Param("father_comment_id", "query", as_id, schema=ID_SCHEMA)
+
+NEW_POST, NEW_COMMENT = _obj(post_id=ID_OUT), _obj(comment_id=ID_OUT)
+A_POST = _obj(post=POST_SCHEMA)
+POST_IDS = _obj(post_list={"type": "array", "items": ID_OUT})
+COMMENT_PAGE = _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})
+LIKE_COUNT, LIKE_COUNTS = _obj(like={"type": "integer"}), _obj(likes={"type": "array", "items": {"type": "integer"}})
+
 ROUTES: tuple[Route, ...] = (
-    #    method   path                 operation               parameters                       summary
-    Route("POST", "/publish", Service.publish_post, (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT),
-          "Publish a post", _obj(post_id=ID_OUT)),
-    Route("GET", "/getinfo", Service.get_post, (POST_ID,), "Read a post", _obj(post=POST_SCHEMA)),
-    Route("PUT", "/update", Service.update_post, (POST_ID, USER_ID, CONTENT_OPT, EXTRA_OPT, TITLE_OPT),
-          "Update your post", None),
-    Route("DELETE", "/delete", Service.delete_post, (POST_ID, USER_ID), "Delete your post", None),
-    Route("PUT", "/like", Service.like_post, (POST_ID, USER_ID, LIKE), "Like or unlike a post", None),
-    Route("GET", "/getlike", Service.post_likes, (POST_ID,), "Count a post's likes", _obj(like={"type": "integer"})),
-    Route("GET", "/getlist", Service.list_posts, (CURSOR, LIMIT), "Post ids, newest first, created before cursor",
-          _obj(post_list={"type": "array", "items": ID_OUT})),
-    Route("POST", "/comments/publish", Service.publish_comment, (POST_ID, USER_ID, CONTENT, EXTRA_OPT),
-          "Comment on a post", _obj(comment_id=ID_OUT)),
-    Route("POST", "/comments/reply", Service.reply_comment,
-          (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA),
-           Param("father_comment_id", "query", as_id, schema=ID_SCHEMA), USER_ID, CONTENT, EXTRA_OPT),
-          "Reply to a comment", _obj(comment_id=ID_OUT)),
-    Route("PUT", "/comments/update", Service.update_comment, (COMMENT_ID, USER_ID, CONTENT_OPT, EXTRA_OPT),
-          "Update your comment", None),
-    Route("DELETE", "/comments/delete", Service.delete_comment, (COMMENT_ID, USER_ID),
-          "Delete your comment and its sub-comments", None),
-    Route("GET", "/comments/getinfo", Service.list_comments,
-          (POST_ID, Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: root comments"),
-           CURSOR, LIMIT),
-          "Comments created after cursor, oldest first",
-          _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})),
-    Route("PUT", "/comments/like", Service.like_comment, (POST_ID, COMMENT_ID, USER_ID, LIKE),
-          "Like or unlike a comment", None),
-    Route("GET", "/comments/getlike", Service.comment_likes, (COMMENT_IDS,), "Count likes of comments",
-          _obj(likes={"type": "array", "items": {"type": "integer"}})),
+    #     method    path                 operation                data          parameters
+    Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
+    Route("GET",    "/getinfo",          Service.get_post,        A_POST,       (POST_ID,)),
+    Route("PUT",    "/update",           Service.update_post,     None,         (POST_ID, USER_ID, CONTENT_OPT,
+                                                                                 EXTRA_OPT, TITLE_OPT)),
+    Route("DELETE", "/delete",           Service.delete_post,     None,         (POST_ID, USER_ID)),
+    Route("PUT",    "/like",             Service.like_post,       None,         (POST_ID, USER_ID, LIKE)),
+    Route("GET",    "/getlike",          Service.post_likes,      LIKE_COUNT,   (POST_ID,)),
+    Route("GET",    "/getlist",          Service.list_posts,      POST_IDS,     (CURSOR, LIMIT)),
+    Route("POST",   "/comments/publish", Service.publish_comment, NEW_COMMENT,  (POST_ID, USER_ID, CONTENT, EXTRA_OPT)),
+    Route("POST",   "/comments/reply",   Service.reply_comment,   NEW_COMMENT,  (POST_ID, ROOT_COMMENT_ID,
+                                                                                 FATHER_COMMENT_ID, USER_ID, CONTENT,
+                                                                                 EXTRA_OPT)),
+    Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
+                                                                                 EXTRA_OPT)),
+    Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
+    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, ROOT_COMMENT_ID, CURSOR,
+                                                                                 LIMIT)),
+    Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
+    Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}
@@ -1555,7 +1566,8 @@ def openapi_document() -> dict:
                   "description": p.description} for p in route.params if p.where in ("query", "any")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         op: dict[str, Any] = {
-            "summary": route.summary, "operationId": route.operation.__name__, "parameters": auth + query,
+            "summary": (route.operation.__doc__ or "").strip().splitlines()[0],
+            "operationId": route.operation.__name__, "parameters": auth + query,
             "responses": {
                 "200": {"description": "success", "content": {"application/json": {"schema": {
                     "allOf": [{"$ref": "#/components/schemas/Envelope"},
