@@ -227,7 +227,8 @@ def parse_app_config(text: str) -> AppConfig:
     cache = _section(raw, "cache", CacheConfig)
     if not cache.addr.startswith(("unix://", "/")):
         try:
-            [_host_port(addr) for addr in cache.addr.split(",") if addr.strip()]
+            for addr in filter(str.strip, cache.addr.split(",")):
+                _host_port(addr)
         except ValueError:
             raise ConfigError(f"'cache.addr' must be host:port (a list of them for a cluster), got {cache.addr!r}")
     return AppConfig(services, _section(raw, "db", DbConfig), cache, clean, server, zone)
@@ -1308,6 +1309,17 @@ class Request:
         return self._form
 
 
+def json_object(raw: str | bytes, what: str) -> dict:
+    """Parsed JSON that must be an object; anything else is 400 bind param failed."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_param(f"{what} is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise bad_param(f"{what} must be a JSON object")
+    return parsed
+
+
 def parse_query(raw: bytes) -> dict[str, list[str]]:
     """The query string, as urllib's parse_qs with blank values kept, without its cost on plain pairs."""
     query: dict[str, list[str]] = {}
@@ -1330,13 +1342,7 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
     # A JSON body is recognised whatever the Content-Type says: curl -d '{"like":true}' labels it a form,
     # and the Go version bound JSON regardless.
     if body.lstrip()[:1] in (b"{", b"[") or kind == "application/json" or kind.endswith("+json"):
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise bad_param("body is not valid JSON") from None
-        if not isinstance(parsed, dict):
-            raise bad_param("JSON body must be an object")
-        return parsed
+        return json_object(body, "the body")
     if kind in ("application/x-www-form-urlencoded", "text/plain", ""):
         try:
             text = body.decode("utf-8", errors="strict")
@@ -1404,11 +1410,8 @@ def as_content(raw: Any) -> str:
 def as_extra(raw: Any) -> dict:
     """A JSON object, or a string holding one (as forms send it)."""
     if isinstance(raw, str):
-        try:
-            raw = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise bad_param("extra is not valid JSON") from None
-    if not isinstance(raw, dict):
+        raw = json_object(raw, "extra")
+    elif not isinstance(raw, dict):
         raise bad_param("extra must be a JSON object")
     if b"\\u0000" in orjson.dumps(raw):  # PostgreSQL's JSONB cannot hold NUL characters
         raise bad_param("extra holds NUL")
