@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import functools
 import gc
 import io
@@ -55,45 +56,69 @@ log = logging.getLogger("im_backend")
 # 1. Errors and the JSON envelope
 # ============================================================================
 
-MESSAGES: dict[int, str] = {
-    200: "success",
-    10001: "the table of the service has not been created",
-    10002: "can not create table of the service",
-    10003: "create data failed",
-    10004: "update data failed",
-    10005: "delete data failed",
-    10006: "find data failed",
-    10007: "count data failed",
-    10008: "find query is empty",
-    10009: "set k-v in cache failed",
-    10010: "sadd val in cache failed",
-    10011: "get k-v from cache failed",
-    10012: "convert json failed",
-    10013: "get set from cache failed",
-    10014: "no right record found",
-    10015: "cache miss",
-    10016: "update query is empty",
-    10017: "generate id failed",
-    10018: "del k-v in cache failed",
-}
-BIND_PARAM_FAILED = "bind param failed"
-PARAMS_WRONG = "something of params is wrong"
-BIND_AUTHENTICATION = "bind authentication"
+class Err(enum.Enum):
+    """Every answer other than success, by name: (code, msg). HTTP status = code when code <= 600, else 500.
+
+    The 100xx codes and their messages are the Go version's contract; those marked (Go) are never produced here
+    but stay listed because Go-era callers may test for them."""
+
+    # --- 400 variants (SPEC section 3) ---
+    BIND_PARAM = (400, "bind param failed")  # a parameter or body cannot be parsed, or is missing
+    PARAMS_WRONG = (400, "something of params is wrong")  # parsed but inconsistent
+    AUTHENTICATION = (400, "bind authentication")  # appKey or signature check failed
+    # --- HTTP-level answers ---
+    NOT_FOUND = (404, "not found")
+    METHOD_NOT_ALLOWED = (405, "method not allowed")
+    BODY_TIMEOUT = (408, "request body timeout")
+    BODY_TOO_LARGE = (413, "request body too large")
+    HEADERS_TOO_LARGE = (431, "request header fields too large")
+    TOO_MANY_REQUESTS = (429, "too many requests")
+    INTERNAL = (500, "internal server error")
+    UNAVAILABLE = (503, "service unavailable")
+    TIMEOUT = (504, "Request timeout")  # the Go version's capitalisation
+    # --- the Go version's codes ---
+    TABLE_MISSING = (10001, "the table of the service has not been created")
+    TABLE_CREATE_FAILED = (10002, "can not create table of the service")
+    CREATE_FAILED = (10003, "create data failed")
+    UPDATE_FAILED = (10004, "update data failed")
+    DELETE_FAILED = (10005, "delete data failed")
+    FIND_FAILED = (10006, "find data failed")  # also "no such post/comment"
+    COUNT_FAILED = (10007, "count data failed")
+    FIND_QUERY_EMPTY = (10008, "find query is empty")  # (Go)
+    CACHE_SET_FAILED = (10009, "set k-v in cache failed")  # (Go)
+    CACHE_SADD_FAILED = (10010, "sadd val in cache failed")  # (Go)
+    CACHE_GET_FAILED = (10011, "get k-v from cache failed")  # (Go)
+    JSON_FAILED = (10012, "convert json failed")  # (Go)
+    CACHE_SMEMBERS_FAILED = (10013, "get set from cache failed")  # (Go)
+    NOT_OWNER = (10014, "no right record found")  # the caller's user_id is not the owner
+    CACHE_MISS = (10015, "cache miss")  # (Go)
+    UPDATE_EMPTY = (10016, "update query is empty")
+    ID_FAILED = (10017, "generate id failed")  # Redis unavailable for id generation
+    CACHE_DEL_FAILED = (10018, "del k-v in cache failed")  # invalidation failed before a write: no write
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    @property
+    def msg(self) -> str:
+        return self.value[1]
 
 
 class ApiError(Exception):
-    """An answer other than success; becomes the envelope {code, msg, data: null}."""
+    """An answer other than success; becomes the envelope {code, msg, data: null} (plus `headers`, if any)."""
 
-    def __init__(self, code: int, msg: str | None = None) -> None:
-        super().__init__(msg or MESSAGES[code])
-        self.code = code
-        self.msg = msg or MESSAGES[code]
+    def __init__(self, err: Err, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(err.msg)
+        self.err = err
+        self.code, self.msg = err.value
+        self.headers = headers or []
 
 
 def bad_param(detail: str = "") -> ApiError:
     if detail:
         log.debug("bind param failed: %s", detail)
-    return ApiError(400, BIND_PARAM_FAILED)
+    return ApiError(Err.BIND_PARAM)
 
 
 def http_status(code: int) -> int:
@@ -102,6 +127,10 @@ def http_status(code: int) -> int:
 
 def envelope(code: int, msg: str, data: Any = None) -> bytes:
     return orjson.dumps({"code": code, "msg": msg, "data": data})
+
+
+def error_envelope(err: Err) -> bytes:
+    return envelope(err.code, err.msg)
 
 
 SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
@@ -530,21 +559,21 @@ class AppKeyChecker:
 
     def check(self, services: dict[str, str], svc: str | None, appkey: str | None) -> None:
         if not svc or not appkey:
-            raise ApiError(400, BIND_AUTHENTICATION)
+            raise ApiError(Err.AUTHENTICATION)
         secret = services.get(svc)
         if secret is None:
-            raise ApiError(400, BIND_AUTHENTICATION)
+            raise ApiError(Err.AUTHENTICATION)
         known = self._seen.get((svc, appkey))
         timestamp = known[1] if known is not None and known[0] == secret else None
         if timestamp is None:
             timestamp = decrypt_appkey(secret, appkey)
             if timestamp is None:
-                raise ApiError(400, BIND_AUTHENTICATION)
+                raise ApiError(Err.AUTHENTICATION)
             if len(self._seen) >= _APPKEY_CACHE_SIZE:
                 self._seen.clear()
             self._seen[(svc, appkey)] = (secret, timestamp)
         if abs(time.time() - timestamp) > APPKEY_WINDOW:
-            raise ApiError(400, BIND_AUTHENTICATION)
+            raise ApiError(Err.AUTHENTICATION)
 
 
 # ============================================================================
@@ -885,7 +914,7 @@ class Cache:
                 await pipe.execute()
         except REDIS_ERRORS as exc:
             log.warning("cache invalidation failed, refusing the write: %s", exc)
-            raise ApiError(10018) from None
+            raise ApiError(Err.CACHE_DEL_FAILED) from None
 
     async def invalidate_unless_hot(self, key: str) -> bool:
         """Invalidate a like count before a like changes it, unless it is hot; True when invalidated."""
@@ -894,7 +923,7 @@ class Cache:
             return bool(await self._delete_unless_hot(keys=[key], args=[HOT_COUNTER]))
         except REDIS_ERRORS as exc:
             log.warning("cache invalidation failed, refusing the write: %s", exc)
-            raise ApiError(10018) from None
+            raise ApiError(Err.CACHE_DEL_FAILED) from None
 
     async def next_id(self, counter: str) -> int:
         """(unix seconds << 32) | (INCR counter & 0xFFFFFFFF), as the Go version, continuing its counters."""
@@ -902,7 +931,7 @@ class Cache:
             count = await self.client.incr(counter)
         except REDIS_ERRORS as exc:
             log.warning("id generation failed: %s", exc)
-            raise ApiError(10017) from None
+            raise ApiError(Err.ID_FAILED) from None
         return (int(time.time()) << 32) | (count & 0xFFFFFFFF)
 
 
@@ -963,18 +992,18 @@ class Service:
         return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
 
     @contextlib.asynccontextmanager
-    async def db(self, svc: str, failure: int):
+    async def db(self, svc: str, failure: Err):
         """A connection for service svc; database errors become the given code (missing table: 10001)."""
         if svc not in self.ready:
-            raise ApiError(10002)
+            raise ApiError(Err.TABLE_CREATE_FAILED)
         try:
             async with self.pool.acquire() as conn:
                 yield conn
         except asyncpg.UndefinedTableError:
             log.error("a table of service %r is missing", svc)
-            raise ApiError(10001) from None
+            raise ApiError(Err.TABLE_MISSING) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            log.error("database error (answering %d): %r", failure, exc)
+            log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
 
     # --- posts -------------------------------------------------------------------
@@ -988,7 +1017,7 @@ class Service:
                            extra: dict | None) -> dict:
         """Publish a post."""
         post_id = await self.cache.next_id(f"post_id:{svc}")
-        async with self.db(svc, 10003) as conn:
+        async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
         return {"post_id": post_id}
 
@@ -997,10 +1026,10 @@ class Service:
         key = post_info_key(svc, post_id)
         cached = await self.cache.get(key)
         if cached is None:
-            async with self.db(svc, 10006) as conn:
+            async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
             if row is None:
-                raise ApiError(10006)
+                raise ApiError(Err.FIND_FAILED)
             cached = orjson.dumps(self.post_json(svc, row))
             await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
         return b'{"post":' + cached + b"}"
@@ -1009,10 +1038,10 @@ class Service:
                           extra: dict | None, title: str | None) -> None:
         """Update your post: only the fields given."""
         if content is None and extra is None and title is None:
-            raise ApiError(10016)
+            raise ApiError(Err.UPDATE_EMPTY)
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
-        async with self.db(svc, 10004) as conn, conn.transaction():
+        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
         self.invalidate_later([key])
@@ -1020,15 +1049,15 @@ class Service:
     @staticmethod
     def _check_owner(owner: str | None, user_id: str) -> None:
         if owner is None:
-            raise ApiError(10006)
+            raise ApiError(Err.FIND_FAILED)
         if owner != user_id:
-            raise ApiError(10014)
+            raise ApiError(Err.NOT_OWNER)
 
     async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
         """Delete your post; its comments and likes go in the background."""
         keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
         await self.cache.invalidate(keys)
-        async with self.db(svc, 10005) as conn, conn.transaction():
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_DELETE), post_id)
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
@@ -1040,7 +1069,7 @@ class Service:
     async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int | None) -> dict:
         """Ids of the posts created before cursor, newest first."""
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
-        async with self.db(svc, 10006) as conn:
+        async with self.db(svc, Err.FIND_FAILED) as conn:
             rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
         return {"post_list": [row["id"] for row in rows]}
 
@@ -1059,10 +1088,10 @@ class Service:
         cached = await self.cache.get(key)
         if cached is not None:
             return orjson.loads(cached)
-        async with self.db(svc, 10006) as conn:
+        async with self.db(svc, Err.FIND_FAILED) as conn:
             row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
         if row is None:
-            raise ApiError(10006)
+            raise ApiError(Err.FIND_FAILED)
         comment = self.comment_json(svc, row)
         await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
         return comment
@@ -1071,7 +1100,7 @@ class Service:
                               extra: dict | None) -> dict:
         """Comment on a post (or on any object id of the caller's)."""
         comment_id = await self.cache.next_id(f"comment_id:{svc}")
-        async with self.db(svc, 10003) as conn:
+        async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
         return {"comment_id": comment_id}
@@ -1080,13 +1109,13 @@ class Service:
                             user_id: str, content: str, extra: dict | None) -> dict:
         """Reply to a comment of a thread."""
         if root_comment_id == 0 or father_comment_id == 0:
-            raise ApiError(400, PARAMS_WRONG)
+            raise ApiError(Err.PARAMS_WRONG)
         father = await self.get_comment(svc, father_comment_id)
         father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
         if father["post_id"] != post_id or father_root != root_comment_id:
-            raise ApiError(400, PARAMS_WRONG)
+            raise ApiError(Err.PARAMS_WRONG)
         comment_id = await self.cache.next_id(f"comment_id:{svc}")
-        async with self.db(svc, 10003) as conn:
+        async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
         return {"comment_id": comment_id}
@@ -1095,10 +1124,10 @@ class Service:
                              extra: dict | None) -> None:
         """Update your comment: only the fields given."""
         if content is None and extra is None:
-            raise ApiError(10016)
+            raise ApiError(Err.UPDATE_EMPTY)
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
-        async with self.db(svc, 10004) as conn, conn.transaction():
+        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             await conn.execute(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
         self.invalidate_later([key])
@@ -1106,7 +1135,7 @@ class Service:
     async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
         """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
-        async with self.db(svc, 10005) as conn, conn.transaction():
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             deleted = [row["id"] for row in await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)]
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
@@ -1124,7 +1153,7 @@ class Service:
         """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
         cursor = cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
         limit = self.page_size(limit)
-        async with self.db(svc, 10006) as conn:
+        async with self.db(svc, Err.FIND_FAILED) as conn:
             if root_comment_id == 0:
                 rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
             else:
@@ -1141,10 +1170,10 @@ class Service:
         """Like or unlike a post (idempotent)."""
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
-        async with self.db(svc, 10003 if like else 10005) as conn:
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn:
             exists = await conn.fetchval(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id)
         if not exists:
-            raise ApiError(10006)
+            raise ApiError(Err.FIND_FAILED)
         if invalidated:
             self.invalidate_later([key])
 
@@ -1152,13 +1181,13 @@ class Service:
         """Like or unlike a comment (idempotent)."""
         key = comment_like_key(svc, comment_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
-        async with self.db(svc, 10003 if like else 10005) as conn, conn.transaction():
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
             statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
             owner_post = await conn.fetchval(sql(svc, statement), comment_id, user_id)
             if owner_post is None:
-                raise ApiError(10006)
+                raise ApiError(Err.FIND_FAILED)
             if owner_post != post_id:  # roll the like back: the comment is not on that post
-                raise ApiError(400, PARAMS_WRONG)
+                raise ApiError(Err.PARAMS_WRONG)
         if invalidated:
             self.invalidate_later([key])
 
@@ -1168,7 +1197,7 @@ class Service:
         cached = await self.cache.get(key)
         if cached is not None and cached.isdigit():
             return {"like": int(cached)}
-        async with self.db(svc, 10007) as conn:
+        async with self.db(svc, Err.COUNT_FAILED) as conn:
             count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id)
             if count is None:
                 async with conn.transaction():
@@ -1188,7 +1217,7 @@ class Service:
                 counts[cid] = int(cached)
         missing = sorted({cid for cid in comment_ids if cid not in counts})
         if missing:
-            async with self.db(svc, 10007) as conn:
+            async with self.db(svc, Err.COUNT_FAILED) as conn:
                 found = dict(await conn.fetch(sql(svc, COMMENT_LIKES_READ), missing))
                 uncounted = [cid for cid in missing if cid not in found]
                 if uncounted:
@@ -1209,7 +1238,7 @@ class Service:
 
     async def clean_once(self, svc: str) -> int:
         """One batch of clean-up work for svc; returns how many rows it removed (0: nothing to do)."""
-        async with self.db(svc, 10005) as conn, conn.transaction():
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
             job = await conn.fetchrow(sql(svc, CLEANUP_CLAIM_POST))
             if job is not None:
                 removed, done_keys = await self._clean_post_batch(conn, svc, job)
@@ -1781,15 +1810,21 @@ class App:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
+        headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
+        except ApiError as exc:  # answered before a route ran (404, 405) or with headers of its own
+            status, body = http_status(exc.code), error_envelope(exc.err)
+            if exc.headers:
+                headers = JSON_HEADERS + exc.headers
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
-            status, body = 500, envelope(500, "internal server error")
-        await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+            status, body = 500, error_envelope(Err.INTERNAL)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
+        """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""
         if path == "/healthz":
             return 200, envelope(200, "success", {"status": "up"})
         if path == "/openapi.json":
@@ -1800,10 +1835,10 @@ class App:
             return await self.readiness()
         methods = ROUTE_TABLE.get(path)
         if methods is None:
-            return 404, envelope(404, "not found")
+            raise ApiError(Err.NOT_FOUND)
         route = methods.get(scope["method"])
-        if route is None:
-            return 405, envelope(405, "method not allowed")
+        if route is None:  # RFC 9110: a 405 lists the methods the resource has
+            raise ApiError(Err.METHOD_NOT_ALLOWED, [(b"allow", ", ".join(sorted(methods)).encode())])
         service, task = self.service, asyncio.current_task()
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
@@ -1814,13 +1849,15 @@ class App:
             args = extract(req, route.params)
             data = await route.operation(service, req.arg("svc"), **args)
         except ApiError as exc:
-            return http_status(exc.code), envelope(exc.code, exc.msg)
+            if exc.headers:
+                raise
+            return http_status(exc.code), error_envelope(exc.err)
         except asyncio.CancelledError:
             if not self.deadlines.expired(task):
                 raise
             task.uncancel()
             log.warning("request timed out after %ss: %s %s", service.config.server.timeout, route.method, path)
-            return 504, envelope(504, "Request timeout")
+            return 504, error_envelope(Err.TIMEOUT)
         finally:
             self.deadlines.finish(task)
         if isinstance(data, bytes):
@@ -1895,16 +1932,16 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
     """The whole body, or 413 as soon as it is known to be larger than the limit."""
     for name, value in scope.get("headers", []):
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ApiError(413, "request body too large")
+            raise ApiError(Err.BODY_TOO_LARGE)
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ApiError(400, BIND_PARAM_FAILED)
+            raise ApiError(Err.BIND_PARAM)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "request body too large")
+            raise ApiError(Err.BODY_TOO_LARGE)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
