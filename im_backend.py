@@ -195,8 +195,16 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tenant:
+    """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
+    name: str
+    secret: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AppConfig:
     services: dict[str, str]  # service name -> secret
+    tenants: dict[str, Tenant]  # service name -> all of its entry
     db: DbConfig
     cache: CacheConfig
     clean: CleanConfig
@@ -234,6 +242,7 @@ def parse_app_config(text: str) -> AppConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the application configuration must be a YAML mapping")
     services: dict[str, str] = {}
+    tenants: dict[str, Tenant] = {}
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -245,6 +254,7 @@ def parse_app_config(text: str) -> AppConfig:
         if name in services:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
+        tenants[name] = Tenant(name, secret)
     server = _section(raw, "server", ServerConfig)
     clean = _section(raw, "clean", CleanConfig)
     if min(clean.commentbatch, clean.postlikebatch, clean.commentlikebatch) < 1:
@@ -260,7 +270,7 @@ def parse_app_config(text: str) -> AppConfig:
                 _host_port(addr)
         except ValueError:
             raise ConfigError(f"'cache.addr' must be host:port (a list of them for a cluster), got {cache.addr!r}")
-    return AppConfig(services, _section(raw, "db", DbConfig), cache, clean, server, zone)
+    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone)
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
