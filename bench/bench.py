@@ -717,6 +717,9 @@ def main() -> int:
                                                          " run each (writes bench/profile-<scenario>.txt)")
     parser.add_argument("--app-dir", type=pathlib.Path, default=ROOT,
                         help="serve im_backend.py from this directory instead (A/B test of a patched copy)")
+    parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None,
+                        help="also serve im_backend.py from this directory and pair each read with it (`<read>~vs`):"
+                             " the before/after of a change, measured in the same rounds")
     parser.add_argument("--output", type=pathlib.Path, default=BENCH / "results-latest.json")
     args = parser.parse_args()
     settle_args(args)
@@ -738,6 +741,10 @@ def main() -> int:
                               secret, tpl["getinfo"], note="raw ASGI, fixed body", pinned=pin)
             im_server = st.start(Server("im_backend", "im_backend:app", args.app_dir, env, st.workdir, cpus,
                                         ready_path="/readyz"))
+            vs_server = None
+            if args.vs_app_dir is not None:
+                vs_server = st.start(Server("im_backend-vs", "im_backend:app", args.vs_app_dir, env, st.workdir, cpus,
+                                            ready_path="/readyz"))
             peers = []
             for name, sync_dep in (("fastapi", "0"), ("fastapi-syncdep", "1")):
                 if want(name):
@@ -748,17 +755,19 @@ def main() -> int:
                                          note="FastAPI+pydantic, same Redis/DB"
                                               + (", sync `def` dependency" * (sync_dep == "1"))))
 
-            def read(lv: dict, name: str, label: str) -> Subject:
+            def read(lv: dict, name: str, label: str, server: Server | None = None) -> Subject:
                 ltpl = templates(lv["svc"], lv["hot_post"])
-                return Subject(label, im_server, st.secrets[lv["svc"]], ltpl[name], rows=lv["rows"], pinned=pin,
-                               group="main" if lv is base else "scaling",
-                               note="Redis-cached" if name in ("getinfo", "getlike") else "PostgreSQL")
+                return Subject(label, server or im_server, st.secrets[lv["svc"]], ltpl[name], rows=lv["rows"],
+                               pinned=pin, group="main" if lv is base else "scaling",
+                               note=(f"served from {args.vs_app_dir}" if server else
+                                     "Redis-cached" if name in ("getinfo", "getlike") else "PostgreSQL"))
 
             # 1. each scenario alternated with the ceiling (getinfo also with the FastAPI peers)
             for name in READS:
                 if want(name):
+                    vs = [read(base, name, f"{name}~vs", vs_server)] if vs_server else []
                     groups.append(paired_rounds(runner, read(base, name, name),
-                                                [ceiling] + (peers if name == "getinfo" else []), args.rounds))
+                                                [ceiling] + vs + (peers if name == "getinfo" else []), args.rounds))
             if not want("getinfo") and peers:  # peers asked for without getinfo: against the ceiling
                 for p in peers:
                     groups.append(paired_rounds(runner, p, [ceiling], args.rounds))
@@ -807,7 +816,8 @@ def main() -> int:
                      f" × {args.rounds} paired rounds (warm-up {args.warmup}s) — {st.pin_note}")
             main_groups = [g for g in groups if not g.scenario.startswith("workers") and "@" not in g.scenario]
             summary = print_paired(main_groups, title=title)
-            ratios = print_ratios(groups, [("getinfo", "ceiling"), ("getinfo", "fastapi"),
+            ratios = print_ratios(groups, [("getinfo", "ceiling"), *[(n, f"{n}~vs") for n in READS],
+                                           ("getinfo", "fastapi"),
                                            ("getinfo", "fastapi-syncdep"), ("workers2", "workers1")],
                                   "paired ratios: median of the per-round ratios [min–max]")
             scaling = {}
