@@ -1,6 +1,6 @@
 """Where a cached getinfo spends its time: microseconds per request by stage, in-process and reproducible.
 
-    .venv/bin/python bench/bench_hotpath.py [--requests 20000] [--rounds 5] [--app-dir DIR]
+    .venv/bin/python bench/bench_hotpath.py [--requests 20000] [--rounds 5] [--app-dir DIR] [--vs-app-dir DIR]
 
 No sockets and no wrk: uvicorn's own HTTP protocol (httptools, the one `uvicorn im_backend:app` runs) is fed
 raw request bytes through a fake transport on uvloop, and each request task is awaited. That costs what the
@@ -15,7 +15,8 @@ other round, the median of the rounds):
     check, parameter extraction, the near cache read in Service.get_post, the envelope, the request deadline.
     What getinfo costs beyond the ceiling and the listed stages is "glue" (coroutine calls, try blocks...).
 
---app-dir serves im_backend.py from another directory (the A/B of a change: run it on both versions).
+--app-dir measures the im_backend.py of another directory; --vs-app-dir adds a second version's getinfo to the
+same rounds and prints the per-round difference (the A/B of a change).
 An embedded PostgreSQL and Redis are started in a temporary directory (the app needs them to start; the
 measured requests are served from the near cache) and stopped at the end.
 """
@@ -118,6 +119,29 @@ async def per_request_us(app, request: bytes, n: int) -> tuple[float, bytes]:
     return elapsed / n * 1e6, transport.last
 
 
+async def whole_answer(app, request: bytes) -> bytes:
+    """Everything uvicorn writes for one request (status line, headers, body)."""
+    proto, state, transport = protocol_for(app)
+    out: list[bytes] = []
+    transport.write = out.append
+    proto.data_received(request)
+    for task in list(state.tasks):
+        await task
+    proto.connection_lost(None)
+    return b"".join(out)
+
+
+async def awaits_receive_without_body(im) -> bool:
+    """Does this version's read_body await receive() for a body-less HTTP/1.1 GET?"""
+    calls = []
+
+    async def receive():
+        calls.append(1)
+        return {"type": "http.request", "body": b"", "more_body": False}
+    await im.read_body({"http_version": "1.1", "headers": [(b"host", b"x")]}, receive, 1 << 20)
+    return bool(calls)
+
+
 async def loop_us(fn, n: int) -> float:
     """µs per call of a coroutine function (awaited) or a plain function."""
     is_coro = asyncio.iscoroutinefunction(fn)
@@ -136,36 +160,41 @@ async def loop_us(fn, n: int) -> float:
     return (CLOCK() - t0) / n * 1e6
 
 
-async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: int, cprofile: bool = False) -> dict:
+async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: int, cprofile: bool = False,
+                  vs_app=None) -> dict:
     await app.startup()
+    if vs_app is not None:
+        await vs_app.startup()
     try:
         service = app.service
         path = f"{im.PREFIX}/getinfo"
         route = im.ROUTE_TABLE[path]["GET"]
-        qs = f"svc={svc}&post_id={post_id}&appKey={im.encrypt_appkey(secret)}"
-        request = f"GET {path}?{qs} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n".encode()
-        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "query_string": qs.encode(),
-                 "headers": [(b"host", b"127.0.0.1:8000")], "http_version": "1.1"}
+        cur: dict = {}
+
+        def refresh() -> None:
+            """A fresh appKey (valid for ±10 s) before each measurement; the first use decrypts, the rest hit."""
+            qs = f"svc={svc}&post_id={post_id}&appKey={im.encrypt_appkey(secret)}"
+            cur["request"] = f"GET {path}?{qs} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n".encode()
+            cur["scope"] = {"type": "http", "method": "GET", "path": path, "root_path": "",
+                            "query_string": qs.encode(), "headers": [(b"host", b"127.0.0.1:8000")],
+                            "http_version": "1.1"}
+            cur["req"] = im.Request(cur["scope"], b"")
+            cur["key"] = cur["req"].arg("appKey")
+
+        refresh()
         message = {"type": "http.request", "body": b"", "more_body": False}
 
         async def receive():
             return message
 
-        req = im.Request(scope, b"")
         services = service.config.services
-        key_svc, key = req.arg("svc"), req.arg("appKey")
         data = await service.get_post(svc, post_id)
-        # sanity: IM-Backend answers 200 with the post from its near cache
-        _, last = await per_request_us(app, request, 10)
-        assert b'"code":200' in last, last[:300]
 
         def routing():
-            p, root = scope["path"], scope.get("root_path", "")
+            p, root = cur["scope"]["path"], cur["scope"].get("root_path", "")
             if root and p.startswith(root):
                 p = p[len(root):]
             im.ROUTE_TABLE.get(p).get("GET")
-
-        task = asyncio.current_task()
 
         def deadline():
             t = asyncio.current_task()
@@ -176,21 +205,20 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             "receive(): await the empty GET body (uvicorn)": None,  # filled from the ceiling variant
             "response without content-length (chunked)": None,
             "read_body(): header scan + receive loop (app side)":
-                lambda: im.read_body(scope, receive, service.config.server.body_limit),
+                lambda: im.read_body(cur["scope"], receive, service.config.server.body_limit),
             "routing (path, route table, method)": routing,
-            "query parsing (Request + parse_query)": lambda: im.Request(scope, b""),
-            "appKey check (decryption cached)": lambda: app.appkeys.check(services, key_svc, key),
-            "parameters (extract)": lambda: im.extract(req, route.params),
+            "query parsing (Request + parse_query)": lambda: im.Request(cur["scope"], b""),
+            "appKey check (decryption cached)": lambda: app.appkeys.check(services, svc, cur["key"]),
+            "parameters (extract)": lambda: im.extract(cur["req"], route.params),
             "near cache (Service.get_post, hit)": lambda: service.get_post(svc, post_id),
             "envelope (prefix + data + })": lambda: im.SUCCESS_PREFIX + data + b"}",
             "deadline (current_task, start, finish)": deadline,
         }
-        del task
         wrapped = {}
         for name, fn in stages.items():
             if fn is None:
                 continue
-            if asyncio.iscoroutinefunction(fn) or name.startswith(("read_body", "near cache")):
+            if name.startswith(("read_body", "near cache")):  # coroutines: awaited
                 async def call(fn=fn):
                     return await fn()
                 wrapped[name] = call
@@ -198,29 +226,57 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
                 wrapped[name] = fn
         whole = {"ceiling": ceiling.app, "ceiling+receive": ceiling_with_receive, "ceiling-chunked": ceiling_chunked,
                  "getinfo": app}
+        if vs_app is not None:
+            whole["getinfo~vs"] = vs_app
+        refresh()
+        not_on_path = set()  # stages this version does not run on a cached getinfo
+        if b"transfer-encoding: chunked" not in await whole_answer(app, cur["request"]):
+            not_on_path.add("response without content-length (chunked)")
+        if not await awaits_receive_without_body(im):
+            not_on_path.add("receive(): await the empty GET body (uvicorn)")
         samples: dict[str, list[float]] = {k: [] for k in list(whole) + list(wrapped)}
         for rnd in range(rounds):
             order = list(whole.items()) if rnd % 2 == 0 else list(whole.items())[::-1]
             for name, a in order:
-                samples[name].append((await per_request_us(a, request, n))[0])
+                refresh()
+                us, last = await per_request_us(a, cur["request"], n)
+                assert b'"code":200' in last, last[:300]  # IM-Backend answered the post (not an error)
+                samples[name].append(us)
             for name, fn in wrapped.items():
+                refresh()
                 samples[name].append(await loop_us(fn, n))
         if cprofile:
             import cProfile
             import pstats
             prof = cProfile.Profile()
             prof.enable()
-            await per_request_us(app, request, n)
+            refresh()
+            await per_request_us(app, cur["request"], n)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         med = {k: statistics.median(v) for k, v in samples.items()}
         med["receive(): await the empty GET body (uvicorn)"] = med["ceiling+receive"] - med["ceiling"]
         med["response without content-length (chunked)"] = med["ceiling-chunked"] - med["ceiling"]
         ratio = [c / g for c, g in zip(samples["ceiling"], samples["getinfo"])]
-        return {"samples": samples, "median": med, "stages": list(stages),
-                "getinfo_over_ceiling_time": statistics.median(ratio)}
+        out = {"samples": samples, "median": med, "stages": list(stages), "not_on_path": not_on_path,
+               "getinfo_over_ceiling_time": statistics.median(ratio)}
+        if vs_app is not None:
+            diffs = [a - b for a, b in zip(samples["getinfo"], samples["getinfo~vs"])]
+            out["vs_diff"] = (statistics.median(diffs), min(diffs), max(diffs))
+            out["vs_ratio"] = statistics.median(c / g for c, g in zip(samples["ceiling"], samples["getinfo~vs"]))
+        return out
     finally:
         await app.shutdown()
+        if vs_app is not None:
+            await vs_app.shutdown()
+
+
+def load_module(name: str, app_dir: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, app_dir / "im_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
@@ -228,12 +284,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20000, help="requests (or calls) per measurement")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--app-dir", type=pathlib.Path, default=bench.ROOT)
+    parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None,
+                        help="also measure getinfo of the im_backend.py in this directory in the same rounds")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions of getinfo")
     args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("im_backend_under_test", args.app_dir / "im_backend.py")
-    im = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = im
-    spec.loader.exec_module(im)
+    im = load_module("im_backend_under_test", args.app_dir)
+    im_vs = load_module("im_backend_vs", args.vs_app_dir) if args.vs_app_dir else None
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="im-hotpath-"))
     pg = redis = None
     try:
@@ -249,7 +305,7 @@ def main() -> int:
         app = im.App(boot)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             res = runner.run(measure(im, app, svc, secret, level["hot_post"], args.requests, args.rounds,
-                                       args.cprofile))
+                                     args.cprofile, im_vs.App(boot) if im_vs else None))
     finally:
         if redis is not None:
             redis._cleanup()
@@ -267,12 +323,20 @@ def main() -> int:
     print("  stages, each timed alone:")
     total = 0.0
     for name in res["stages"]:
+        if name in res["not_on_path"]:
+            print(f"    {name:<50} {'-':>7}    (not on this version's path; {med[name]:.2f} µs when it was)")
+            continue
         total += med[name]
         print(f"    {name:<50} {med[name]:7.2f} µs")
     print(f"    {'sum of the stages':<50} {total:7.2f} µs")
     print(f"    {'glue (getinfo - ceiling - stages)':<50} {extra - total:7.2f} µs")
     print("  (receive() and chunked are measured as ceiling variants; read_body includes one receive() of a fake "
           "receive; stages overlap a little)")
+    if "vs_diff" in res:
+        d = res["vs_diff"]
+        print(f"\n  getinfo of {args.vs_app_dir / 'im_backend.py'} in the same rounds: {med['getinfo~vs']:.2f} µs; "
+              f"this version minus that one, per round: median {d[0]:+.2f} µs [{d[1]:+.2f} … {d[2]:+.2f}]; "
+              f"ceiling/getinfo time ratio {res['vs_ratio']:.3f} there")
     return 0
 
 
