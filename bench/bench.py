@@ -854,8 +854,50 @@ def main() -> int:
         return 130
 
 
+# py-spy frames -> stages of a request, checked from the innermost frame outwards (first match wins)
+PROFILE_STAGES = (
+    ("ASGI send (uvicorn, incl. socket write)", ("RequestResponseCycle.send",)),
+    ("ASGI receive (uvicorn)", ("RequestResponseCycle.receive",)),
+    ("query parsing (Request, parse_query)", ("parse_query", "Request.__init__", "Request.arg")),
+    ("appKey check", ("AppKeyChecker.check", "decrypt_appkey")),
+    ("parameters (extract, as_*)", ("extract (", "as_id", "as_name", "as_limit", "as_cursor", "_text")),
+    ("near cache / cache read", ("NearCache.get", "Cache.get", "post_info_key", "Service.get_post")),
+    ("deadlines", ("Deadlines.",)),
+    ("read_body", ("read_body",)),
+    ("routing + dispatch", ("App.dispatch",)),
+    ("handle_http (envelope, headers)", ("App.handle_http", "App.__call__")),
+    ("uvicorn: parse, task start, keep-alive", ("HttpToolsProtocol.",)),
+    ("uvicorn: ASGI cycle, proxy headers", ("RequestResponseCycle.run_asgi", "ProxyHeadersMiddleware")),
+    ("event loop + kernel (uvloop C code, syscalls)", ("Runner.run (",)),
+)
+
+
+def profile_stages(path: pathlib.Path, rps: float) -> list[tuple[str, float, float]]:
+    """(stage, share of samples, ≈ µs per request) from py-spy's raw stacks; µs = share / req/s (the process is
+    pinned to one CPU and saturated under wrk, so its time per request is about 1/req/s)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        stage = "other"
+        for frame in reversed(frames):
+            match = next((label for label, keys in PROFILE_STAGES if any(k in frame for k in keys)), None)
+            if match:
+                stage = match
+                break
+        counts[stage] = counts.get(stage, 0) + int(count)
+        total += int(count)
+    per_request_us = 1e6 / rps if rps else 0.0
+    return [(stage, n / total, n / total * per_request_us) for stage, n in
+            sorted(counts.items(), key=lambda kv: -kv[1])] if total else []
+
+
 def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: str, pinned: bool) -> None:
-    """An extra run of one scenario under py-spy; writes collapsed stacks and prints the top self-time frames."""
+    """An extra run of one scenario under py-spy; writes collapsed stacks, prints the top self-time frames and the
+    time per request by stage."""
     pyspy = shutil.which("py-spy") or str(pathlib.Path(PYTHON).parent / "py-spy")
     out = BENCH / f"profile-{name}.txt"
     seconds = max(3, int(runner.args.duration))
@@ -864,8 +906,8 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        runner.scenario(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
-                        note="profiled, not comparable")
+        result = runner.scenario(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
+                                 note="profiled, not comparable")
         spy.wait(seconds + 30)
     finally:
         if spy.poll() is None:
@@ -886,6 +928,12 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
     log(f"py-spy {name}: top self-time frames of {total} samples (stacks in {out})")
     for frame, count in sorted(selfs.items(), key=lambda kv: -kv[1])[:15]:
         log(f"  {100 * count / total:5.1f}%  {frame}")
+    stages = profile_stages(out, result["rps"])
+    log(f"py-spy {name}: by stage (≈ µs per request = share × 1/{result['rps']:.0f} req/s; the sampling itself "
+        f"slows the server a little)")
+    for stage, share, us in stages:
+        log(f"  {100 * share:5.1f}%  {us:6.2f} µs  {stage}")
+    result["profile_stages"] = [{"stage": st, "share": round(sh, 4), "us": round(us, 2)} for st, sh, us in stages]
 
 
 def wrk_version() -> str:
