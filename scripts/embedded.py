@@ -160,10 +160,10 @@ Edit {data_dir / 'app.yaml'} to add services: it is reloaded within seconds and 
                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
     signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
     try:
-        return server.wait()
+        status = server.wait()
     except KeyboardInterrupt:
         server.send_signal(signal.SIGINT)
-        return server.wait()
+        status = server.wait()
     finally:
         del redis_server, pg  # both servers stop with their handles; the data stays in data_dir
 
