@@ -88,7 +88,7 @@ def test_container_smoke_takes_its_debian_mirror_from_the_hosts_apt_sources(tmp_
 
     def mirror(**env: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(script), "--debian-mirror"], capture_output=True, text=True, timeout=30,
-                              env=dict(os.environ, SMOKE_DEBIAN_MIRROR="", **env), stdin=subprocess.DEVNULL)
+                              env={**os.environ, "SMOKE_DEBIAN_MIRROR": "", **env}, stdin=subprocess.DEVNULL)
     assert mirror(SMOKE_APT_SOURCES=str(one_line)).stdout == "http://mirror.invalid/debian\n"
     assert mirror(SMOKE_APT_SOURCES=str(deb822)).stdout == "https://other.invalid/debian\n"
     none = mirror(SMOKE_APT_SOURCES=str(tmp_path / "missing"))
