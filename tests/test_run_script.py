@@ -1,5 +1,8 @@
 """`bash scripts/run.sh` (scripts/embedded.py run): the configuration a user edits survives a restart."""
+import json
 import pathlib
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -55,22 +58,30 @@ class RunCommand:
 
 
 @pytest.fixture
-def run_command(tmp_path):
+def run_dir(workdir):
+    """A fresh directory under the session's temporary one (the embedded PostgreSQL runs as another user there)."""
+    path = workdir / f"run-script-{secrets.token_hex(3)}"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def run_command(run_dir):
     commands = []
 
     def make() -> RunCommand:
-        commands.append(RunCommand(tmp_path / "data").start())
+        commands.append(RunCommand(run_dir / "data").start())
         return commands[-1]
     yield make
     for command in commands:
         command.stop()
 
 
-async def test_a_service_added_to_app_yaml_survives_a_restart(run_command, tmp_path):
+async def test_a_service_added_to_app_yaml_survives_a_restart(run_command, run_dir):
     first = run_command()
     await first.wait_ready()
-    app_yaml = tmp_path / "data" / "app.yaml"
-    demo_secret = (tmp_path / "data" / "demo.secret").read_text().strip()
+    app_yaml = run_dir / "data" / "app.yaml"
+    demo_secret = (run_dir / "data" / "demo.secret").read_text().strip()
     # the user adds a service (and a comment) by hand, as the banner invites
     with app_yaml.open("a") as f:
         f.write("# my own note\n")
@@ -91,6 +102,26 @@ async def test_a_service_added_to_app_yaml_survives_a_restart(run_command, tmp_p
         assert await authenticates(client, "demo", demo_secret)
         api = Api(client, "added", SECRET)
         assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["content"] == "before the restart"
+    readme_walk_through_works(second)
+
+
+def readme_walk_through_works(run: RunCommand) -> None:
+    """The README's curl walk-through, pasted as it is (only the port and the data directory differ), answers
+    what the README shows below each command."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Try it with curl"):]
+    script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    expected = [json.loads(line.removeprefix("# ")) for line in script.splitlines() if line.startswith("# {")]
+    script = script.replace("127.0.0.1:8181", f"127.0.0.1:{run.port}").replace(".data/", f"{run.data}/")
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)  # one stream: answers in order
+    answers = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and len(answers) == len(expected) == 13, done.stdout
+    for answer, shown in zip(answers, expected):
+        assert (answer["code"], answer["msg"]) == (shown["code"], shown["msg"]), (answer, shown)
+        assert (answer["data"] is None) == (shown["data"] is None), (answer, shown)
+        if shown["data"]:  # the same fields, with the ids and times of this run
+            assert answer["data"].keys() == shown["data"].keys(), (answer, shown)
 
 
 def test_an_app_yaml_of_an_earlier_run_is_kept_and_repointed_only_where_its_sockets_are_gone(tmp_path):
