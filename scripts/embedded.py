@@ -149,7 +149,7 @@ def run(data_dir: pathlib.Path, port: int) -> int:
     appkey = f"$(python im_backend.py appkey --svc demo -conf {boot})"
     print(f"""
 IM-Backend on http://127.0.0.1:{port}  (service "demo", secret {secret}; configuration {boot})
-Try it (from {ROOT}, with the venv active: . .venv/bin/activate):
+Try it (from {ROOT}, with the venv active: . .venv/bin/activate; README.md, "Try it with curl", shows every call):
   curl -s -X POST "http://127.0.0.1:{port}/api/v1/posts/publish?svc=demo&appKey={appkey}" \\
        --data-urlencode author=alice --data-urlencode content=hello
   curl -s "http://127.0.0.1:{port}/api/v1/posts/getinfo?svc=demo&appKey={appkey}&post_id=POST_ID"
