@@ -166,6 +166,8 @@ Edit {data_dir / 'app.yaml'} to add services: it is reloaded within seconds and 
         status = server.wait()
     finally:
         del redis_server, pg  # both servers stop with their handles; the data stays in data_dir
+    # uvicorn ends a graceful stop by re-raising the signal (-15, -2): that is a normal end here
+    return 0 if status in (-signal.SIGTERM, -signal.SIGINT) else status
 
 
 def main() -> int:
