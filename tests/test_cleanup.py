@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 
 from conftest import SECRET, Api, app_config, eventually, svc_name
+
 BULK_IDS = itertools.count()
 
 
