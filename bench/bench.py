@@ -802,8 +802,8 @@ def main() -> int:
                 for name in READS:
                     label = f"{name}@{big['rows']}"
                     if want(name) or want(label):
-                        groups.append(paired_rounds(runner, read(big, name, label), [read(base, name, f"{name}@{base['rows']}")],
-                                                    args.rounds))
+                        small = read(base, name, f"{name}@{base['rows']}")
+                        groups.append(paired_rounds(runner, read(big, name, label), [small], args.rounds))
             # 3. profiles: an extra run each under py-spy
             profiles = [p for p in args.profile.split(",") if p]
             for name in profiles:
@@ -828,8 +828,8 @@ def main() -> int:
 
             extra = {"started": started, "threads": args.threads, "connections": args.connections,
                      "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds}
-            title = (f"IM-Backend benchmark — {started} — wrk -t{args.threads} -c{args.connections} -d{args.duration}s"
-                     f" × {args.rounds} paired rounds (warm-up {args.warmup}s) — {st.pin_note}")
+            title = (f"IM-Backend benchmark — {started} — wrk -t{args.threads} -c{args.connections} "
+                     f"-d{args.duration}s × {args.rounds} paired rounds (warm-up {args.warmup}s) — {st.pin_note}")
             main_groups = [g for g in groups if not g.scenario.startswith("workers") and "@" not in g.scenario]
             summary = print_paired(main_groups, title=title)
             ratios = print_ratios(groups, [("getinfo", "ceiling"), *[(n, f"{n}~vs") for n in READS],
@@ -848,7 +848,8 @@ def main() -> int:
                         print(f"  {name:<20} {g.median(small_name):>9.0f} -> {g.median(g.scenario):>9.0f} req/s   "
                               f"factor {ratio_text(scaling[name])}   p99 {g.median(small_name, 'p99_ms'):.2f} -> "
                               f"{g.median(g.scenario, 'p99_ms'):.2f} ms")
-            print("\ndata sets (asyncpg copy_records_to_table; posts / comments on the hot post / likes on the hot post)")
+            print("\ndata sets (asyncpg copy_records_to_table; posts / comments on the hot post / likes on the hot "
+                  "post)")
             for lv in st.levels:
                 print(f"  r{lv['rows']:<10} {lv['rows']:>9,} posts, {lv['roots']:,} root comments + {lv['replies']:,} "
                       f"replies, {lv['rows']:,} likes — loaded in {lv['load_s']} s (+ VACUUM ANALYZE: "

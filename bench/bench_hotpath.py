@@ -4,9 +4,9 @@
 
 No sockets and no wrk: uvicorn's own HTTP protocol (httptools, the one `uvicorn im_backend:app` runs) is fed
 raw request bytes through a fake transport on uvloop, and each request task is awaited. That costs what the
-server side costs per request minus the kernel (syscalls, loopback), so it is steady on a busy machine where
-wrk figures are not (and it counts this process's CPU time, not wall time). It measures, in paired rounds (each configuration once per round, order reversed every
-other round, the median of the rounds):
+server side costs per request minus the kernel (syscalls, loopback), so it is steadier on a busy machine than
+wrk figures (and it counts this process's CPU time, not wall time). It measures, in paired rounds (each
+configuration once per round, order reversed every other round; the median of the rounds):
 
   - `ceiling`: bench/ceiling.py through uvicorn's protocol — parse, scope, task, two sends; the floor.
   - `getinfo`: IM-Backend's cached getinfo (near-cache hit) through the same protocol.
