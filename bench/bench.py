@@ -889,9 +889,9 @@ PROFILE_STAGES = (
 )
 
 
-def profile_stages(path: pathlib.Path, rps: float) -> list[tuple[str, float, float]]:
-    """(stage, share of samples, ≈ µs per request) from py-spy's raw stacks; µs = share / req/s (the process is
-    pinned to one CPU and saturated under wrk, so its time per request is about 1/req/s)."""
+def profile_stages(path: pathlib.Path, cpu_us_per_request: float) -> list[tuple[str, float, float]]:
+    """(stage, share of samples, ≈ µs per request) from py-spy's raw stacks: each stage's share of the samples times
+    the server process's CPU time per request (measured, so it holds on a busy machine too)."""
     counts: dict[str, int] = {}
     total = 0
     for line in path.read_text().splitlines():
@@ -907,8 +907,7 @@ def profile_stages(path: pathlib.Path, rps: float) -> list[tuple[str, float, flo
                 break
         counts[stage] = counts.get(stage, 0) + int(count)
         total += int(count)
-    per_request_us = 1e6 / rps if rps else 0.0
-    return [(stage, n / total, n / total * per_request_us) for stage, n in
+    return [(stage, n / total, n / total * cpu_us_per_request) for stage, n in
             sorted(counts.items(), key=lambda kv: -kv[1])] if total else []
 
 
@@ -923,8 +922,12 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        result = runner.scenario(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
-                                 note="profiled, not comparable")
+        proc = psutil.Process(server.proc.pid)
+        cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in [proc] + proc.children(recursive=True))  # noqa: E731
+        cpu0 = cpu()
+        result = runner.measure(Subject(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
+                                        note="profiled, not comparable"), check=True)
+        cpu_us = (cpu() - cpu0) * 1e6 / max(1, result["requests"])
         spy.wait(seconds + 30)
     finally:
         if spy.poll() is None:
@@ -945,9 +948,9 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
     log(f"py-spy {name}: top self-time frames of {total} samples (stacks in {out})")
     for frame, count in sorted(selfs.items(), key=lambda kv: -kv[1])[:15]:
         log(f"  {100 * count / total:5.1f}%  {frame}")
-    stages = profile_stages(out, result["rps"])
-    log(f"py-spy {name}: by stage (≈ µs per request = share × 1/{result['rps']:.0f} req/s; the sampling itself "
-        f"slows the server a little)")
+    stages = profile_stages(out, cpu_us)
+    log(f"py-spy {name}: by stage (≈ µs per request = share × the server's {cpu_us:.1f} µs of CPU per request, "
+        f"which includes the kernel's work on its sockets; sampling slows the server a little)")
     for stage, share, us in stages:
         log(f"  {100 * share:5.1f}%  {us:6.2f} µs  {stage}")
     result["profile_stages"] = [{"stage": st, "share": round(sh, 4), "us": round(us, 2)} for st, sh, us in stages]
