@@ -146,10 +146,18 @@ def success(data: Any) -> bytes:
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
+SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message says what is wrong."""
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` cannot be an appKey secret, or None when it can."""
+    if len(secret.encode()) not in SECRET_LENGTHS:
+        return f"must be 16, 24 or 32 bytes long (AES-128/192/256), not {len(secret.encode())}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +257,8 @@ def parse_app_config(text: str) -> AppConfig:
         name, secret = str(entry["name"]), str(entry["secret"])
         if not SERVICE_NAME.match(name):
             raise ConfigError(f"service name {name!r} must match {SERVICE_NAME.pattern}")
-        if len(secret.encode()) not in (16, 24, 32):
-            raise ConfigError(f"the secret of service {name!r} must be 16, 24 or 32 bytes long")
+        if problem := secret_problem(secret):
+            raise ConfigError(f"the secret of service {name!r} {problem}")
         if name in services:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
@@ -626,7 +634,7 @@ POST_OWNER = "SELECT author FROM {post} WHERE id = $1 FOR UPDATE"
 POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COALESCE($3, title),
                  extra = COALESCE($4, extra), updated_at = now() WHERE id = $1"""
 POST_DELETE = "DELETE FROM {post} WHERE id = $1"
-POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+POST_LIST = "SELECT id, created_at FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
 
 # Like counts live in {like_counts}, maintained in the transaction of each like, so reading one costs the same
 # at ten likes or ten million. A missing counter (a new target, or likes written by the Go version) is made by
@@ -1081,7 +1089,7 @@ class Service:
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
         async with self.db(svc, Err.FIND_FAILED) as conn:
             rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
-        return {"post_list": [row["id"] for row in rows]}
+        return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
 
     # --- comments ----------------------------------------------------------------
 
@@ -1168,11 +1176,7 @@ class Service:
                 rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
             else:
                 rows = await conn.fetch(sql(svc, COMMENT_REPLIES_PAGE), root_comment_id, cursor, limit)
-        result: dict[str, Any] = {"comments": [self.comment_json(svc, row) for row in rows]}
-        if rows:
-            result["next_cursor"] = rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%S.%fZ")
-        return result
+        return {"comments": [self.comment_json(svc, row) for row in rows], "next_cursor": next_cursor(rows)}
 
     # --- likes -------------------------------------------------------------------
 
@@ -1310,6 +1314,14 @@ class Service:
             wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
+
+
+def next_cursor(rows: list[asyncpg.Record]) -> str | None:
+    """Every list page carries `next_cursor`: the creation time of its last row (UTC, microseconds), to pass as
+    `cursor` for the rows after it; null when the page is empty (keep the cursor you sent)."""
+    if not rows or rows[-1]["created_at"] is None:
+        return None
+    return rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _count(status: str) -> int:
@@ -1657,6 +1669,13 @@ def openapi_document() -> dict:
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Exit status of a process that could not start (bad configuration, PostgreSQL unreachable or refusing, Nacos
+# unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
+# `python im_backend.py` uses too, so that both ways of running the server exit alike. (2: bad command line.)
+EXIT_STARTUP_FAILED = 3
+DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may take
+DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
+DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
 
 
 class App:
@@ -1701,23 +1720,30 @@ class App:
 
     @staticmethod
     async def _connect_db(cfg: DbConfig, wait: float = 0) -> asyncpg.Pool:
-        """A pool; a PostgreSQL that is not up yet is retried for `wait` seconds, a refusal is final."""
-        deadline = time.monotonic() + wait
+        """A pool; a PostgreSQL that is not up yet is retried for `wait` seconds, a refusal is final.
+
+        The log gets one line when the waiting starts, not one per attempt; giving up is the ConfigError."""
+        started = time.monotonic()
+        deadline, attempts = started + wait, 0
         while True:
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            timeout = max(DB_ATTEMPT_MIN_TIMEOUT, min(DB_ATTEMPT_TIMEOUT, remaining)) if wait else DB_ATTEMPT_TIMEOUT
             try:
-                return await asyncio.wait_for(open_pool(cfg), 10)
+                return await asyncio.wait_for(open_pool(cfg), timeout)
             except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
+                error = str(exc) if str(exc) else f"no answer within {timeout:g} s"
                 if time.monotonic() >= deadline:
-                    error = exc
                     break
-                log.warning("PostgreSQL at %s:%s is not reachable yet (%s); retrying", cfg.host, cfg.port,
-                            exc or type(exc).__name__)
-                await asyncio.sleep(1)
+                if attempts == 1:
+                    log.warning("waiting up to %g s for PostgreSQL at %s:%s (%s)", wait, cfg.host, cfg.port, error)
+                await asyncio.sleep(min(DB_RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
             except asyncpg.PostgresError as exc:  # wrong password, no such database...
-                error = exc
+                error = str(exc) or type(exc).__name__
                 break
+        tried = f" (gave up after {attempts} attempts in {time.monotonic() - started:.0f} s)" if attempts > 1 else ""
         raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database {cfg.dbname!r} "
-                          f"as {cfg.user!r}: {error or type(error).__name__}")
+                          f"as {cfg.user!r}: {error}{tried}")
 
     async def shutdown(self) -> None:
         if self.source:
@@ -1790,7 +1816,8 @@ class App:
                     await self.startup()
                 except ConfigError as exc:
                     log.error("cannot start: %s", exc)
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    # no message: the server would log the cause a second time
+                    await send({"type": "lifespan.startup.failed", "message": ""})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -2010,7 +2037,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_app_config(app_conf_path(boot).read_text())
     except (ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
-        return 2
+        return EXIT_STARTUP_FAILED
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
 
@@ -2037,6 +2064,9 @@ def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
             print(f"error: no service {svc!r} in the configuration", file=sys.stderr)
             return 2
         secret = services[svc]
+    elif problem := secret_problem(secret):
+        print(f"error: the secret {problem}", file=sys.stderr)
+        return 2
     print(encrypt_appkey(secret))
     return 0
 
