@@ -140,12 +140,28 @@ def success(data: Any) -> bytes:
     return SUCCESS_PREFIX + orjson.dumps(data) + b"}"
 
 
+LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
+
+
+async def keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a background loop (clean-up, file watcher, deadline sweeper) so that an unexpected error is logged,
+    with its traceback, and the loop started again, instead of the task dying silently."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("background %s failed unexpectedly; running it again in %g s", name, LOOP_RESTART_PAUSE)
+            await asyncio.sleep(LOOP_RESTART_PAUSE)
+
+
 # ============================================================================
 # 2. Configuration
 # ============================================================================
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
+CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
 
 
@@ -321,12 +337,14 @@ class FileSource:
             text = self.path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read application configuration {self.path}: {exc.strerror}") from None
-        self._task = asyncio.create_task(self._watch(self._stamp(), on_change))
+        seen = self._stamp()
+        self._task = asyncio.create_task(keep_running(f"watcher of {self.path}",
+                                                      lambda: self._watch(seen, on_change)))
         return text
 
     async def _watch(self, seen: tuple[int, int] | None, on_change: Callable[[str], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(CONFIG_POLL_INTERVAL)
             stamp = self._stamp()
             if stamp is None or stamp == seen:
                 continue
@@ -544,6 +562,7 @@ def config_source(boot: dict) -> FileSource | NacosSource:
 
 APPKEY_WINDOW = 10  # seconds either side of now
 _APPKEY_CACHE_SIZE = 4096
+APPKEY_HEX_CHARS = (34, 128)  # shortest and longest appKey: hex of a 16-byte IV and 1 to 48 bytes of timestamp
 
 
 def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
@@ -556,7 +575,7 @@ def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
 
 def decrypt_appkey(secret: str, appkey: str) -> int | None:
     """The timestamp inside an appKey, or None when it is not a well-formed appKey for this secret."""
-    if len(appkey) < 34 or len(appkey) > 128 or len(appkey) % 2:
+    if not APPKEY_HEX_CHARS[0] <= len(appkey) <= APPKEY_HEX_CHARS[1] or len(appkey) % 2:
         return None
     try:
         raw = bytes.fromhex(appkey)
@@ -601,6 +620,8 @@ class AppKeyChecker:
 # sql() fills in the quoted per-service names. Nothing from a request is spliced into SQL.
 
 MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
+DB_STATEMENT_CACHE = 2048  # prepared statements kept per connection (14 routes x services)
+DB_COMMAND_TIMEOUT = 60  # seconds one statement may run before the driver gives up on it
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {post} (
@@ -754,7 +775,7 @@ async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None, database=cfg.dbname,
         min_size=min(cfg.min_conns, cfg.max_conns), max_size=max(cfg.max_conns, 1), init=_init_connection,
-        reset=_keep_session, statement_cache_size=2048, command_timeout=60)
+        reset=_keep_session, statement_cache_size=DB_STATEMENT_CACHE, command_timeout=DB_COMMAND_TIMEOUT)
 
 
 async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]:
@@ -786,6 +807,25 @@ return 1
 """
 DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
+REDIS_MAX_CONNECTIONS = 256  # per process (per node on a cluster)
+REDIS_READS_OFF = 1.0  # seconds reads skip Redis after a failed read (a down Redis costs requests nothing)
+REDIS_PROBE_INTERVAL = 0.1  # seconds between pings, while reads are off, to turn them back on once Redis answers
+TTL_JITTER = 1.5  # a cache entry lives between its TTL and TTL_JITTER times it
+NEAR_EVICT_FRACTION = 10  # a full near cache drops its oldest 1/NEAR_EVICT_FRACTION of entries
+DEFAULT_REDIS_PORT = 6379
+
+
+# Every Redis key the server writes: the Go version's names, so both versions share a cache during an upgrade.
+
+def post_id_counter_key(svc: str) -> str:
+    """INCR counter behind the ids of svc's posts."""
+    return f"post_id:{svc}"
+
+
+def comment_id_counter_key(svc: str) -> str:
+    """INCR counter behind the ids of svc's comments (replies included)."""
+    return f"comment_id:{svc}"
 
 
 def post_info_key(svc: str, post_id: int) -> str:
@@ -804,11 +844,20 @@ def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
 
 
+def _host_port(addr: str) -> tuple[str, int]:
+    """host:port of a Redis address (also used to validate `cache.addr` when the configuration is read)."""
+    host, _, port = addr.strip().rpartition(":")
+    return host or "127.0.0.1", int(port or DEFAULT_REDIS_PORT)
+
+
 def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
-    # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
-    # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
-    common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                  max_connections=256, retry=Retry(NoBackoff(), 1))
+    # Retry policy: one immediate retry on a fresh connection, no back-off. After a Redis restart every pooled
+    # connection is stale; the retry reconnects it, so the first command on each still succeeds (no cache miss
+    # beyond the restart). No back-off, because a request must learn at once that Redis is down, to serve from
+    # PostgreSQL or refuse the write; Cache turns reads off meanwhile and back on once Redis answers again.
+    common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=REDIS_SOCKET_TIMEOUT,
+                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, max_connections=REDIS_MAX_CONNECTIONS,
+                                  retry=Retry(NoBackoff(), 1))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
@@ -818,14 +867,9 @@ def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     return aioredis.Redis(host=host, port=port, db=cfg.db, **common)
 
 
-def _host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.strip().rpartition(":")
-    return host or "127.0.0.1", int(port or 6379)
-
-
 def with_jitter(ttl: int) -> int:
     """Spread expiries over [ttl, 1.5 ttl) so keys written together do not expire together."""
-    return max(1, int(ttl * random.uniform(1.0, 1.5)))
+    return max(1, int(ttl * random.uniform(1.0, TTL_JITTER)))
 
 
 class NearCache:
@@ -852,7 +896,7 @@ class NearCache:
         if self.ttl <= 0:
             return
         if len(self._entries) >= self.size:  # drop the oldest tenth; dicts keep insertion order
-            for old in list(itertools.islice(self._entries, self.size // 10 + 1)):
+            for old in list(itertools.islice(self._entries, self.size // NEAR_EVICT_FRACTION + 1)):
                 del self._entries[old]
         self._entries[key] = (time.monotonic() + self.ttl, value)
 
@@ -868,12 +912,42 @@ class Cache:
         self.client = client
         self.near = near
         self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
+        self._probe: asyncio.Task | None = None
+        self._failing = False  # a read failed and none has succeeded since
         self._delete_unless_hot = client.register_script(DELETE_UNLESS_HOT)
 
     def _read_failed(self, exc: BaseException) -> None:
         if self._reads_off_until < time.monotonic():
             log.warning("redis read failed, serving from PostgreSQL: %s", exc)
-        self._reads_off_until = time.monotonic() + 1.0
+        self._failing = True
+        self._reads_off_until = time.monotonic() + REDIS_READS_OFF
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_until_answered())
+
+    async def _probe_until_answered(self) -> None:
+        """While reads are off, ping Redis; the first answer turns reads (and refills) back on at once, so a
+        restart costs no cache misses beyond the restart itself. Ends when the off period does."""
+        while time.monotonic() < self._reads_off_until:
+            await asyncio.sleep(REDIS_PROBE_INTERVAL)
+            try:
+                await self.client.ping()
+            except REDIS_ERRORS:
+                continue
+            self._answered()
+            return
+
+    def _answered(self) -> None:
+        """Redis answered: reads are on again (logged once after a failure)."""
+        self._reads_off_until = 0.0
+        if self._failing:
+            self._failing = False
+            log.info("redis answers again; reading from it")
+
+    async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        await self.client.aclose()
 
     async def get(self, key: str) -> bytes | None:
         if (value := self.near.get(key)) is not None:
@@ -885,6 +959,8 @@ class Cache:
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
             return None
+        if self._failing:
+            self._answered()
         if value is not None:
             self.near.put(key, value)
         return value
@@ -904,6 +980,9 @@ class Cache:
                         self.near.put(keys[i], value)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            return values
+        if self._failing:
+            self._answered()
         return values
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
@@ -961,6 +1040,10 @@ def open_cache(cfg: CacheConfig) -> Cache:
 # 6. Domain operations: posts, comments, likes, clean-up
 # ============================================================================
 
+DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
+CLEANUP_RETRY_PAUSE = 1.0  # seconds the clean-up waits after a database error before the next round
+DRAIN_GRACE = 2.0  # seconds, beyond DOUBLE_DELETE_DELAY, that shutdown waits for delayed work
+
 
 class Background:
     """What outlives a request and a configuration reload: delayed work and the clean-up wake-up call."""
@@ -976,7 +1059,7 @@ class Background:
 
     async def drain(self) -> None:
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + 2)
+            await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + DRAIN_GRACE)
 
 
 class Service:
@@ -1002,7 +1085,7 @@ class Service:
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
-        return min(limit or 20, self.config.server.max_limit)
+        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
 
     def render_time(self, moment: dt.datetime | None) -> str:
         if moment is None:  # the Go version's columns allow it
@@ -1034,7 +1117,7 @@ class Service:
     async def publish_post(self, svc: str, author: str, content: str, title: str | None,
                            extra: dict | None) -> dict:
         """Publish a post."""
-        post_id = await self.cache.next_id(f"post_id:{svc}")
+        post_id = await self.cache.next_id(post_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
         return {"post_id": post_id}
@@ -1117,7 +1200,7 @@ class Service:
     async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
                               extra: dict | None) -> dict:
         """Comment on a post (or on any object id of the caller's)."""
-        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
@@ -1132,7 +1215,7 @@ class Service:
         father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
         if father["post_id"] != post_id or father_root != root_comment_id:
             raise ApiError(Err.PARAMS_WRONG)
-        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
@@ -1290,12 +1373,16 @@ class Service:
         log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
         return likes + 1, done_keys
 
-    async def cleanup_depth(self) -> dict[str, int]:
-        depth = {}
+    async def cleanup_depth(self) -> dict[str, int | str]:
+        """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
+        depth: dict[str, int | str] = {}
         async with self.pool.acquire() as conn:
             for svc in sorted(self.ready):
-                with contextlib.suppress(asyncpg.PostgresError):
+                try:
                     depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
+                except asyncpg.PostgresError as exc:
+                    log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
+                    depth[svc] = f"error: {exc!r}"
         return depth
 
     async def run_cleanup(self) -> None:
@@ -1307,7 +1394,7 @@ class Service:
                     while await self.clean_once(svc):
                         worked = True
                 except ApiError:
-                    await asyncio.sleep(1.0)  # database trouble was logged; try again on the next round
+                    await asyncio.sleep(CLEANUP_RETRY_PAUSE)  # database trouble was logged; next round
             if worked:
                 continue
             wakeup = self.background.cleanup_wakeup
@@ -1429,6 +1516,12 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
 
 # --- parameter kinds: each turns the raw value (str from a query/form, anything from JSON) into its type ---
 
+NAME_MAX_CHARS = 255  # author, title, user_id: VARCHAR(255) columns
+ID_MAX_DIGITS = 19  # MAX_ID has 19 digits
+CURSOR_CHARS = (10, 40)  # shortest ("2024-01-02") and longest cursor accepted, in characters
+LIMIT_MAX_DIGITS = 10  # a larger `limit` is not a number anybody means (and would be capped anyway)
+COMMENT_IDS_MAX = 1000  # ids in one comments/getlike request
+
 def _text(raw: Any, max_len: int | None) -> str:
     if not isinstance(raw, str):
         raise bad_param("expected a string")
@@ -1440,7 +1533,7 @@ def _text(raw: Any, max_len: int | None) -> str:
 def as_id(raw: Any) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):
         value = raw
-    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= ID_MAX_DIGITS + 1:
         value = int(raw)
     else:
         raise bad_param(f"not an id: {raw!r}")
@@ -1451,7 +1544,7 @@ def as_id(raw: Any) -> int:
 
 def as_name(raw: Any) -> str:
     """author, title, user_id: VARCHAR(255) columns."""
-    return _text(raw, 255)
+    return _text(raw, NAME_MAX_CHARS)
 
 
 def as_content(raw: Any) -> str:
@@ -1471,7 +1564,7 @@ def as_extra(raw: Any) -> dict:
 
 def as_cursor(raw: Any) -> dt.datetime:
     """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
-    if not isinstance(raw, str) or not raw.isascii() or not 10 <= len(raw) <= 40:
+    if not isinstance(raw, str) or not raw.isascii() or not CURSOR_CHARS[0] <= len(raw) <= CURSOR_CHARS[1]:
         raise bad_param("bad cursor")
     try:
         moment = dt.datetime.fromisoformat(raw.strip())
@@ -1483,7 +1576,7 @@ def as_cursor(raw: Any) -> dt.datetime:
 
 
 def as_limit(raw: Any) -> int:
-    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 10:
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= LIMIT_MAX_DIGITS:
         return int(raw)
     raise bad_param(f"bad limit {raw!r}")
 
@@ -1498,8 +1591,8 @@ def as_id_list(raw: Any) -> list[int]:
     """A JSON array of ids, or (query extension) comma-separated / repeated ids."""
     if isinstance(raw, str):
         raw = [part for part in raw.split(",") if part.strip()]
-    if not isinstance(raw, list) or len(raw) > 1000:
-        raise bad_param("comment_ids must be a list of at most 1000 ids")
+    if not isinstance(raw, list) or len(raw) > COMMENT_IDS_MAX:
+        raise bad_param(f"comment_ids must be a list of at most {COMMENT_IDS_MAX} ids")
     return [as_id(item.strip() if isinstance(item, str) else item) for item in raw]
 
 
@@ -1676,6 +1769,8 @@ EXIT_STARTUP_FAILED = 3
 DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may take
 DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
 DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
+READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
+OLD_CLIENT_GRACE = 5.0  # seconds a replaced Redis client stays open for the requests that still hold it
 
 
 class App:
@@ -1711,7 +1806,7 @@ class App:
         self.service = Service(config, pool, open_cache(config.cache),
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
-        self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
+        self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
         if self._pending_text is not None:
             await self.reload(self._pending_text)
         log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
@@ -1745,6 +1840,11 @@ class App:
         raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database {cfg.dbname!r} "
                           f"as {cfg.user!r}: {error}{tried}")
 
+    async def _run_cleanup(self) -> None:
+        """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
+        assert self.service is not None
+        await self.service.run_cleanup()
+
     async def shutdown(self) -> None:
         if self.source:
             await self.source.stop()
@@ -1756,7 +1856,7 @@ class App:
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
-            await self.service.cache.client.aclose()
+            await self.service.cache.aclose()
             self.service = None
         log.info("im_backend stopped")
 
@@ -1790,7 +1890,7 @@ class App:
             self.source.save_last_good(text)
             if self._cleanup_task:
                 self._cleanup_task.cancel()
-                self._cleanup_task = asyncio.create_task(new.run_cleanup())
+                self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
             added, removed = set(config.services) - set(old.config.services), set(old.config.services) - set(
                 config.services)
             log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
@@ -1798,7 +1898,7 @@ class App:
             if pool is not old.pool:
                 self.background.spawn(old.pool.close())  # waits for in-flight queries on the old pool
             if cache is not old.cache:
-                self.background.spawn(_close_later(old.cache.client))
+                self.background.spawn(_close_later(old.cache))
 
     # --- requests --------------------------------------------------------------
 
@@ -1905,23 +2005,26 @@ class App:
         service, checks = self.service, dict[str, Any]()
         assert service is not None  # started by dispatch()
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(READY_CHECK_TIMEOUT):
                 async with service.pool.acquire() as conn:
                     await conn.fetchval("SELECT 1")
             checks["postgres"] = "ok"
         except Exception as exc:  # any failure means not ready
             checks["postgres"] = f"error: {exc!r}"
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(READY_CHECK_TIMEOUT):
                 await service.cache.client.ping()
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"error: {exc!r}"
         ok = all(v == "ok" for v in checks.values())
-        if ok:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
+        if ok:  # the queue depth is information (per service): a failure to read it is shown, not fatal
+            try:
+                async with asyncio.timeout(READY_CHECK_TIMEOUT):
                     checks["cleanup_queue"] = await service.cleanup_depth()
+            except Exception as exc:
+                log.warning("readiness: cannot read the clean-up queues: %r", exc)
+                checks["cleanup_queue"] = f"error: {exc!r}"
         code = 200 if ok else 503
         return code, envelope(code, "success" if ok else "not ready", checks)
 
@@ -1939,7 +2042,7 @@ class Deadlines:
 
     def start(self, task: asyncio.Task, timeout: float) -> None:
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.ensure_future(self._sweep())
+            self._sweeper = asyncio.ensure_future(keep_running("deadline sweeper", self._sweep))
         self._active[task] = time.monotonic() + timeout
 
     def expired(self, task: asyncio.Task) -> bool:
@@ -1984,9 +2087,9 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _close_later(client: aioredis.Redis | RedisCluster) -> None:
-    await asyncio.sleep(5)  # let requests that picked up the old client finish
-    await client.aclose()
+async def _close_later(cache: Cache) -> None:
+    await asyncio.sleep(OLD_CLIENT_GRACE)  # let requests that picked up the old client finish
+    await cache.aclose()
 
 
 def _ensure_logging() -> None:
@@ -2009,6 +2112,9 @@ app = create_app()
 # ============================================================================
 # 9. Command line
 # ============================================================================
+
+GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="im_backend.py", description="IM-Backend API server")
@@ -2043,7 +2149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-                timeout_graceful_shutdown=15, proxy_headers=False, server_header=False)
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
     return 0
 
 
