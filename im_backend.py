@@ -1604,27 +1604,57 @@ class Param:
     required: bool = True
     description: str = ""
     schema: dict = dataclasses.field(default_factory=lambda: {"type": "string"})
+    example: Any = None  # a value the server accepts; /openapi.json shows it, a test sends it
+    json_schema: dict | None = None  # in a JSON body, when it differs from `schema`
+    form_schema: dict | None = None  # in a form body (where every value is a string), when it differs
+    query_style: dict | None = None  # OpenAPI serialisation keywords of a query parameter (style, explode)
 
 
-ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0}
+# --- OpenAPI schemas that say exactly what the parameter kinds above accept ---
+NO_NUL = "^[^\\u0000]*$"  # (JSON Schema regex) PostgreSQL text cannot hold NUL characters
+ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_ID}
+NONZERO_ID_SCHEMA = dict(ID_SCHEMA, minimum=1)
+NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS, "pattern": NO_NUL}
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": NO_NUL}
+JSON_OBJECT_TEXT = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object"},
+                    "pattern": "^\\s*\\{", "description": "a JSON object, as text"}
+ID_LIST_TEXT = {"type": "string", "pattern": f"^[0-9]{{1,{ID_MAX_DIGITS}}}(,[0-9]{{1,{ID_MAX_DIGITS}}})"
+                                              f"{{0,{COMMENT_IDS_MAX - 1}}}$",
+                "description": "ids separated by commas (each at most MAX_ID)"}
+EXAMPLE_ID = 7305873094443384833  # what an id looks like: (unix seconds << 32) | counter
 
-POST_ID = Param("post_id", "query", as_id, schema=ID_SCHEMA)
-COMMENT_ID = Param("comment_id", "query", as_id, schema=ID_SCHEMA)
-USER_ID = Param("user_id", "query", as_name, description="the caller's user; at most 255 characters")
+POST_ID = Param("post_id", "query", as_id, description="the post", schema=ID_SCHEMA, example=EXAMPLE_ID)
+COMMENT_ID = Param("comment_id", "query", as_id, description="the comment", schema=ID_SCHEMA,
+                   example=EXAMPLE_ID + 1)
+USER_ID = Param("user_id", "query", as_name, description="the caller's user (taken on the calling service's word); "
+                "at most 255 characters", schema=NAME_SCHEMA, example="alice")
 CURSOR = Param("cursor", "query", as_cursor, required=False,
-               description="UTC: YYYY-MM-DDTHH:MM:SS or ISO 8601", schema={"type": "string", "format": "date-time"})
-LIMIT = Param("limit", "query", as_limit, required=False, description="0 or missing: 20; capped at the maximum",
-              schema={"type": "integer", "minimum": 0})
-AUTHOR = Param("author", "body", as_name, description="at most 255 characters")
-CONTENT = Param("content", "body", as_content)
-CONTENT_OPT = dataclasses.replace(CONTENT, required=False)
-TITLE_OPT = Param("title", "body", as_name, required=False, description="at most 255 characters")
+               description="UTC unless an offset is given: YYYY-MM-DDTHH:MM:SS or ISO 8601 (fractions, Z or "
+                           "+HH:MM); usually the `next_cursor` of the previous page",
+               schema={"type": "string", "format": "date-time", "minLength": CURSOR_CHARS[0],
+                       "maxLength": CURSOR_CHARS[1]}, example="2024-05-01T08:30:00.123456Z")
+LIMIT = Param("limit", "query", as_limit, required=False,
+              description=f"page size; 0 or missing: {DEFAULT_PAGE}; capped at server.max_limit (100 by default)",
+              schema={"type": "integer", "minimum": 0, "maximum": 10 ** LIMIT_MAX_DIGITS - 1}, example=20)
+AUTHOR = Param("author", "body", as_name, description="who wrote the post; at most 255 characters",
+               schema=NAME_SCHEMA, example="alice")
+CONTENT = Param("content", "body", as_content, description="the text", schema=TEXT_SCHEMA, example="hello")
+CONTENT_OPT = dataclasses.replace(CONTENT, required=False, description="the new text; missing: unchanged")
+TITLE_OPT = Param("title", "body", as_name, required=False, description="the title; at most 255 characters",
+                  schema=NAME_SCHEMA, example="A title")
 EXTRA_OPT = Param("extra", "body", as_extra, required=False,
-                  description="a JSON object (in a form: a string holding one)")
-LIKE = Param("like", "json", as_like, schema={"type": "boolean"})
+                  description="anything the calling service keeps with it: a JSON object (in a form, or as a "
+                              "JSON string: the text of one)",
+                  schema={"type": "object"}, json_schema={"anyOf": [{"type": "object"}, JSON_OBJECT_TEXT]},
+                  form_schema=JSON_OBJECT_TEXT, example={"image": "a.png"})
+LIKE = Param("like", "json", as_like, description="true: like; false: take the like back (both idempotent)",
+             schema={"type": "boolean"}, example=True)
 COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
-                    description="JSON array in the body; or in the query, comma-separated",
-                    schema={"type": "array", "items": ID_SCHEMA})
+                    description=f"at most {COMMENT_IDS_MAX} comment ids: a JSON array in a JSON body, comma-separated "
+                                "in a form or in the query (the query also takes the parameter repeated)",
+                    schema={"type": "array", "items": ID_SCHEMA, "maxItems": COMMENT_IDS_MAX},
+                    form_schema=ID_LIST_TEXT, query_style={"style": "form", "explode": False},
+                    example=[EXAMPLE_ID + 1, EXAMPLE_ID + 2])
 
 
 def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
@@ -1662,17 +1692,28 @@ COMMENT_SCHEMA = {"$ref": "#/components/schemas/Comment"}
 
 
 def _obj(**props: Any) -> dict:
-    return {"type": "object", "properties": props}
+    """An object schema whose properties are all always present."""
+    return {"type": "object", "properties": props, "required": list(props)}
 
 
-ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: the root comments")
-FATHER_COMMENT_ID = Param("father_comment_id", "query", as_id, schema=ID_SCHEMA)
+ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=NONZERO_ID_SCHEMA, example=EXAMPLE_ID + 1,
+                        description="the root comment of the thread replied to (the father itself when it is a "
+                                    "root comment)")
+FATHER_COMMENT_ID = Param("father_comment_id", "query", as_id, schema=NONZERO_ID_SCHEMA, example=EXAMPLE_ID + 1,
+                          description="the comment replied to, in that thread")
+THREAD_ID = Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, example=0,
+                  description="0: the root comments of the post; else: the replies in that comment's thread")
 
 NEW_POST, NEW_COMMENT = _obj(post_id=ID_OUT), _obj(comment_id=ID_OUT)
 A_POST = _obj(post=POST_SCHEMA)
-POST_IDS = _obj(post_list={"type": "array", "items": ID_OUT})
-COMMENT_PAGE = _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})
-LIKE_COUNT, LIKE_COUNTS = _obj(like={"type": "integer"}), _obj(likes={"type": "array", "items": {"type": "integer"}})
+NEXT_CURSOR = {"type": ["string", "null"], "description": "the creation time of the last item (UTC, microseconds): "
+               "the `cursor` of the next page; null when the page is empty"}
+POST_IDS = _obj(post_list={"type": "array", "items": ID_OUT}, next_cursor=NEXT_CURSOR)
+COMMENT_PAGE = _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor=NEXT_CURSOR)
+LIKE_COUNT = _obj(like={"type": "integer", "minimum": 0, "description": "0 for an unknown post"})
+LIKE_COUNTS = {"anyOf": [_obj(likes={"type": "array", "items": {"type": "integer", "minimum": 0},
+                                     "description": "in the order of comment_ids; 0 for an unknown id"}),
+                         {"type": "null", "description": "no comment_ids given"}]}
 
 ROUTES: tuple[Route, ...] = (
     #     method    path                 operation                data          parameters
@@ -1691,7 +1732,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
                                                                                  EXTRA_OPT)),
     Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
-    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, ROOT_COMMENT_ID, CURSOR,
+    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, CURSOR,
                                                                                  LIMIT)),
     Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
     Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
@@ -1702,56 +1743,109 @@ for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
 
 
-def openapi_document() -> dict:
-    """The OpenAPI 3 description of ROUTES (built from the same declarations the server parses with)."""
-    auth = [{"name": "svc", "in": "query", "required": True, "schema": {"type": "string"}},
-            {"name": "appKey", "in": "query", "required": True, "schema": {"type": "string"},
-             "description": "hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±10 s"}]
+SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
+             "schema": {"type": "string", "pattern": SERVICE_NAME.pattern}, "example": "demo"}
+APPKEY_PARAM = {"name": "appKey", "in": "query", "required": True,
+                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s",
+                "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
+                                                        f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
+                "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
+ERROR_ANSWERS = {  # status: what it means (the body is always the error envelope)
+    "400": "bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
+           "authentication (svc/appKey)",
+    "500": "a data error (code 10001-10018, see the code table) or an unexpected error",
+    "504": "the request took longer than server.timeout",
+}
+BODY_ANSWERS = {"408": "the body did not arrive in time", "413": "the body is larger than server.body_limit"}
+
+
+def _body_schema(params: list[Param], kind: str) -> dict:
+    """The request body's schema for kind "json" or "form"."""
+    props = {}
+    for p in params:
+        schema = (p.json_schema if kind == "json" else p.form_schema) or p.schema
+        props[p.name] = dict(schema, description=p.description)
+    return {"type": "object", "properties": props, "required": [p.name for p in params if p.required]}
+
+
+def _body_example(params: list[Param], kind: str) -> dict:
+    example = {}
+    for p in params:
+        value = p.example
+        if kind == "form" and not isinstance(value, str):  # every form value is text
+            value = (",".join(map(str, value)) if isinstance(value, list) else orjson.dumps(value).decode())
+        example[p.name] = value
+    return example
+
+
+def openapi_document(root_path: str = "") -> dict:
+    """The OpenAPI 3.1 description of ROUTES (built from the same declarations the server parses with); its
+    `servers` entry is the path the app is mounted at (the ASGI root_path)."""
     paths: dict[str, dict] = {}
     for route in ROUTES:
         query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
-                  "description": p.description} for p in route.params if p.where in ("query", "any")]
+                  "description": p.description, "example": p.example, **(p.query_style or {})}
+                 for p in route.params if p.where in ("query", "any")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
+        success_data = route.data or {"type": "null"}
+        answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
         op: dict[str, Any] = {
             "summary": (route.operation.__doc__ or "").strip().splitlines()[0],
-            "operationId": route.operation.__name__, "parameters": auth + query,
+            "operationId": route.operation.__name__, "parameters": [SVC_PARAM, APPKEY_PARAM] + query,
             "responses": {
                 "200": {"description": "success", "content": {"application/json": {"schema": {
-                    "allOf": [{"$ref": "#/components/schemas/Envelope"},
-                              _obj(data=route.data or {"type": "null"})]}}}},
-                "400": {"$ref": "#/components/responses/Error"},
-                "500": {"$ref": "#/components/responses/Error"},
-                "504": {"$ref": "#/components/responses/Error"}}}
+                    "allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
+                **{status: {"description": text, "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Envelope"}}}} for status, text in answers.items()}}}
         if body:
-            schema = {"type": "object", "properties": {p.name: dict(p.schema, description=p.description)
-                                                       for p in body},
-                      "required": [p.name for p in body if p.required]}
-            form_types = {} if all(p.where == "json" for p in body) else {
-                "multipart/form-data": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
-            op["requestBody"] = {"required": any(p.required for p in body),
-                                 "content": {"application/json": {"schema": schema}, **form_types}}
+            content = {"application/json": {"schema": _body_schema(body, "json"),
+                                            "example": _body_example(body, "json")}}
+            if not all(p.where == "json" for p in body):
+                for media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                    content[media] = {"schema": _body_schema(body, "form"), "example": _body_example(body, "form")}
+            op["requestBody"] = {"required": any(p.required for p in body), "content": content,
+                                 "description": "JSON object, urlencoded or multipart form"
+                                 if len(content) > 1 else "JSON object"}
         paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = op
-    for path in ("/healthz", "/readyz"):
-        paths[path] = {"get": {"summary": "liveness" if path == "/healthz" else "readiness (PostgreSQL, Redis)",
-                               "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}}
+    plain = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+    paths["/healthz"] = {"get": {"summary": "liveness: the process answers (checks nothing else)",
+                                 "operationId": "healthz", "responses": {"200": {"description": "up",
+                                                                                 "content": plain}}}}
+    paths["/readyz"] = {"get": {"summary": "readiness: PostgreSQL and Redis answer; shows the clean-up queues",
+                                "operationId": "readyz", "responses": {
+                                    "200": {"description": "ready", "content": plain},
+                                    "503": {"description": "not ready (data says which check failed)",
+                                            "content": plain}}}}
+    paths["/openapi.json"] = {"get": {"summary": "this document", "operationId": "openapi", "responses": {
+        "200": {"description": "the OpenAPI document", "content": {"application/json": {}}}}}}
     string, nullable_string = {"type": "string"}, {"type": ["string", "null"]}
+    time_text = {"type": "string", "description": "creation time in server.time_zone, YYYY-MM-DDTHH:MM:SS"}
+    extra_out = {"type": ["object", "null"], "description": "as given when written"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "IM-Backend", "version": "1.0.0",
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
                                 "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500."},
+        "servers": [{"url": root_path or "/", "description": "where this app is served"}],
         "paths": paths,
         "components": {
             "schemas": {
-                "Envelope": _obj(code={"type": "integer"}, msg=string, data={}),
-                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=string, svc=string,
-                             extra={"type": ["object", "null"]}),
-                "Comment": _obj(id=ID_OUT, user_id=string, content=string, root_id=ID_OUT, father_id=ID_OUT,
-                                target_user_id=nullable_string, post_id=ID_OUT, time=string, svc=string,
-                                child_num={"type": ["integer", "null"]}, extra={"type": ["object", "null"]}),
+                "Envelope": dict(_obj(code={"type": "integer", "description": "200, or the error code"},
+                                      msg={"type": "string", "description": "success, or the error message"},
+                                      data={"description": "the answer; null for an error"}),
+                                 description="every answer"),
+                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=time_text, svc=string,
+                             extra=extra_out),
+                "Comment": _obj(id=ID_OUT, user_id=string, content=string,
+                                root_id=dict(ID_OUT, description="0 for a root comment"),
+                                father_id=dict(ID_OUT, description="0 for a root comment"),
+                                target_user_id=dict(nullable_string, description="the father's user_id"),
+                                post_id=ID_OUT, time=time_text, svc=string,
+                                child_num={"type": ["integer", "null"],
+                                           "description": "replies in the thread (root comments in a page); "
+                                                          "else null"},
+                                extra=extra_out),
             },
-            "responses": {"Error": {"description": "error envelope (see the code table)", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}}},
         },
     }
 
@@ -1770,6 +1864,7 @@ DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may
 DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
 DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
 READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
+OPENAPI_ROOTS_KEPT = 16  # documents kept, one per mount path (root_path) seen
 OLD_CLIENT_GRACE = 5.0  # seconds a replaced Redis client stays open for the requests that still hold it
 
 
@@ -1785,7 +1880,7 @@ class App:
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
-        self._openapi = orjson.dumps(openapi_document())
+        self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
         self._reload_lock = asyncio.Lock()
         self._pending_text: str | None = None
 
@@ -1965,7 +2060,7 @@ class App:
         if path == "/healthz":
             return 200, envelope(200, "success", {"status": "up"})
         if path == "/openapi.json":
-            return 200, self._openapi
+            return 200, self.openapi(scope.get("root_path", ""))
         if self.service is None:
             await self._ensure_started()
         if path == "/readyz":
@@ -2000,6 +2095,15 @@ class App:
         if isinstance(data, bytes):
             return 200, SUCCESS_PREFIX + data + b"}"
         return 200, success(data)
+
+    def openapi(self, root_path: str) -> bytes:
+        """The document for the path the app is mounted at, built once per root_path."""
+        document = self._openapi.get(root_path)
+        if document is None:
+            if len(self._openapi) >= OPENAPI_ROOTS_KEPT:
+                self._openapi.clear()
+            document = self._openapi[root_path] = orjson.dumps(openapi_document(root_path))
+        return document
 
     async def readiness(self) -> tuple[int, bytes]:
         service, checks = self.service, dict[str, Any]()
