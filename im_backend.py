@@ -23,7 +23,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
-import gc
+import importlib.metadata
 import io
 import itertools
 import logging
@@ -369,21 +369,105 @@ def app_conf_path(boot: dict) -> pathlib.Path:
     return boot["_path"].parent / str(boot["app_conf"])
 
 
-class _DropSdkRootRecords(logging.Filter):
-    """nacos-sdk-python logs some reconnect errors on the root logger (logging.error); keep them out."""
+NACOS_SDK = "nacos-sdk-python"
+NACOS_SDK_TESTED = ("3.2.0",)  # the versions whose internals _NacosSdkSeam was checked against (tests/fake_nacos.py)
+NACOS_STARTUP_TIMEOUT = 5.0  # seconds start-up waits for Nacos before it falls back to the last good copy
+NACOS_STOP_TIMEOUT = 5.0  # seconds stop() waits for the SDK's leftover tasks to end once cancelled
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}v2{os.sep}nacos{os.sep}" not in record.pathname
 
+class _NacosSdkSeam:
+    """Every reach into nacos-sdk-python beyond its documented API, in one place, one method per workaround.
 
-def _cancel_orphaned_stream_feeders() -> None:
-    """SDK quirk: when the server breaks a bi-stream (Nacos restart), gRPC's task feeding that stream from the
-    SDK's generator GrpcConnection.request_payloads (waiting forever on a queue) stays pending; cancel those."""
-    for task in asyncio.all_tasks():
-        frame = getattr(task.get_coro(), "cr_frame", None)
-        gen, call = (frame.f_locals.get("request_iterator"), frame.f_locals.get("self")) if frame else (None, None)
-        if getattr(gen, "__qualname__", "") == "GrpcConnection.request_payloads" and call is not None and call.done():
-            task.cancel()
+    check_version() refuses an SDK version these workarounds were not checked against, at start-up, so an
+    upgrade shows up as a clear configuration error rather than as a hang or a leak in production. One seam per
+    NacosSource: it also remembers what the SDK left behind (log handlers, tasks) to clean it up in close()."""
+
+    def __init__(self) -> None:
+        self._tasks_before: set[asyncio.Task] = set()
+        self._handlers: list[logging.Handler] = []
+        self._sdk_dir = ""
+        self._root_filter = self._not_sdk_root_record  # a callable filter; kept to remove the same one
+
+    @staticmethod
+    def check_version() -> None:
+        try:
+            version = importlib.metadata.version(NACOS_SDK)
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"the bootstrap file names Nacos, but {NACOS_SDK} is not installed "
+                              f"(pip install {NACOS_SDK}=={NACOS_SDK_TESTED[-1]})") from None
+        if version not in NACOS_SDK_TESTED:
+            raise ConfigError(f"{NACOS_SDK} {version} is installed, but the Nacos adapter was tested with "
+                              f"{', '.join(NACOS_SDK_TESTED)} only (pip install {NACOS_SDK}=={NACOS_SDK_TESTED[-1]})")
+
+    def create_client(self, client_config: Any) -> Any:
+        """NacosConfigService.create_config_service() is NacosConfigService(config) followed by
+        grpc_client_proxy.start() (see connect()); the two steps are split so that close() can shut a client down
+        while it is still connecting (the SDK retries for ~9 s when Nacos is down)."""
+        import v2.nacos
+        from v2.nacos import NacosConfigService
+
+        self._sdk_dir = os.path.dirname(v2.nacos.__file__) + os.sep
+        # The SDK logs some reconnect errors on the root logger (module-level logging.error); keep those out of the
+        # application's log (its own logger, "config", writes them to the SDK's log file anyway).
+        logging.getLogger().addFilter(self._root_filter)
+        # The SDK adds a file handler to its "config" logger for each client and never removes it.
+        sdk_logger = logging.getLogger("config")
+        handlers_before = set(sdk_logger.handlers)
+        self._tasks_before = asyncio.all_tasks()
+        try:
+            return NacosConfigService(client_config)
+        finally:
+            self._handlers = [h for h in sdk_logger.handlers if h not in handlers_before]
+            # The constructor fires tasks off (the first login, with credentials) and never awaits them: a
+            # failure there is not news (connect() reports what matters) but would be logged as "never retrieved".
+            for task in asyncio.all_tasks() - self._tasks_before:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    @staticmethod
+    async def connect(client: Any) -> None:
+        await client.grpc_client_proxy.start()
+
+    @staticmethod
+    def wake_listener(client: Any) -> None:
+        """The SDK (re-)registers listeners with the server and checks its stop flag on a 5 s tick of its listen
+        loop; a None on the loop's channel runs that tick now."""
+        client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+
+    def _not_sdk_root_record(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and self._sdk_dir and record.pathname.startswith(self._sdk_dir))
+
+    def _leftover_tasks(self) -> set[asyncio.Task]:
+        """Tasks started since the client was made, still pending, running SDK or gRPC code: what the client
+        left behind. (Found by comparing task sets, and by where each coroutine's code lives.)"""
+        import grpc
+
+        homes = (self._sdk_dir, os.path.dirname(grpc.__file__) + os.sep)
+        leftovers = set()
+        for task in asyncio.all_tasks() - self._tasks_before:
+            code = getattr(task.get_coro(), "cr_code", None)
+            if not task.done() and code is not None and code.co_filename.startswith(homes):
+                leftovers.add(task)
+        return leftovers
+
+    async def close(self, client: Any | None) -> None:
+        """Shut the client down and undo what the SDK leaves behind."""
+        try:
+            if client is not None:
+                await client.shutdown()
+        finally:
+            if client is not None:
+                # When the server breaks a bi-stream (a Nacos restart), gRPC's task feeding that stream from the
+                # SDK's request generator waits forever on a queue; shutdown() does not end it. Cancel the rest.
+                leftovers = self._leftover_tasks() - {asyncio.current_task()}
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    await asyncio.wait(leftovers, timeout=NACOS_STOP_TIMEOUT)
+            for handler in self._handlers:
+                logging.getLogger("config").removeHandler(handler)
+                handler.close()
+            self._handlers = []
+            logging.getLogger().removeFilter(self._root_filter)
 
 
 class NacosSource:
@@ -393,7 +477,8 @@ class NacosSource:
     Uses nacos-sdk-python 3.x (module v2.nacos), which talks gRPC to port + 1000 and reconnects by itself.
     """
 
-    def __init__(self, boot: dict, last_good_path: pathlib.Path, startup_timeout: float = 5.0) -> None:
+    def __init__(self, boot: dict, last_good_path: pathlib.Path,
+                 startup_timeout: float = NACOS_STARTUP_TIMEOUT) -> None:
         self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or 8848)}"
         self.namespace = str(boot.get("namespaceid") or "")
         self.group = str(boot.get("group") or "DEFAULT_GROUP")
@@ -408,15 +493,15 @@ class NacosSource:
         self._current: str | None = None
         self._fell_back = False
         self._tmp_dir: str | None = None
-        self._root_filter = _DropSdkRootRecords()
-        self._sdk_handlers: list[logging.Handler] = []
+        self._sdk = _NacosSdkSeam()
 
     def describe(self) -> str:
         return f"nacos {self.address} namespace {self.namespace!r} group {self.group!r} dataid {self.data_id!r}"
 
     async def start(self, on_change: Callable[[str], Awaitable[None]]) -> str:
         """Fetch the configuration text and listen for changes (on_change(new_text) for each change)."""
-        from v2.nacos import ClientConfigBuilder, NacosConfigService  # only needed when Nacos is configured
+        self._sdk.check_version()
+        from v2.nacos import ClientConfigBuilder  # only needed when Nacos is configured
 
         self._on_change = on_change
         self._tmp_dir = tempfile.mkdtemp(prefix="im-backend-nacos-")  # SDK cache (holds config text): 0700
@@ -424,20 +509,11 @@ class NacosSource:
                    .cache_dir(self._tmp_dir).log_dir(self.sdk_log_dir or self._tmp_dir).log_level(logging.WARNING))
         if self.username and self.password:
             builder = builder.username(str(self.username)).password(str(self.password))
-        logging.getLogger().addFilter(self._root_filter)
-        sdk_logger = logging.getLogger("config")  # the SDK's (badly named) logger; it adds a file handler per client
-        before = set(sdk_logger.handlers)
-        # NacosConfigService.create_config_service() is exactly these two steps; they are split so that stop()
-        # can shut the client down even while it is still connecting (it retries ~9 s when Nacos is down).
         try:
-            self._client = NacosConfigService(builder.build())
+            self._client = self._sdk.create_client(builder.build())
         finally:
-            self._sdk_handlers = [h for h in sdk_logger.handlers if h not in before]
             if self._client is None:  # construction failed
                 await self.stop()
-        for task in asyncio.all_tasks():  # the SDK's fire-and-forget first login: its failure is not news
-            if getattr(task.get_coro(), "__qualname__", "") == "AuthClient.get_access_token":
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._task = asyncio.create_task(self._connect())
         await asyncio.wait({self._task}, timeout=self.startup_timeout)
         text: str | None = None
@@ -465,7 +541,7 @@ class NacosSource:
     async def _connect(self) -> str | None:
         from v2.nacos import ConfigParam
 
-        await self._client.grpc_client_proxy.start()
+        await self._sdk.connect(self._client)
         text: str | None = None
         try:
             text = await self._client.get_config(ConfigParam(data_id=self.data_id, group=self.group)) or None
@@ -477,8 +553,7 @@ class NacosSource:
         # The listener keeps the md5 of the SDK cache; with no text yet it is "" and the SDK delivers the
         # server's text (through _on_push) as soon as it is connected.
         await self._client.add_listener(self.data_id, self.group, self._on_push)
-        # have the SDK register the listener with the server now, not at its next 5 s tick
-        self._client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+        self._sdk.wake_listener(self._client)  # register the listener with the server now, not in up to 5 s
         if text is not None and self._fell_back:
             await self._deliver(text)
         return text
@@ -528,21 +603,13 @@ class NacosSource:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # also collects an exception it may have ended with
-        if client is not None:
-            try:
+        try:
+            if client is not None:
                 await client.remove_listener(self.data_id, self.group, self._on_push)
-                # wake the SDK's listen loop (it otherwise sleeps up to 5 s before seeing the stop flag)
-                client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
-                await client.shutdown()
-            except Exception as exc:
-                log.warning("nacos %s: shutdown: %s", self.address, exc)
-            _cancel_orphaned_stream_feeders()
-        for handler in self._sdk_handlers:
-            logging.getLogger("config").removeHandler(handler)
-            handler.close()
-        self._sdk_handlers = []
-        logging.getLogger().removeFilter(self._root_filter)
-        gc.collect()  # gRPC channels of connect attempts cancelled above are closed when collected; do it now
+                self._sdk.wake_listener(client)  # so that the listen loop sees the stop flag now
+            await self._sdk.close(client)
+        except Exception as exc:
+            log.warning("nacos %s: shutdown: %s", self.address, exc)
         if self._tmp_dir:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
