@@ -2103,7 +2103,11 @@ class App:
         async with self._start_lock:
             if self.service is None:
                 log.info("no lifespan start-up was received; starting on the first request")
-                await self.startup()
+                try:
+                    await self.startup()
+                except ConfigError as exc:  # the next request tries again
+                    log.error("cannot start: %s", exc)
+                    raise ApiError(Err.UNAVAILABLE) from None
 
     async def handle_http(self, scope: dict, receive: Callable, send: Callable) -> None:
         path, root = scope["path"], scope.get("root_path", "")

@@ -117,3 +117,20 @@ async def test_reload_with_a_bad_secret_names_the_service_and_keeps_serving(work
             assert response.json()["code"] == 200
     finally:
         srv.stop()
+
+
+async def test_start_on_first_request_failure_is_a_503_and_one_log_line(workdir, backing, caplog):
+    import im_backend
+
+    config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 0})
+    config["db"].update(host="127.0.0.1", port=1)
+    srv = Server(workdir / "no-lifespan-no-db", config)  # files only; the app runs in this process
+    inner = im_backend.create_app(srv.boot)
+    transport = httpx.ASGITransport(app=inner)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/readyz")
+    assert (response.status_code, response.json()) == (503, {"code": 503, "msg": "service unavailable",
+                                                               "data": None})
+    errors = [r for r in caplog.records if r.name == "im_backend" and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot start: cannot connect to PostgreSQL at 127.0.0.1:1" in errors[0].getMessage()
+    assert inner.service is None
