@@ -370,6 +370,7 @@ def app_conf_path(boot: dict) -> pathlib.Path:
 
 
 NACOS_SDK = "nacos-sdk-python"
+NACOS_DEFAULT_PORT = 8848  # HTTP; the SDK's gRPC goes to this + 1000
 NACOS_SDK_TESTED = ("3.2.0",)  # the versions whose internals _NacosSdkSeam was checked against (tests/fake_nacos.py)
 NACOS_STARTUP_TIMEOUT = 5.0  # seconds start-up waits for Nacos before it falls back to the last good copy
 NACOS_STOP_TIMEOUT = 5.0  # seconds stop() waits for the SDK's leftover tasks to end once cancelled
@@ -479,7 +480,7 @@ class NacosSource:
 
     def __init__(self, boot: dict, last_good_path: pathlib.Path,
                  startup_timeout: float = NACOS_STARTUP_TIMEOUT) -> None:
-        self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or 8848)}"
+        self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or NACOS_DEFAULT_PORT)}"
         self.namespace = str(boot.get("namespaceid") or "")
         self.group = str(boot.get("group") or "DEFAULT_GROUP")
         self.data_id = str(boot["dataid"])
@@ -689,6 +690,7 @@ class AppKeyChecker:
 MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
 DB_STATEMENT_CACHE = 2048  # prepared statements kept per connection (14 routes x services)
 DB_COMMAND_TIMEOUT = 60  # seconds one statement may run before the driver gives up on it
+SQL_CACHE_SIZE = 4096  # (service, statement) pairs whose SQL text sql() keeps ready
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {post} (
@@ -812,7 +814,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=SQL_CACHE_SIZE)
 def sql(svc: str, statement: str) -> str:
     """A statement with the tables of service `svc` filled in (svc is validated by configuration)."""
     names = {
@@ -876,6 +878,7 @@ DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
 REDIS_MAX_CONNECTIONS = 256  # per process (per node on a cluster)
+REDIS_RETRIES = 1  # immediate retries of a command that met a broken connection (see open_redis)
 REDIS_READS_OFF = 1.0  # seconds reads skip Redis after a failed read (a down Redis costs requests nothing)
 REDIS_PROBE_INTERVAL = 0.1  # seconds between pings, while reads are off, to turn them back on once Redis answers
 TTL_JITTER = 1.5  # a cache entry lives between its TTL and TTL_JITTER times it
@@ -924,7 +927,7 @@ def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # PostgreSQL or refuse the write; Cache turns reads off meanwhile and back on once Redis answers again.
     common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=REDIS_SOCKET_TIMEOUT,
                                   socket_connect_timeout=REDIS_SOCKET_TIMEOUT, max_connections=REDIS_MAX_CONNECTIONS,
-                                  retry=Retry(NoBackoff(), 1))
+                                  retry=Retry(NoBackoff(), REDIS_RETRIES))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
