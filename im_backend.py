@@ -2081,9 +2081,13 @@ class App:
                     await self.startup()
                 except ConfigError as exc:
                     log.error("cannot start: %s", exc)
+                    _note_startup_failure()
                     # no message: the server would log the cause a second time
                     await send({"type": "lifespan.startup.failed", "message": ""})
                     return
+                except Exception:
+                    _note_startup_failure()
+                    raise
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -2270,6 +2274,18 @@ async def _close_later(cache: Cache) -> None:
     await cache.aclose()
 
 
+STARTUP_FAILED_FILE_ENV = "IM_STARTUP_FAILED_FILE"  # set by main() for its worker processes
+
+
+def _note_startup_failure() -> None:
+    """Tell `python im_backend.py --workers N` that a worker could not start: uvicorn's supervisor then stops,
+    but exits 0, so main() looks for this file to exit with EXIT_STARTUP_FAILED instead."""
+    path = os.environ.get(STARTUP_FAILED_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            pathlib.Path(path).touch()
+
+
 def _ensure_logging() -> None:
     """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
     if not log.handlers and not logging.getLogger().handlers:
@@ -2325,10 +2341,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
 
-    uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
+        failed = pathlib.Path(state) / "startup-failed"
+        os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
+        uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
+        return EXIT_STARTUP_FAILED if failed.exists() else 0  # (one worker: uvicorn has exited 3 itself)
 
 
 def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:

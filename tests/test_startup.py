@@ -14,13 +14,16 @@ EXIT_STARTUP_FAILED = 3
 
 
 def failed_start(srv: Server, how: str) -> tuple[int, str]:
-    """Start srv with uvicorn (`uvicorn im_backend:app`) or the CLI (`python im_backend.py`); its exit status, log."""
+    """Start srv with uvicorn (`uvicorn im_backend:app`) or the CLI (`python im_backend.py`, "workers": with
+    --workers 2); its exit status and log."""
     if how == "uvicorn":
         srv.start(wait=False)
     else:
+        workers = ["--workers", "2"] if how == "workers" else []
         with open(srv.log_path, "wb") as log_file:
             srv.process = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(srv.boot),
-                                            "--host", "127.0.0.1", "--port", str(srv.port)], cwd=srv.directory,
+                                            "--host", "127.0.0.1", "--port", str(srv.port), *workers],
+                                           cwd=srv.directory,
                                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         status = srv.process.wait(60)
@@ -35,12 +38,15 @@ def only_line(log: str, text: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("how", ["uvicorn", "cli"])
+@pytest.mark.parametrize("how", ["uvicorn", "cli", "workers"])
 def test_refused_database_one_waiting_line_one_error_exit_3(workdir, backing, how):
     config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 1.5})
     config["db"].update(host="127.0.0.1", port=1)  # nothing listens: connection refused, retried
     status, log = failed_start(Server(workdir / f"refused-{how}", config), how)
     assert status == EXIT_STARTUP_FAILED, log
+    if how == "workers":  # each worker tried; the first to give up stopped the others
+        assert "cannot connect to PostgreSQL at 127.0.0.1:1" in log and "Traceback" not in log
+        return
     only_line(log, "waiting up to 1.5 s for PostgreSQL at 127.0.0.1:1")
     error = only_line(log, "cannot connect to PostgreSQL at 127.0.0.1:1")
     assert "ERROR" in error and "cannot start" in error and "gave up after" in error
