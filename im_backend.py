@@ -2341,13 +2341,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
 
+    serve = functools.partial(
+        uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
+        log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
+    if args.workers <= 1:
+        serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
+        return 0
     with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
         failed = pathlib.Path(state) / "startup-failed"
         os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
-        uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
-                    log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
-        return EXIT_STARTUP_FAILED if failed.exists() else 0  # (one worker: uvicorn has exited 3 itself)
+        serve()
+        return EXIT_STARTUP_FAILED if failed.exists() else 0
 
 
 def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
