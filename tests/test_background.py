@@ -5,21 +5,15 @@ import asyncio
 import httpx
 
 import im_backend
-from conftest import Api, RedisProcess, Server, app_config, eventually, svc_name
-
-SECRET = "W7K8pJ3aQv2LcXgH"
+from conftest import SECRET, Api, RedisProcess, app_config, eventually, svc_name
 
 
-async def _true(check) -> bool:
-    return bool(check())
-
-
-async def test_redis_restart_costs_no_cache_misses_beyond_the_restart(workdir, backing):
+async def test_redis_restart_costs_no_cache_misses_beyond_the_restart(workdir, backing, make_server):
     redis_dir = workdir / "restart-redis"
     redis_server = RedisProcess(redis_dir, password="pw")
     svc = svc_name("rr")
     config = app_config(backing, {svc: SECRET}, cache={"addr": redis_server.addr, "password": "pw", "near_ttl": 0})
-    srv = Server(workdir / "redis-restart", config).start()
+    srv = make_server("redis-restart", config)
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
             api = Api(client, svc, SECRET)
@@ -34,16 +28,16 @@ async def test_redis_restart_costs_no_cache_misses_beyond_the_restart(workdir, b
                 assert redis_server.cli("exists", im_backend.post_info_key(svc, post_id)).strip() == "1"
         assert "redis read failed" not in srv.log()
     finally:
-        srv.stop()
+        srv.stop()  # before its Redis goes
         redis_server.stop()
 
 
-async def test_reads_are_back_on_as_soon_as_redis_answers(workdir, backing):
+async def test_reads_are_back_on_as_soon_as_redis_answers(workdir, backing, make_server):
     redis_dir = workdir / "outage-redis"
     redis_server = RedisProcess(redis_dir, password="pw")
     svc = svc_name("ro")
     config = app_config(backing, {svc: SECRET}, cache={"addr": redis_server.addr, "password": "pw", "near_ttl": 0})
-    srv = Server(workdir / "redis-outage", config).start()
+    srv = make_server("redis-outage", config)
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
             api = Api(client, svc, SECRET)
@@ -61,7 +55,7 @@ async def test_reads_are_back_on_as_soon_as_redis_answers(workdir, backing):
             await api.ok("GET", "/getinfo", {"post_id": post_id})  # the next read refills the cache
             assert redis_server.cli("exists", im_backend.post_info_key(svc, post_id)).strip() == "1"
     finally:
-        srv.stop()
+        srv.stop()  # before its Redis goes
         redis_server.stop()
 
 
@@ -78,7 +72,7 @@ async def test_cleanup_loop_survives_an_unexpected_error(server, monkeypatch, ca
     monkeypatch.setattr(im_backend.Service, "clean_once", flaky)
     inner = im_backend.create_app(server.boot)
     async with inner.lifespan():
-        assert await eventually(lambda: _true(lambda: len(calls) >= 2), timeout=10)
+        assert await eventually(lambda: len(calls) >= 2, timeout=10)
         assert not inner._cleanup_task.done()
     assert "background clean-up failed unexpectedly" in caplog.text and "boom in the clean-up" in caplog.text
 

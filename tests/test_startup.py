@@ -7,9 +7,8 @@ import sys
 import httpx
 import pytest
 
-from conftest import ROOT, Server, app_config, svc_name
+from conftest import ROOT, SECRET, Server, app_config, eventually, svc_name
 
-SECRET = "W7K8pJ3aQv2LcXgH"
 EXIT_STARTUP_FAILED = 3
 
 
@@ -25,11 +24,7 @@ def failed_start(srv: Server, how: str) -> tuple[int, str]:
                                             "--host", "127.0.0.1", "--port", str(srv.port), *workers],
                                            cwd=srv.directory,
                                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        status = srv.process.wait(60)
-    finally:
-        srv.stop()
-    return status, srv.log()
+    return srv.process.wait(60), srv.log()
 
 
 def only_line(log: str, text: str) -> str:
@@ -39,10 +34,10 @@ def only_line(log: str, text: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["uvicorn", "cli", "workers"])
-def test_refused_database_one_waiting_line_one_error_exit_3(workdir, backing, how):
+def test_refused_database_one_waiting_line_one_error_exit_3(make_server, backing, how):
     config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 1.5})
     config["db"].update(host="127.0.0.1", port=1)  # nothing listens: connection refused, retried
-    status, log = failed_start(Server(workdir / f"refused-{how}", config), how)
+    status, log = failed_start(make_server(f"refused-{how}", config, start=False), how)
     assert status == EXIT_STARTUP_FAILED, log
     if how == "workers":  # each worker tried; the first to give up stopped the others
         assert "cannot connect to PostgreSQL at 127.0.0.1:1" in log and "Traceback" not in log
@@ -53,31 +48,31 @@ def test_refused_database_one_waiting_line_one_error_exit_3(workdir, backing, ho
     assert "retrying" not in log and "Traceback" not in log
 
 
-def test_unreachable_database_times_out_within_startup_wait(workdir, backing):
+def test_unreachable_database_times_out_within_startup_wait(make_server, backing):
     with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 1})
         config["db"].update(host="127.0.0.1", port=silent.getsockname()[1])
-        status, log = failed_start(Server(workdir / "silent-db", config), "uvicorn")
+        status, log = failed_start(make_server("silent-db", config, start=False), "uvicorn")
     assert status == EXIT_STARTUP_FAILED, log  # one attempt, given the whole startup_wait
     assert "no answer within 1 s" in only_line(log, "cannot connect to PostgreSQL")
     assert "Traceback" not in log
 
 
-def test_refusing_database_is_final_at_once(workdir, backing):
+def test_refusing_database_is_final_at_once(make_server, backing):
     config = app_config(backing, {svc_name("x"): SECRET})
     config["db"].update(dbname="no_such_database")
-    status, log = failed_start(Server(workdir / "no-database-once", config), "cli")
+    status, log = failed_start(make_server("no-database-once", config, start=False), "cli")
     assert status == EXIT_STARTUP_FAILED, log
     assert "does not exist" in only_line(log, "cannot connect to PostgreSQL")
     assert "waiting" not in log and "gave up" not in log
 
 
 @pytest.mark.parametrize("how", ["uvicorn", "cli"])
-def test_bad_secret_in_configuration_names_the_service(workdir, backing, how):
+def test_bad_secret_in_configuration_names_the_service(make_server, backing, how):
     config = app_config(backing, {"bad_secret_svc": "abc"})
-    status, log = failed_start(Server(workdir / f"bad-secret-{how}", config), how)
+    status, log = failed_start(make_server(f"bad-secret-{how}", config, start=False), how)
     assert status == EXIT_STARTUP_FAILED, log
     line = only_line(log, "the secret of service 'bad_secret_svc' must be 16, 24 or 32 bytes long")
     assert "cannot start" in line and "Traceback" not in log
@@ -105,32 +100,23 @@ def test_appkey_from_a_configuration_with_a_bad_secret_names_the_service(workdir
     assert "the secret of service 'short_one' must be 16, 24 or 32 bytes" in result.stderr
 
 
-async def test_reload_with_a_bad_secret_names_the_service_and_keeps_serving(workdir, backing):
-    from conftest import eventually
+async def test_reload_with_a_bad_secret_names_the_service_and_keeps_serving(make_server, backing):
+    from conftest import authenticates
 
     good = svc_name("rs")
-    srv = Server(workdir / "reload-bad-secret", app_config(backing, {good: SECRET})).start()
-    try:
-        srv.write_config(app_config(backing, {good: SECRET, "bad_secret_svc": "abc"}))
-
-        async def rejected() -> bool:
-            return "rejected the new configuration" in srv.log()
-        assert await eventually(rejected, timeout=10)
-        assert "the secret of service 'bad_secret_svc' must be 16, 24 or 32 bytes" in srv.log()
-        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-            response = await client.get("/api/v1/posts/getlist", params={
-                "svc": good, "appKey": __import__("im_backend").encrypt_appkey(SECRET)})
-            assert response.json()["code"] == 200
-    finally:
-        srv.stop()
+    srv = make_server("reload-bad-secret", app_config(backing, {good: SECRET}))
+    srv.write_config(app_config(backing, {good: SECRET, "bad_secret_svc": "abc"}))
+    assert await eventually(lambda: "rejected the new configuration" in srv.log(), timeout=10)
+    assert "the secret of service 'bad_secret_svc' must be 16, 24 or 32 bytes" in srv.log()
+    assert await authenticates(srv.url, good)
 
 
-async def test_start_on_first_request_failure_is_a_503_and_one_log_line(workdir, backing, caplog):
+async def test_start_on_first_request_failure_is_a_503_and_one_log_line(make_server, backing, caplog):
     import im_backend
 
     config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 0})
     config["db"].update(host="127.0.0.1", port=1)
-    srv = Server(workdir / "no-lifespan-no-db", config)  # files only; the app runs in this process
+    srv = make_server("no-lifespan-no-db", config, start=False)  # files only; the app runs in this process
     inner = im_backend.create_app(srv.boot)
     transport = httpx.ASGITransport(app=inner)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
