@@ -723,7 +723,8 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
     mine = [(label, member) for label, member in inputs.items()
             if isinstance(member, tuple) and isinstance(member[1], dict) and member[1].get("keyid") == tenant.name]
     if not mine:  # signed for another service, or not for any
-        keyed = any(isinstance(m, tuple) and isinstance(m[1], dict) and "keyid" in m[1] for m in inputs.values())
+        keyed = any(isinstance(m, tuple) and isinstance(m[1], dict) and isinstance(m[1].get("keyid"), str)
+                    for m in inputs.values())
         raise AuthFailure("bad-signature" if keyed else "malformed")
     label, (covered, params) = mine[0]
     value = values.get(label)
