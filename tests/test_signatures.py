@@ -167,6 +167,7 @@ def test_tampered_requests_are_refused(servers):
     def get() -> httpx.Request:
         return sign(build(url, "GET", "/getlist", query, svc), secret, svc)
 
+    ok(send(get()))  # untouched, it is accepted
     target = str(get().url)
     cases = {
         "changed method": resend(sign(build(url, "POST", "/getlist", query, svc), secret, svc), method="GET"),
@@ -191,6 +192,7 @@ def test_tampered_bodies_are_refused(servers):
     def post() -> httpx.Request:
         return sign(build(url, "POST", "/publish", [], svc, data={"author": "eve", "content": "original"}), secret, svc)
 
+    ok(send(post()))  # untouched, it is accepted
     body = post().read()
     other = body.replace(b"original", b"origimal")
     other_digest = "sha-256=:" + base64.b64encode(hashlib.sha256(other).digest()).decode() + ":"
