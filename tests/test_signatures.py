@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import http_sf
 import httpx
 import pytest
 from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver, algorithms
@@ -354,6 +355,43 @@ def test_fuzzed_signature_headers_never_500(servers, data):
     if response.status_code == 400:
         assert response.json()["msg"] == "bind authentication"
         assert response.headers.get("im-auth-error") in REASONS, headers
+
+
+# --- the canonical fast path reads exactly what http-sf reads ------------------------------------------------
+
+def sf_parse(text: str):
+    try:
+        return http_sf.parse(text.encode(), tltype="dictionary")
+    except Exception:
+        return None
+
+
+def check_canonical_input(text: str) -> None:
+    fast = im_backend.canonical_signature_input(text)
+    if fast is not None:
+        assert fast == sf_parse(text), text
+        assert http_sf.ser(fast) == text, text  # so the raw text is the serialised signature parameters
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.from_regex(im_backend._CANONICAL_INPUT, fullmatch=True))
+def test_canonical_signature_input_matches_http_sf(text):
+    check_canonical_input(text)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(st.sampled_from('sig1=()"@methodpath;created=0123456789-nonce keyid\\,:*'), max_size=60))
+def test_near_canonical_signature_input_matches_http_sf(text):
+    check_canonical_input(text)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.one_of(st.from_regex(im_backend._CANONICAL_SIGNATURE, fullmatch=True),
+                 st.text(st.sampled_from("sig1=:AQab+/= ,;"), max_size=30)))
+def test_canonical_signature_matches_http_sf(text):
+    fast = im_backend.canonical_signature(text)
+    if fast is not None:
+        assert fast == sf_parse(text), text
 
 
 # --- rotation -----------------------------------------------------------------------------------------------
