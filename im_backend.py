@@ -790,7 +790,7 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
         raise AuthFailure("malformed") from None
     base = "\n".join(lines).encode("latin-1", errors="replace")
     for secret in (tenant.secret, *tenant.previous_secrets):
-        if hmac.compare_digest(hmac.new(secret.encode(), base, hashlib.sha256).digest(), value[0]):
+        if hmac.compare_digest(hmac.digest(secret.encode(), base, "sha256"), value[0]):
             return nonce
     raise AuthFailure("bad-signature")
 

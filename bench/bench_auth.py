@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +60,29 @@ def signed_lua(svc: str, path: str, query: str, count: int, tag: str) -> str:
             + done.group(0))
 
 
+def micro(repeat: int = 7, number: int = 2000) -> dict[str, float]:
+    """In-process cost of one check in µs (best of `repeat` batches): signature verification of a GET and of a
+    form POST (with its Content-Digest), the same through http-sf only (the non-canonical path), an appKey."""
+    import timeit
+
+    tenant = im.Tenant("b_any", SECRET)
+    path, query, body = f"{PREFIX}/getinfo", "svc=b_any&post_id=1", b"author=bench&content=" + b"x" * 120
+
+    def scope(method: str, signed: dict) -> dict:
+        return {"method": method, "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+                "headers": [(b"host", b"127.0.0.1:8181")] + [(k.lower().encode(), v.encode()) for k, v in signed.items()]}
+
+    get = scope("GET", im.sign_request("b_any", SECRET, "GET", path, query))
+    post = scope("POST", im.sign_request("b_any", SECRET, "POST", path, query, body))
+    spaced = dict(get, headers=[(k, v.replace(b'" "', b'"  "')) for k, v in get["headers"]])  # not canonical
+    checker, appkey = im.AppKeyChecker(), im.encrypt_appkey(SECRET)
+    cases = {"verify GET": lambda: im.verify_signature(get, b"", tenant, 60),
+             "verify POST + digest": lambda: im.verify_signature(post, body, tenant, 60),
+             "verify GET via http-sf": lambda: im.verify_signature(spaced, b"", tenant, 60),
+             "appKey (cached)": lambda: checker.check(tenant, appkey)}
+    return {name: min(timeit.repeat(fn, repeat=repeat, number=number)) / number * 1e6 for name, fn in cases.items()}
+
+
 def publish(port: int, svc: str) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{PREFIX}/publish?svc={svc}&appKey="
                                  f"{im.encrypt_appkey(SECRET)}", method="POST",
@@ -75,10 +99,14 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="first, profile a signed run with py-spy (bench/profile-signed.txt, collapsed stacks)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
+    for name, micros in micro().items():
+        log(f"in-process: {name:<24} {micros:7.1f} µs per request")
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="im-bench-auth-"))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -103,6 +131,17 @@ def main() -> int:
             servers.append(server.start())
         posts = {svc: publish(backend.port, svc) for svc in ("b_any", "b_free", "b_lim")}
         tpl = {svc: [{"method": "GET", "path": f"{PREFIX}/getinfo?svc={svc}&post_id={posts[svc]}"}] for svc in posts}
+        query = f"svc=b_any&post_id={posts['b_any']}"
+        if args.profile:
+            script = workdir / "signed-profile.lua"
+            script.write_text(signed_lua("b_any", f"{PREFIX}/getinfo", query, SIGNED_PER_RUN, secrets.token_hex(8)))
+            out = BENCH / "profile-signed.txt"
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(backend.proc.pid), "-d", str(args.duration),
+                                    "-r", "250", "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            runner.wrk(backend.port, script, args.duration, pin)
+            spy.wait(60)
+            log(f"profile of a signed run written to {out}")
         ratios: dict[str, list[float]] = {"signed/ceiling": [], "appkey/ceiling": [], "limited/unlimited": []}
         for rnd in range(1, args.rounds + 1):
             log(f"round {rnd}/{args.rounds}")
@@ -127,6 +166,8 @@ def main() -> int:
             ratios["appkey/ceiling"].append(rps["appkey"] / rps["ceiling"])
             ratios["limited/unlimited"].append(rps["limited"] / rps["unlimited"])
             log("  " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()))
+        if not args.rounds:
+            return 0
         print("\nmedian of per-round ratios (min-max), %d rounds, wrk -t%d -c%d, %ss runs, %s:" % (
             args.rounds, args.threads, args.connections, args.duration, "pinned" if pin else "not pinned"))
         for name, values in ratios.items():
