@@ -18,7 +18,7 @@ from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver,
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import im_backend
-from conftest import ROOT, Server, app_config, eventually, free_port, svc_name, table_counts
+from conftest import ROOT, RedisProcess, Server, app_config, eventually, free_port, svc_name, table_counts
 
 SECRET = {"any": "W7K8pJ3aQv2LcXgH", "appkey": "Ab9xQ2mZ7kLp4sT1uV6wY3e8", "signed": "0123456789abcdef0123456789abcdef",
           "rot": "NEWsecret0123456", "rot_old": "OLDsecret0123456"}
@@ -392,6 +392,28 @@ def test_canonical_signature_matches_http_sf(text):
     fast = im_backend.canonical_signature(text)
     if fast is not None:
         assert fast == sf_parse(text), text
+
+
+# --- Redis down: nonces in the process's memory -------------------------------------------------------------
+
+def test_redis_down_nonces_kept_in_memory(workdir, backing):
+    redis_server = RedisProcess(workdir / "sig-redis", password="sig-secret")
+    cache = {"addr": redis_server.addr, "password": redis_server.password}
+    server = Server(workdir / "sig-redis-down", config(dict(backing, cache=cache), tenants())).start()
+    try:
+        url, svc, secret = server.url, svc_name("s_signed"), SECRET["signed"]
+        ok(send(sign(build(url, "GET", "/getlist", [], svc), secret, svc)))
+        redis_server.stop()
+        for _ in range(2):
+            request = sign(build(url, "GET", "/getlist", [], svc), secret, svc)
+            ok(send(request))
+            refused(send(resend(request)), "replayed")
+        log = server.log()
+        assert log.count("signature nonces are kept in this process's memory") == 1, log
+        assert "Traceback" not in log
+    finally:
+        server.stop()
+        redis_server.stop()
 
 
 # --- rotation -----------------------------------------------------------------------------------------------
