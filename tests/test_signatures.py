@@ -416,6 +416,28 @@ def test_redis_down_nonces_kept_in_memory(workdir, backing):
         redis_server.stop()
 
 
+def test_on_a_redis_cluster_nonces_and_limits_work(workdir, backing, redis_cluster):
+    """On a cluster nonces are claimed with a pipeline of single-key SETs, and the GCRA script is single-key."""
+    entries = tenants() + [{"name": svc_name("s_cl_lim"), "secret": SECRET["any"],
+                            "limits": {"requests_per_second": 0.02, "burst": 2}}]
+    server = Server(workdir / "sig-cluster", config(dict(backing, cache=dict(backing["cache"], **redis_cluster)),
+                                                    entries)).start()
+    try:
+        url, svc, secret = server.url, svc_name("s_signed"), SECRET["signed"]
+        requests = [sign(build(url, "GET", "/getlist", [("limit", str(i))], svc), secret, svc) for i in range(6)]
+        for request in requests:
+            ok(send(request))
+        for request in requests:
+            refused(send(resend(request)), "replayed")
+        limited = svc_name("s_cl_lim")
+        statuses = [send(build(url, "GET", "/getlist", [("appKey", im_backend.encrypt_appkey(SECRET["any"]))],
+                               limited)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 429, 429], statuses
+        assert "Redis unreachable" not in server.log()
+    finally:
+        server.stop()
+
+
 # --- rotation -----------------------------------------------------------------------------------------------
 
 async def test_rotation_previous_secret_until_removed_by_reload(workdir, backing):
