@@ -818,33 +818,39 @@ class NonceStore:
     """Nonces seen within 2 x auth_window: in Redis (SET NX EX, one key each: cluster-safe); while Redis is
     unreachable, in this process's memory (logged when that starts and when it ends).
 
-    Claims arriving while a round trip is under way wait for it and then go together in one pipeline: under
-    load, one round trip serves many requests."""
+    The claims of the requests that are ready together go to Redis together (one script call); a few such round
+    trips may be under way at once, later claims wait for one of them to finish and then go together."""
 
     MEMORY_MAX = 200_000  # nonces kept in memory at most (the oldest tenth goes when full)
+    IN_FLIGHT = 4  # round trips under way at once
 
     def __init__(self) -> None:
         self._memory: dict[str, float] = {}  # key -> monotonic expiry
         self._redis_off_until = 0.0
         self._degraded = False
         self._pending: list[tuple[Cache, str, int, asyncio.Future]] = []
-        self._sending = False
+        self._scheduled = False
+        self._in_flight = 0
 
     async def _claim_in_redis(self, cache: Cache, key: str, ttl: int) -> bool:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((cache, key, ttl, future))
-        if not self._sending:
-            self._sending = True
+        if not self._scheduled:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send_pending)  # after the requests ready now joined
         return await future
 
     def _send_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            self._sending = False
+        self._scheduled = False
+        if not self._pending or self._in_flight >= self.IN_FLIGHT:  # else the next round trip to end sends them
             return
-        task = asyncio.ensure_future(self._send(batch))
-        task.add_done_callback(lambda _: self._send_pending())
+        batch, self._pending = self._pending, []
+        self._in_flight += 1
+        asyncio.ensure_future(self._send(batch)).add_done_callback(self._sent)
+
+    def _sent(self, _: asyncio.Future) -> None:
+        self._in_flight -= 1
+        self._send_pending()
 
     @staticmethod
     async def _send(batch: list[tuple[Cache, str, int, asyncio.Future]]) -> None:
