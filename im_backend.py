@@ -2340,14 +2340,17 @@ for _route in ROUTES:
 
 SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
              "schema": {"type": "string", "pattern": SERVICE_NAME.pattern}, "example": "demo"}
-APPKEY_PARAM = {"name": "appKey", "in": "query", "required": True,
-                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s",
+APPKEY_PARAM = {"name": "appKey", "in": "query", "required": False,
+                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s. "
+                               "Not needed (and refused under `auth: signed`) when the request carries an RFC 9421 "
+                               "signature instead: Signature-Input, Signature (and Content-Digest) headers",
                 "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
                                                         f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
                 "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
 ERROR_ANSWERS = {  # status: what it means (the body is always the error envelope)
     "400": "bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
-           "authentication (svc/appKey)",
+           "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
+    "429": "too many requests: over the service's or the user's rate limit (Retry-After, RateLimit-Policy, RateLimit)",
     "500": "a data error (code 10001-10018, see the code table) or an unexpected error",
     "504": "the request took longer than server.timeout",
 }
