@@ -719,7 +719,7 @@ class AuthFailure(Exception):
         self.reason = reason
 
 
-APPKEY_SHAPE = re.compile(r"(?:[0-9a-fA-F]{2}){17,64}")  # hex of IV + 1..48 bytes: what decrypt_appkey reads
+APPKEY_SHAPE = re.compile(f"(?:[0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},{APPKEY_HEX_CHARS[1] // 2}}}")
 
 
 class AppKeyChecker:
