@@ -1753,6 +1753,7 @@ class Metrics:
     def __init__(self) -> None:
         # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
         self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue
+        prom.disable_created_metrics()  # no *_created series next to every counter and histogram
         self.registry = prom.CollectorRegistry()
         registry = None if self.multiprocess else self.registry  # multiprocess: read back from the files
         self.duration = prom.Histogram(
@@ -2187,7 +2188,7 @@ class App:
         if root and path.startswith(root):
             path = path[len(root):]
         started, rid = time.perf_counter(), request_id(scope)
-        REQUEST_ID.set(rid)  # in this request's own task: every log line about it carries the id (uvicorn's too)
+        rid_token = REQUEST_ID.set(rid)  # every log line about this request carries the id (uvicorn's access line too)
         headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
@@ -2204,6 +2205,7 @@ class App:
         await send({"type": "http.response.body", "body": body})
         if METRICS.enabled:
             METRICS.record(scope["method"], path, status, body, scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+        REQUEST_ID.reset(rid_token)  # for hosts that call us in a task of theirs
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
         """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""

@@ -278,8 +278,19 @@ async def test_request_ids_echoed_generated_and_logged(mclient, metrics_server):
         assert rid != hostile and im_backend.SANE_REQUEST_ID.fullmatch(rid.encode()), hostile
 
 
+def test_request_id_checks_what_reaches_the_application():
+    sane = b"Abc-123_x.y:z"
+    assert im_backend.request_id({"headers": [(b"x-request-id", sane)]}) == sane
+    assert im_backend.request_id({"headers": [(b"x-request-id", b"x" * 128)]}) == b"x" * 128
+    new_ids = {im_backend.request_id({"headers": [(b"x-request-id", hostile)]})
+               for hostile in (b"x" * 129, b"", b"abc\x00", b"abc\x01def", b"abc\x7f", b"\x1b[31mred", b"a\r\nb",
+                               b"caf\xc3\xa9", b"a/b", b"a b")}
+    new_ids.add(im_backend.request_id({"headers": []}))
+    assert len(new_ids) == 11 and all(im_backend.SANE_REQUEST_ID.fullmatch(rid) for rid in new_ids)
+
+
 async def test_control_characters_in_request_ids_are_replaced(metrics_server):
-    """Raw bytes, as no well-behaved client would send them."""
+    """Raw bytes, as no well-behaved client would send them (uvicorn's parser may refuse them first: 400)."""
     for hostile in (b"abc\x01def", b"abc\x7f", b"\x1b[31mred"):
         reader, writer = await asyncio.open_connection("127.0.0.1", metrics_server.port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + hostile + b"\r\nConnection: close\r\n\r\n")
@@ -387,3 +398,30 @@ def test_two_workers_one_scrape_shows_the_total(workdir, backing):
         assert pool >= 2 * im_backend.DbConfig.min_conns  # both workers' pools
     finally:
         stop(process)
+
+
+async def test_request_id_does_not_outlive_the_request():
+    """A host that calls the application in a task of its own does not see our id in its later log lines."""
+    app, sent = im_backend.App("/nonexistent"), []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app.handle_http({"type": "http", "method": "GET", "path": "/healthz",
+                           "headers": [(b"x-request-id", b"in-process-1")]}, None, send)
+    assert dict(sent[0]["headers"])[b"x-request-id"] == b"in-process-1"
+    assert im_backend.REQUEST_ID.get() is None
+
+
+def test_compose_runs_prometheus_scraping_the_app():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    mount = next(v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "im_backend")
+    assert job["metrics_path"] == im_backend.METRICS_PATH
+    app_port = compose["services"]["app"]["environment"]["IM_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"app:{app_port}"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
