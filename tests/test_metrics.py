@@ -427,3 +427,18 @@ def test_compose_runs_prometheus_scraping_the_app():
     app_port = compose["services"]["app"]["environment"]["IM_PORT"]
     assert job["static_configs"][0]["targets"] == [f"app:{app_port}"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+
+
+def test_dashboard_and_readme_queries_name_real_series():
+    import json
+    import re
+
+    metrics = im_backend.Metrics()
+    declared = {name for collector in metrics.registry._collector_to_names for name in
+                metrics.registry._collector_to_names[collector]} | {"im_cleanup_queue_depth"}
+    dashboard = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    readme = (ROOT / "README.md").read_text()
+    exprs += re.findall(r"```promql\n(.*?)```", readme, re.S)
+    used = {name for expr in exprs for name in re.findall(r"\b(?:im|http_server)_[a-z_]+", expr)}
+    assert len(used) >= 9 and used <= declared, used - declared
