@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
 import contextvars
 import dataclasses
@@ -41,6 +40,7 @@ import tempfile
 import time
 import urllib.parse
 import zoneinfo
+from bisect import bisect_left
 from typing import Any, Awaitable, Callable, Iterable
 
 import asyncpg
@@ -1786,11 +1786,13 @@ class Metrics:
         self.services: frozenset[str] = frozenset()
         self.cache_reads = [0, 0, 0]  # by TIER_*; only ever grows (readers may hold it across an await)
         self._reads_flushed = [0, 0, 0]
-        self._cells: dict[tuple, list] = {}  # (method, route, status, code, svc) -> bucket counts..., sum
+        self._cells: dict[tuple, list] = {}  # label values (method, route, status, code, svc) -> bucket counts..., sum
+        self._raw: dict[tuple, list] = {}  # the same cells by the request's own (method, path, ...) when bounded
         self._counts: dict[tuple, int] = {}  # (counter, label values) -> increments not flushed yet
 
     def configure(self, config: AppConfig) -> None:
         self.enabled, self.services = config.metrics.enabled, frozenset(config.services)
+        self._raw = {}
         self.token = b"Bearer " + config.metrics.token.encode() if config.metrics.token else b""
 
     def svc_label(self, svc: str | None) -> str:
@@ -1802,13 +1804,21 @@ class Metrics:
 
     def record(self, method: str, path: str, status: int, body: bytes, svc: str | None, seconds: float) -> None:
         code = status if status == 200 else envelope_code(body, status)
-        key = (METHOD_LABELS.get(method, "other"), ROUTE_LABELS.get(path, UNMATCHED), status, code,
-               svc if svc in self.services else self.svc_label(svc))
-        cell = self._cells.get(key)
+        cell = self._raw.get((method, path, status, code, svc))
         if cell is None:
-            cell = self._cells[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
-        cell[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # bucket i: seconds <= DURATION_BUCKETS[i]
+            cell = self._cell(method, path, status, code, svc)
+        cell[bisect_left(DURATION_BUCKETS, seconds)] += 1  # bucket i: seconds <= DURATION_BUCKETS[i]
         cell[-1] += seconds
+
+    def _cell(self, method: str, path: str, status: int, code: int, svc: str | None) -> list:
+        labels = (METHOD_LABELS.get(method, "other"), ROUTE_LABELS.get(path, UNMATCHED), status, code,
+                  self.svc_label(svc))
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+        if method in METHOD_LABELS and path in ROUTE_LABELS and (svc is None or svc in self.services):
+            self._raw[(method, path, status, code, svc)] = cell  # only values from the tables: bounded
+        return cell
 
     # --- for producers elsewhere (see the class docstring) --------------------------------
 
@@ -1835,7 +1845,7 @@ class Metrics:
 
     def flush(self, pool: asyncpg.Pool | None) -> None:
         """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
-        cells, self._cells = self._cells, {}
+        cells, self._cells, self._raw = self._cells, {}, {}
         for (method, route, status, code, svc), cell in cells.items():
             child = self.duration.labels(method, route, str(status))
             # a batch of observations at once: prometheus-client keeps one (non-cumulative) value per bucket
@@ -1921,8 +1931,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # a caller's id we echo; anything else: a new one
 REQUEST_ID: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("im_backend_request_id", default=None)
 _request_counter = itertools.count(1)
-_request_id_prefix = [secrets.token_hex(6).encode()]  # per process: ids are "<prefix>-<counter in hex>"
-os.register_at_fork(after_in_child=lambda: _request_id_prefix.__setitem__(0, secrets.token_hex(6).encode()))
+_request_id_prefix = [secrets.token_hex(6).encode() + b"-"]  # per process: ids are "<prefix>-0x<counter>"
+os.register_at_fork(after_in_child=lambda: _request_id_prefix.__setitem__(0, secrets.token_hex(6).encode() + b"-"))
 
 
 def request_id(scope: dict) -> bytes:
@@ -1932,7 +1942,7 @@ def request_id(scope: dict) -> bytes:
             if SANE_REQUEST_ID.fullmatch(value):
                 return value
             break
-    return b"%s-%x" % (_request_id_prefix[0], next(_request_counter))
+    return _request_id_prefix[0] + hex(next(_request_counter)).encode()
 
 
 # --- log format ------------------------------------------------------------------------------------------------

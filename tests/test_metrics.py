@@ -442,3 +442,16 @@ def test_dashboard_and_readme_queries_name_real_series():
     exprs += re.findall(r"```promql\n(.*?)```", readme, re.S)
     used = {name for expr in exprs for name in re.findall(r"\b(?:im|http_server)_[a-z_]+", expr)}
     assert len(used) >= 9 and used <= declared, used - declared
+
+
+def test_made_up_paths_methods_and_services_keep_memory_bounded():
+    metrics = im_backend.Metrics()
+    metrics.configure(im_backend.parse_app_config(f"svc: [{{name: s1, secret: {SECRET}}}]\n"))
+    body = im_backend.error_envelope(im_backend.Err.NOT_FOUND)
+    for i in range(500):
+        metrics.record("GET", f"/x/{i}", 404, body, None, 0.001)
+        metrics.record(f"M{i}", PREFIX + "/getinfo", 405, body, None, 0.001)
+        metrics.record("GET", PREFIX + "/getinfo", 400, b"{}", f"svc{i}", 0.001)
+        metrics.record("GET", PREFIX + "/getinfo", 200, b"{}", "s1", 0.001)
+    assert len(metrics._cells) == 4 and len(metrics._raw) == 1
+    assert sorted(key[-1] for key in metrics._cells) == ["none", "none", "s1", "unknown"]
