@@ -234,9 +234,12 @@ async def test_metrics_switch_and_token_reload(workdir, backing):
             samples = await scrape(client)
             assert value(samples, "im_config_reloads_total", result="ok") == 1
             assert value(samples, "im_config_reloads_total", result="rejected") == 1
-            srv.write_config(app_config(backing, {svc: SECRET}, metrics={"enabled": False}))
+            srv.write_config(app_config(backing, {svc: SECRET}, metrics={"enabled": False}, log={"format": "json"}))
             assert await eventually(lambda: _status(client, "/metrics", 404), timeout=10)
             assert (await client.get("/healthz")).status_code == 200
+        reloaded = [line for line in srv.log().splitlines() if "configuration reloaded" in line]
+        assert len(reloaded) == 2 and not reloaded[0].startswith("{")  # text until log.format changed to json
+        assert orjson.loads(reloaded[-1])["logger"] == "im_backend"
     finally:
         srv.stop()
 
