@@ -1903,10 +1903,25 @@ class Metrics:
         self.scrape_time.cleanup_depths = depths
         registry = self.registry
         if self.multiprocess:
+            forget_dead_workers()
             registry = prom.CollectorRegistry()
             prom.multiprocess.MultiProcessCollector(registry)
             registry.register(self.scrape_time)
         return 200, prom.generate_latest(registry)
+
+
+def forget_dead_workers() -> None:
+    """Live-summed gauges of workers that died without shutting down (killed; uvicorn starts another) leave
+    the sums; their counters stay, as counts that happened."""
+    for path in pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                prom.multiprocess.mark_process_dead(int(pid))
+            except PermissionError:  # alive, someone else's
+                pass
 
 
 class ScrapeTimeGauges:

@@ -400,7 +400,24 @@ def test_two_workers_one_scrape_shows_the_total(workdir, backing):
                      route=PREFIX + "/getlist", status="200") == sent
         pool = value(samples, "im_db_pool_connections", state="idle") + value(samples, "im_db_pool_connections",
                                                                               state="used")
-        assert pool >= 2 * im_backend.DbConfig.min_conns  # both workers' pools
+        assert pool == 2 * im_backend.DbConfig.min_conns  # both workers' pools (sequential requests: no growth)
+
+        # a worker killed outright: uvicorn starts another; the dead one's pool leaves the sum, its counts stay
+        killed = int(next(metrics_dir.glob("gauge_livesum_*.db")).stem.rsplit("_", 1)[1])
+        os.kill(killed, signal.SIGKILL)
+        with httpx.Client(base_url=url, timeout=10) as scraper:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                samples = parse(scraper.get("/metrics").text)
+                pools = value(samples, "im_db_pool_connections", state="idle") + value(
+                    samples, "im_db_pool_connections", state="used")
+                live = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_livesum_*.db")}
+                if killed not in live and len(live) == 2 and pools == 2 * im_backend.DbConfig.min_conns:
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError(f"pool sum {pools}, workers with gauges {live}, killed {killed}")
+        assert value(samples, "im_requests_total", svc=svc, route=PREFIX + "/getlist", code="200") == sent
     finally:
         stop(process)
 
