@@ -1,6 +1,7 @@
 """What metrics cost: getinfo with metrics on vs off (`metrics: {enabled: false}`), and a microbenchmark.
 
     .venv/bin/python bench/bench_metrics.py [--rounds 5] [--duration 5] [--warmup 1] [--micro-only]
+                                            [--baseline /tmp/im_backend_main.py]
 
 1. Microbenchmark (no server): the per-request work of section 8 of im_backend.py (request id, the timing and
    Metrics.record) next to what prometheus-client's own Histogram.observe + Counter.inc on cached children
@@ -169,21 +170,40 @@ def paired(args: argparse.Namespace) -> list[float]:
         on = bench.Server("metrics-on", "im_backend:app", bench.ROOT, envs["on"], workdir, cpus, ready_path="/readyz")
         off = bench.Server("metrics-off", "im_backend:app", bench.ROOT, envs["off"], workdir, cpus,
                            ready_path="/readyz")
-        for server in (on, off):
-            servers.append(server.start())
+        base = None
+        if args.baseline:  # another build (e.g. before metrics and request ids), metrics keys ignored there
+            base_dir = workdir / "baseline"
+            base_dir.mkdir()
+            shutil.copy(args.baseline, base_dir / "im_backend.py")
+            base = bench.Server("baseline", "im_backend:app", base_dir, envs["off"], workdir, cpus,
+                                ready_path="/readyz")
+        for server in (on, off, base):
+            if server is not None:
+                servers.append(server.start())
         runner = bench.Runner(argparse.Namespace(threads=1, connections=64, warmup=args.warmup,
                                                  duration=args.duration), workdir, pin)
         runner.own_roots = [pg.get_pid(), redis_server.pid]
         tpl = bench.templates(svc, level["hot_post"])["getinfo"]
-        ratios = []
+        ratios: list[float] = []
+        base_ratios: list[tuple[float, float]] = []
         for round_ in range(args.rounds):
-            order = (on, off) if round_ % 2 == 0 else (off, on)
+            order = [on, off] if round_ % 2 == 0 else [off, on]
+            if base is not None:
+                order.insert(round_ % 3, base)
             rps = {}
             for server in order:
                 rps[server] = runner.scenario(f"getinfo-{server.name}", server, secret, tpl, pinned=pin,
                                               rows=1000)["rps"]
             ratios.append(rps[on] / rps[off])
-            bench.log(f"round {round_ + 1}: on/off = {ratios[-1]:.3f}")
+            if base is not None:
+                base_ratios.append((rps[on] / rps[base], rps[off] / rps[base]))
+            bench.log(f"round {round_ + 1}: on/off = {ratios[-1]:.3f}" + (
+                f", on/baseline = {base_ratios[-1][0]:.3f}, off/baseline = {base_ratios[-1][1]:.3f}" if base else ""))
+        if base_ratios:
+            for i, name in enumerate(("on", "off")):
+                values = [pair[i] for pair in base_ratios]
+                bench.log(f"getinfo, metrics {name} / baseline build: median {statistics.median(values):.3f} "
+                          f"(min {min(values):.3f}, max {max(values):.3f})")
         return ratios
     finally:
         for server in servers:
@@ -205,6 +225,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
     parser.add_argument("--micro-only", action="store_true")
     parser.add_argument("--in-process-only", action="store_true", help="no wrk rounds")
+    parser.add_argument("--baseline", type=pathlib.Path, help="an im_backend.py of another build to measure in the "
+                        "same rounds (e.g. `git show main:im_backend.py > /tmp/base.py`)")
     parser.add_argument("--micro-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.micro_child:
