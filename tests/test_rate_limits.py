@@ -68,6 +68,9 @@ async def test_a_burst_over_the_limit_gets_429_and_writes_nothing(servers, db):
     assert statuses == [200] * 5 + [429] * 4, statuses
     assert (await table_counts(db, svc))["post_info"] == 5
     assert (await call(url, "rl_burst", "GET", "/getlist")).status_code == 429  # reads count too
+    async with httpx.AsyncClient(timeout=30) as client:  # each 429 counted once, for its service
+        metrics = (await client.get(url + "/metrics")).text
+    assert f'im_ratelimited_total{{svc="{svc}"}} 5.0' in metrics, metrics
 
 
 async def test_two_processes_share_one_limit(servers):
