@@ -208,7 +208,9 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
                 lambda: im.read_body(cur["scope"], receive, service.config.server.body_limit),
             "routing (path, route table, method)": routing,
             "query parsing (Request + parse_query)": lambda: im.Request(cur["scope"], b""),
-            "appKey check (decryption cached)": lambda: app.appkeys.check(services, svc, cur["key"]),
+            # App.auth.check(req, service, route) (a coroutine) since signed requests; App.appkeys.check before
+            "appKey check (decryption cached)": (lambda: app.auth.check(cur["req"], service, route))
+            if hasattr(app, "auth") else (lambda: app.appkeys.check(services, svc, cur["key"])),
             "parameters (extract)": lambda: im.extract(cur["req"], route.params),
             "near cache (Service.get_post, hit)": lambda: service.get_post(svc, post_id),
             "envelope (prefix + data + })": lambda: im.SUCCESS_PREFIX + data + b"}",
@@ -218,7 +220,7 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
         for name, fn in stages.items():
             if fn is None:
                 continue
-            if name.startswith(("read_body", "near cache")):  # coroutines: awaited
+            if name.startswith(("read_body", "near cache")) or (name.startswith("appKey") and hasattr(app, "auth")):
                 async def call(fn=fn):
                     return await fn()
                 wrapped[name] = call
