@@ -1774,9 +1774,7 @@ class Service:
     async def get_post(self, svc: str, post_id: int) -> bytes:
         """Read a post (answered as ready-made JSON, straight from the cache when it is there)."""
         key = post_info_key(svc, post_id)
-        cached = self.cache.near.get(key)  # hot path: a near-cache hit needs no Cache.get coroutine to await
-        if cached is None:
-            cached = await self.cache.get(key)
+        cached = await self.cache.get(key)
         if cached is None:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
