@@ -10,6 +10,7 @@ One hand-written ASGI module, read top to bottom in the order data flows:
   6. domain operations: posts, comments, likes, background clean-up
   7. HTTP layer: parameter parsing, the route table, OpenAPI
   8. the ASGI application and its lifespan
+  8b. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
   9. command line
 
 The wire contract is ../shared/SPEC.md (a drop-in replacement for the Go IM-Backend).
@@ -24,6 +25,7 @@ import datetime as dt
 import enum
 import functools
 import gc
+import http
 import io
 import itertools
 import logging
@@ -31,6 +33,7 @@ import os
 import pathlib
 import random
 import re
+import resource
 import secrets
 import shutil
 import sys
@@ -45,6 +48,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 import yaml
@@ -70,6 +74,7 @@ class Err(enum.Enum):
     NOT_FOUND = (404, "not found")
     METHOD_NOT_ALLOWED = (405, "method not allowed")
     BODY_TIMEOUT = (408, "request body timeout")
+    HEADER_TIMEOUT = (408, "request header timeout")  # part of a request head came, then nothing
     BODY_TOO_LARGE = (413, "request body too large")
     HEADERS_TOO_LARGE = (431, "request header fields too large")
     TOO_MANY_REQUESTS = (429, "too many requests")
@@ -161,6 +166,7 @@ class DbConfig:
     dbname: str = "postgres"
     min_conns: int = 2
     max_conns: int = 10
+    pool_wait: float = 5.0  # seconds a request waits for a free connection, then answers its error code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,8 @@ class CacheConfig:
     commentlike_expire: int = 300
     near_ttl: float = 0.5  # seconds a process may serve an entry from its own memory (0: never)
     near_size: int = 10000  # entries kept in that memory at most
+    pool_size: int = 256  # Redis connections per process (per node with a cluster)
+    pool_wait: float = 2.0  # seconds a request waits for a free one (then reads fall back, writes answer their code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +200,12 @@ class ServerConfig:
     max_limit: int = 100  # largest page a list endpoint returns
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
+    # Enforced by GuardedHttpProtocol (section 8b), per process:
+    header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
+    max_headers: int = 100  # header fields per request; more → 431 and closed
+    header_timeout: float = 10.0  # seconds for a request's head to arrive (from connect / the previous answer)
+    body_timeout: float = 10.0  # seconds a request body may stop arriving; longer → 408 and closed
+    max_connections: int = 0  # open connections; beyond → 503 + Retry-After, closed (0: from the fd limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +270,9 @@ def parse_app_config(text: str) -> AppConfig:
         services[name] = secret
         tenants[name] = Tenant(name, secret)
     server = _section(raw, "server", ServerConfig)
+    if server.header_limit < 1024 or server.max_headers < 1 or min(server.header_timeout, server.body_timeout) <= 0:
+        raise ConfigError("'server.header_limit' must be at least 1024, 'max_headers' at least 1 and "
+                          "'header_timeout', 'body_timeout' above 0")
     clean = _section(raw, "clean", CleanConfig)
     if min(clean.commentbatch, clean.postlikebatch, clean.commentlikebatch) < 1:
         raise ConfigError("'clean' batch sizes must be at least 1")
@@ -800,14 +817,18 @@ def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
     # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
     common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                  max_connections=256, retry=Retry(NoBackoff(), 1))
+                                  max_connections=cfg.pool_size, retry=Retry(NoBackoff(), 1))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
+    # All connections busy (a burst): wait up to pool_wait for one instead of failing with "Too many connections".
     if cfg.addr.startswith("unix://") or cfg.addr.startswith("/"):
-        return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), db=cfg.db, **common)
-    host, port = _host_port(cfg.addr)
-    return aioredis.Redis(host=host, port=port, db=cfg.db, **common)
+        where: dict[str, Any] = dict(connection_class=UnixDomainSocketConnection, path=cfg.addr.removeprefix("unix://"))
+    else:
+        host, port = _host_port(cfg.addr)
+        where = dict(host=host, port=port)
+    pool = aioredis.BlockingConnectionPool(db=cfg.db, timeout=cfg.pool_wait, **where, **common)
+    return aioredis.Redis.from_pool(pool)
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -1006,13 +1027,15 @@ class Service:
         """A connection for service svc; database errors become the given code (missing table: 10001)."""
         if svc not in self.ready:
             raise ApiError(Err.TABLE_CREATE_FAILED)
+        pool = self.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
+        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else self.config.db.pool_wait
         try:
-            async with self.pool.acquire() as conn:
+            async with pool.acquire(timeout=wait) as conn:
                 yield conn
         except asyncpg.UndefinedTableError:
             log.error("a table of service %r is missing", svc)
             raise ApiError(Err.TABLE_MISSING) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
             log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
 
@@ -1685,6 +1708,7 @@ class App:
         text = await self.source.start(self.reload)
         try:
             config = parse_app_config(text)
+            SERVER_LIMITS.apply(config)
             pool = await self._connect_db(config.db, wait=config.server.startup_wait)
         except BaseException:
             await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
@@ -1761,6 +1785,7 @@ class App:
                 ready = await ensure_tables(pool, config.services)
             new = Service(config, pool, cache, ready, old.background)
             self.service = new
+            SERVER_LIMITS.apply(config)
             self.source.save_last_good(text)
             if self._cleanup_task:
                 self._cleanup_task.cancel()
@@ -1980,6 +2005,265 @@ app = create_app()
 
 
 # ============================================================================
+# 8b. The HTTP server protocol
+# ============================================================================
+# uvicorn's httptools protocol (the fast one) limits nothing before a request reaches the app: a request head
+# may be any size (httptools keeps growing its buffer), a connection may send its head one byte at a time
+# forever, and every connection is accepted. GuardedHttpProtocol is that protocol plus:
+#   - a request head larger than server.header_limit bytes or with more than server.max_headers fields:
+#     431 and close, without reading (let alone buffering) the rest;
+#   - the head must arrive within server.header_timeout of the connection opening or of the previous answer,
+#     and a body must keep arriving (no pause longer than server.body_timeout): else 408 and close (a connection
+#     that sent nothing is just closed);
+#   - an answer given before the request body was fully received (413, 504, 408) closes the connection;
+#   - beyond server.max_connections open connections in this process, a new connection is answered 503 with
+#     Retry-After and closed at once, instead of waiting in line.
+# Select it with `uvicorn im_backend:app --http im_backend:GuardedHttpProtocol`; `python im_backend.py` and the
+# container do. uvicorn creates protocols from its own Config, before our application has read its
+# configuration; so the protocol reads the module-level SERVER_LIMITS, which App.startup and App.reload fill from
+# `server:` (and which hot-reload with it). Each worker process has its own.
+
+from uvicorn.protocols.http import httptools_impl as _uvicorn_httptools  # noqa: E402  (pinned: requirements)
+
+UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was written against
+FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
+RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
+
+
+def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
+    """server.max_connections when not configured: the soft RLIMIT_NOFILE less the pools and a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - db.max_conns - cache.pool_size - FD_RESERVE)
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    """What GuardedHttpProtocol enforces in this process (see above for why this is module-level state)."""
+    header_limit: int = ServerConfig.header_limit
+    max_headers: int = ServerConfig.max_headers
+    header_timeout: float = ServerConfig.header_timeout
+    body_timeout: float = ServerConfig.body_timeout
+    max_connections: int = dataclasses.field(default_factory=lambda: default_max_connections(DbConfig(), CacheConfig()))
+
+    def apply(self, config: AppConfig) -> None:
+        server = config.server
+        self.header_limit, self.max_headers = server.header_limit, server.max_headers
+        self.header_timeout, self.body_timeout = server.header_timeout, server.body_timeout
+        self.max_connections = server.max_connections or default_max_connections(config.db, config.cache)
+
+
+SERVER_LIMITS = ServerLimits()
+
+
+def _raw_answer(err: Err, *headers: bytes) -> bytes:
+    """A complete HTTP/1.1 answer carrying err's envelope, that closes the connection."""
+    body = error_envelope(err)
+    head = [b"HTTP/1.1 %d %s" % (err.code, http.HTTPStatus(err.code).phrase.encode()),
+            b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close", *headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+RAW_ANSWERS = {err: _raw_answer(err) for err in (Err.HEADERS_TOO_LARGE, Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT)}
+
+
+async def over_capacity(scope: dict, receive: Callable, send: Callable) -> None:
+    """The ASGI app of a connection opened beyond server.max_connections: 503, come back in a second."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": JSON_HEADERS + [(b"retry-after", RETRY_AFTER), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": error_envelope(Err.UNAVAILABLE)})
+
+
+class UvicornSeam:
+    """Every use GuardedHttpProtocol makes of uvicorn internals (attributes of httptools_impl.HttpToolsProtocol
+    and of its RequestResponseCycle that are not a documented interface), in one place. Written against uvicorn
+    UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py checks the pin): re-read
+    httptools_impl.py and these methods when upgrading uvicorn."""
+
+    @staticmethod
+    def check_version() -> None:
+        import uvicorn
+        if uvicorn.__version__ != UVICORN_SEAM_VERSION:
+            log.warning("GuardedHttpProtocol was written against uvicorn %s, this is %s: check UvicornSeam",
+                        UVICORN_SEAM_VERSION, uvicorn.__version__)
+
+    @staticmethod
+    def open_connections(proto: _uvicorn_httptools.HttpToolsProtocol) -> int:
+        # server_state.connections: the process's open HTTP connections (uvicorn keeps it for shut-down).
+        return len(proto.connections)
+
+    @staticmethod
+    def serve_with(proto: _uvicorn_httptools.HttpToolsProtocol, app: Callable) -> None:
+        # on_headers_complete() runs `self.app` for each request of the connection: answer them with `app`.
+        proto.app = app
+
+    @staticmethod
+    def cycle(proto: _uvicorn_httptools.HttpToolsProtocol) -> Any:
+        # The RequestResponseCycle of the latest request whose head was parsed (None before the first).
+        return proto.cycle
+
+    @staticmethod
+    def pipelined(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
+        # Requests parsed ahead and queued behind the current one (HTTP pipelining).
+        return bool(proto.pipeline)
+
+    @staticmethod
+    def hold_keep_alive(cycle: Any) -> bool:
+        # cycle.keep_alive decides whether the answer says "connection: close" and closes after it. Turn it off
+        # while the body is still arriving; release_keep_alive() restores it once the body is complete.
+        keep, cycle.keep_alive = cycle.keep_alive, False
+        return keep
+
+    @staticmethod
+    def release_keep_alive(cycle: Any, keep: bool) -> None:
+        if not cycle.response_started:  # an answer already on its way has told the client "close"
+            cycle.keep_alive = keep
+
+    @staticmethod
+    def answering(cycle: Any) -> bool:
+        # The app has begun an answer to this request (nothing else may be written on the connection).
+        return cycle.response_started
+
+    @staticmethod
+    def answered(cycle: Any) -> bool:
+        return cycle.response_complete
+
+    @staticmethod
+    def abandon(cycle: Any) -> None:
+        # What connection_lost() does to a cycle, done now: the app's receive() returns http.disconnect and its
+        # send() writes nothing (we answer, or close, in its place).
+        cycle.disconnected = True
+        cycle.message_event.set()
+
+
+_HEAD, _BODY, _APP = 0, 1, 2  # what a connection waits for: a request head, the rest of a body, the app's answer
+UvicornSeam.check_version()
+
+
+class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
+    """uvicorn's httptools protocol with header limits, read timeouts and a connection cap (see above).
+
+    One timer per connection, armed at most once per timeout period: it fires at `_deadline` or later, and
+    re-arms itself when the deadline has moved on in the meantime (cheaper than a new timer per read)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._head_bytes = 0  # bytes of the request head received so far
+        self._head_done = False  # set when a head is complete (for _oversized_head)
+        self._keep_alive = True  # the keep-alive of the request whose body is arriving
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
+
+    # --- connection and timer ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if UvicornSeam.open_connections(self) > SERVER_LIMITS.max_connections:
+            UvicornSeam.serve_with(self, over_capacity)
+        self._expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expect_head(self) -> None:
+        self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _APP or self.transport.is_closing():  # the app's own timeout (504) rules now
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        elif self._phase == _BODY:
+            self._refuse(Err.BODY_TIMEOUT)
+        elif self._head_bytes:
+            self._refuse(Err.HEADER_TIMEOUT)
+        else:  # nothing of a next request came: a silent close, as uvicorn's keep-alive timeout does
+            self.transport.close()
+
+    def _refuse(self, err: Err) -> None:
+        """Answer err (unless another answer is due on this connection first) and close: nothing more is read."""
+        cycle = UvicornSeam.cycle(self)
+        if self._phase == _BODY:  # err is the answer to the request whose body is arriving
+            answer = not UvicornSeam.answering(cycle)
+        else:  # err is about the next request's head: answer it only if no earlier request is still unanswered
+            answer = cycle is None or UvicornSeam.answered(cycle)
+        if cycle is not None and not UvicornSeam.answered(cycle):
+            UvicornSeam.abandon(cycle)
+        if answer:
+            self.transport.write(RAW_ANSWERS[err])
+        self.transport.close()
+
+    # --- reading ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase != _BODY:  # bytes of a request head
+            room = SERVER_LIMITS.header_limit - self._head_bytes
+            if len(data) > room:
+                return self._oversized_head(data, room)
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._phase == _BODY:  # a body is arriving: it must keep arriving
+            self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _oversized_head(self, data: bytes, room: int) -> None:
+        """More bytes than a head may have: parse only those that fit; unless the head ends there, answer 431."""
+        self._head_done = False
+        if room > 0:
+            self._head_bytes += room
+            super().data_received(data[:room])
+        if self.transport.is_closing():  # the parser refused it already
+            return
+        if not self._head_done:
+            return self._refuse(Err.HEADERS_TOO_LARGE)
+        self.data_received(data[room:])  # the head ended in time; the rest is its body or a next request
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser rejects; ours when it was we who stopped the parser."""
+        if self._refusal is None:
+            return super().send_400_response(msg)
+        self._refuse(self._refusal)
+
+    # --- parser callbacks -------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > SERVER_LIMITS.max_headers:
+            self._refusal = Err.HEADERS_TOO_LARGE
+            raise ValueError("too many header fields")  # stops the parser: see send_400_response
+        before = UvicornSeam.cycle(self)
+        super().on_headers_complete()
+        self._head_bytes, self._head_done = 0, True
+        cycle = UvicornSeam.cycle(self)
+        if cycle is before:  # no new request: uvicorn hands the connection to a WebSocket protocol
+            self._phase = _APP
+            return
+        self._phase = _BODY
+        self._keep_alive = UvicornSeam.hold_keep_alive(cycle)  # no keep-alive until its body is in
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._phase == _BODY:
+            self._phase = _APP
+            UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
+
+    def on_response_complete(self) -> None:
+        queued = UvicornSeam.pipelined(self)
+        super().on_response_complete()
+        if self._phase == _APP and not queued and not self.transport.is_closing():
+            self._expect_head()
+
+
+# ============================================================================
 # 9. Command line
 # ============================================================================
 
@@ -2015,7 +2299,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+                log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto",
+                http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (8b)
                 timeout_graceful_shutdown=15, proxy_headers=False, server_header=False)
     return 0
 
