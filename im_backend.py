@@ -36,6 +36,7 @@ import re
 import resource
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -1751,6 +1752,7 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
         await self.deadlines.stop()
+        Acceptor.stop()
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
@@ -2017,7 +2019,9 @@ app = create_app()
 #     that sent nothing is just closed);
 #   - an answer given before the request body was fully received (413, 504, 408) closes the connection;
 #   - beyond server.max_connections open connections in this process, a new connection is answered 503 with
-#     Retry-After and closed at once, instead of waiting in line.
+#     Retry-After and closed at once, instead of waiting in line;
+#   - new connections are accepted in batches (Acceptor): uvloop accepts one per turn of its event loop, so under
+#     load a burst of new connections waited seconds in the kernel's accept queue.
 # Select it with `uvicorn im_backend:app --http im_backend:GuardedHttpProtocol`; `python im_backend.py` and the
 # container do. uvicorn creates protocols from its own Config, before our application has read its
 # configuration; so the protocol reads the module-level SERVER_LIMITS, which App.startup and App.reload fill from
@@ -2028,6 +2032,7 @@ from uvicorn.protocols.http import httptools_impl as _uvicorn_httptools  # noqa:
 UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was written against
 FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
 RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
+ACCEPT_BATCH = 256  # connections Acceptor takes from the accept queue per wake-up
 
 
 def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
@@ -2089,6 +2094,12 @@ class UvicornSeam:
                         UVICORN_SEAM_VERSION, uvicorn.__version__)
 
     @staticmethod
+    def protocol_factory(proto: _uvicorn_httptools.HttpToolsProtocol) -> Callable[[], asyncio.Protocol]:
+        # What uvicorn's Server.startup() passes to loop.create_server(): the protocol class on the same state.
+        return functools.partial(type(proto), config=proto.config, server_state=proto.server_state,
+                                 app_state=proto.app_state)
+
+    @staticmethod
     def open_connections(proto: _uvicorn_httptools.HttpToolsProtocol) -> int:
         # server_state.connections: the process's open HTTP connections (uvicorn keeps it for shut-down).
         return len(proto.connections)
@@ -2121,6 +2132,12 @@ class UvicornSeam:
             cycle.keep_alive = keep
 
     @staticmethod
+    def body_complete(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
+        # on_message_complete() sets cycle.more_body = False once the whole request body has been parsed.
+        cycle = proto.cycle
+        return cycle is None or not cycle.more_body  # None: the first request was a protocol upgrade
+
+    @staticmethod
     def answering(cycle: Any) -> bool:
         # The app has begun an answer to this request (nothing else may be written on the connection).
         return cycle.response_started
@@ -2137,11 +2154,79 @@ class UvicornSeam:
         cycle.message_event.set()
 
 
+class Acceptor:
+    """Accepts new connections in batches, beside the event loop's own accept.
+
+    uvloop (libuv >= 1.45) accepts one connection per turn of its loop. A turn under load takes tens of
+    milliseconds, so a burst of a thousand new connections waited seconds in the kernel's accept queue, and
+    every newcomer behind them (measured: a fresh connection waited up to 16.8 s while open ones were served
+    in 87 ms). This reader, on a duplicate of the listening socket, takes up to ACCEPT_BATCH connections per
+    wake-up and hands each to the loop exactly as uvicorn does (loop.connect_accepted_socket with uvicorn's
+    protocol factory); the cap (503) then applies to them at once. Installed by the first connection of the
+    process (the listening socket is found among the process's descriptors: Linux /proc); stopped when uvicorn
+    shuts the connections down or the app stops."""
+
+    active: Acceptor | None = None
+    tried = False
+
+    def __init__(self, sock: Any, factory: Callable[[], asyncio.Protocol], ssl: Any) -> None:
+        self.sock, self.factory, self.ssl = sock, factory, ssl
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    @classmethod
+    def install(cls, proto: GuardedHttpProtocol) -> None:
+        cls.tried = True
+        conn = proto.transport.get_extra_info("socket")
+        if conn is None or conn.family not in (socket.AF_INET, socket.AF_INET6) or not os.path.isdir("/proc/self/fd"):
+            return
+        port = conn.getsockname()[1]
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.fromfd(int(name), conn.family, socket.SOCK_STREAM)
+            except (OSError, ValueError):
+                continue
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
+                    sock.setblocking(False)
+                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), proto.config.ssl)
+                    return
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors (or the like): pause a second, as asyncio's accept does
+                log.warning("accept failed: %s", exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(1.0, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
+                    self.sock.fileno(), self._accept))
+                return
+            conn.setblocking(False)
+            self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl))
+
+    @classmethod
+    def stop(cls) -> None:
+        acceptor, cls.active = cls.active, None
+        if acceptor is not None and acceptor.sock.fileno() >= 0:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                acceptor.loop.remove_reader(acceptor.sock.fileno())
+            acceptor.sock.close()
+
+
 _HEAD, _BODY, _APP = 0, 1, 2  # what a connection waits for: a request head, the rest of a body, the app's answer
 UvicornSeam.check_version()
 
 
-class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
+_HttpTools = _uvicorn_httptools.HttpToolsProtocol
+
+
+class GuardedHttpProtocol(_HttpTools):
     """uvicorn's httptools protocol with header limits, read timeouts and a connection cap (see above).
 
     One timer per connection, armed at most once per timeout period: it fires at `_deadline` or later, and
@@ -2152,7 +2237,7 @@ class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
         self._phase = _HEAD
         self._head_bytes = 0  # bytes of the request head received so far
         self._head_done = False  # set when a head is complete (for _oversized_head)
-        self._keep_alive = True  # the keep-alive of the request whose body is arriving
+        self._keep_alive: bool | None = None  # the keep-alive of a request whose body is arriving, held off
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
@@ -2163,7 +2248,14 @@ class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
         super().connection_made(transport)
         if UvicornSeam.open_connections(self) > SERVER_LIMITS.max_connections:
             UvicornSeam.serve_with(self, over_capacity)
+        if not Acceptor.tried:
+            Acceptor.install(self)
         self._expect_head()
+
+    def shutdown(self) -> None:
+        """uvicorn shuts the server down: it stopped listening, and so does the Acceptor."""
+        Acceptor.stop()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -2210,11 +2302,26 @@ class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
             if len(data) > room:
                 return self._oversized_head(data, room)
             self._head_bytes += len(data)
-        super().data_received(data)
-        if self._phase == _BODY:  # a body is arriving: it must keep arriving
-            self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
-            if self._timer is None:
-                self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        _HttpTools.data_received(self, data)  # (not super(): this runs per request; super() costs a little)
+        if self._phase == _BODY:  # a head was parsed (now or before): is its body all in?
+            if UvicornSeam.body_complete(self):
+                self._phase = _APP
+                if self._keep_alive is not None:  # held by _body_pending()
+                    UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
+                    self._keep_alive = None
+            else:  # rare: most bodies arrive with their head
+                self._body_pending()
+
+    def _body_pending(self) -> None:
+        """The body must keep arriving; an answer given before it is all in closes the connection."""
+        if self.transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
+            self._phase = _APP
+            return
+        if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
+            self._keep_alive = UvicornSeam.hold_keep_alive(UvicornSeam.cycle(self))
+        self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
     def _oversized_head(self, data: bytes, room: int) -> None:
         """More bytes than a head may have: parse only those that fit; unless the head ends there, answer 431."""
@@ -2240,27 +2347,16 @@ class GuardedHttpProtocol(_uvicorn_httptools.HttpToolsProtocol):
         if len(self.headers) > SERVER_LIMITS.max_headers:
             self._refusal = Err.HEADERS_TOO_LARGE
             raise ValueError("too many header fields")  # stops the parser: see send_400_response
-        before = UvicornSeam.cycle(self)
-        super().on_headers_complete()
-        self._head_bytes, self._head_done = 0, True
-        cycle = UvicornSeam.cycle(self)
-        if cycle is before:  # no new request: uvicorn hands the connection to a WebSocket protocol
-            self._phase = _APP
-            return
-        self._phase = _BODY
-        self._keep_alive = UvicornSeam.hold_keep_alive(cycle)  # no keep-alive until its body is in
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        if self._phase == _BODY:
-            self._phase = _APP
-            UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
+        _HttpTools.on_headers_complete(self)
+        self._phase, self._head_bytes, self._head_done = _BODY, 0, True
 
     def on_response_complete(self) -> None:
         queued = UvicornSeam.pipelined(self)
-        super().on_response_complete()
-        if self._phase == _APP and not queued and not self.transport.is_closing():
-            self._expect_head()
+        _HttpTools.on_response_complete(self)
+        if self._phase == _APP and not queued and not self.transport.is_closing():  # _expect_head(), inlined
+            self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
 
 # ============================================================================

@@ -328,11 +328,38 @@ async def test_a_burst_of_1000_connections_gets_answers_not_pool_errors(guarded)
             assert headers["retry-after"] == "1"
         return status, answer
 
-    answers = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(1000))), 90)
+    async def canary() -> list[int]:  # fresh connections while the burst is on
+        statuses = []
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            statuses.append(envelope((await exchange(guarded.port, get(api_path("/getinfo", post_id=post_id))))[0])[0])
+        return statuses
+
+    burst = asyncio.gather(*(one(i) for i in range(1000)))
+    statuses = await asyncio.wait_for(canary(), 10 * REQUEST_TIMEOUT)
+    answers = await asyncio.wait_for(burst, 90)
     bad = [a for s, a in answers if not (s == 200 and a["code"] == 200 or s == 503 and a["code"] == 503)]
-    assert bad == []
+    assert bad == [] and statuses == [200] * 10
     assert sum(s == 200 for s, _ in answers) > 900
     assert "Too many connections" not in guarded.log()[log_start:]
+
+
+def test_new_connections_are_accepted_in_batches(guarded):
+    """uvloop accepts one connection per turn of its loop; the Acceptor reads a duplicate of the listening socket
+    to take many at once (a burst otherwise waits in the kernel's accept queue: timing, so not tested here)."""
+    pid = guarded.process.pid
+    [listener] = [c for c in psutil.Process(pid).net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == guarded.port]
+    inode = os.readlink(f"/proc/{pid}/fd/{listener.fd}")  # socket:[N]
+    descriptors = [fd for fd in os.listdir(f"/proc/{pid}/fd") if _readlink(f"/proc/{pid}/fd/{fd}") == inode]
+    assert len(descriptors) == 2, descriptors  # uvicorn's and the Acceptor's
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
 
 
 async def test_a_busy_database_pool_is_waited_for_a_bounded_time(tight, db):
@@ -346,9 +373,8 @@ async def test_a_busy_database_pool_is_waited_for_a_bounded_time(tight, db):
         blocked = asyncio.ensure_future(exchange(tight.port, update))
 
         async def waiting() -> bool:
-            return bool(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                          "AND query LIKE '%FOR UPDATE%' AND pid <> pg_backend_pid()"))
-        assert await eventually(waiting, timeout=REQUEST_TIMEOUT, interval=0.05)
+            return bool(await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"))  # live, unlike
+        assert await eventually(waiting, timeout=REQUEST_TIMEOUT, interval=0.05)  # pg_stat_activity in a transaction
         raw, _ = await exchange(tight.port, get(api_path("/getinfo", post_id=other)))
         status, _, body = envelope(raw)
     assert (status, body["code"]) == (500, 10006), body
