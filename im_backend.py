@@ -2034,6 +2034,7 @@ UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was w
 FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
 RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
 ACCEPT_BATCH = 256  # connections Acceptor takes from the accept queue per wake-up
+LINGER = 2.0  # seconds the rest of a body is read (and dropped) after an early answer, so that it arrives
 
 
 def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
@@ -2128,6 +2129,12 @@ class UvicornSeam:
         return keep
 
     @staticmethod
+    def close_by(cycle: Any, close: Callable[[], None]) -> None:
+        # The cycle closes the connection with self.transport.close() when its answer is complete and keep-alive
+        # is off: make that close() the given one (the rest of the transport as it is).
+        cycle.transport = _CloseBy(cycle.transport, close)
+
+    @staticmethod
     def release_keep_alive(cycle: Any, keep: bool) -> None:
         if not cycle.response_started:  # an answer already on its way has told the client "close"
             cycle.keep_alive = keep
@@ -2220,7 +2227,18 @@ class Acceptor:
             acceptor.sock.close()
 
 
-_HEAD, _BODY, _APP = 0, 1, 2  # what a connection waits for: a request head, the rest of a body, the app's answer
+class _CloseBy:
+    """A transport whose close() is another function (see UvicornSeam.close_by)."""
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self._transport, self.close = transport, close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+# what a connection waits for: a request head, the rest of a body, the app's answer, the end of an unwanted body
+_HEAD, _BODY, _APP, _LINGER = 0, 1, 2, 3
 UvicornSeam.check_version()
 
 
@@ -2231,7 +2249,9 @@ class GuardedHttpProtocol(_HttpTools):
     """uvicorn's httptools protocol with header limits, read timeouts and a connection cap (see above).
 
     One timer per connection, armed at most once per timeout period: it fires at `_deadline` or later, and
-    re-arms itself when the deadline has moved on in the meantime (cheaper than a new timer per read)."""
+    re-arms itself when the deadline has moved on in the meantime (cheaper than a new timer per read). A passed
+    deadline is enforced one tick later, after the loop has polled the sockets: an overloaded loop runs timers
+    late, and the request may be waiting unread (not the client's fault)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -2241,6 +2261,7 @@ class GuardedHttpProtocol(_HttpTools):
         self._keep_alive: bool | None = None  # the keep-alive of a request whose body is arriving, held off
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._overdue = False  # the deadline has passed once: enforced at the next tick, after pending reads
         self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
 
     # --- connection and timer ---------------------------------------------------
@@ -2272,9 +2293,17 @@ class GuardedHttpProtocol(_HttpTools):
     def _on_timer(self) -> None:
         self._timer = None
         if self._phase == _APP or self.transport.is_closing():  # the app's own timeout (504) rules now
+            self._overdue = False
             return
-        if self.loop.time() < self._deadline:
+        now = self.loop.time()
+        if now < self._deadline:
+            self._overdue = False
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        elif not self._overdue:  # first let the loop read what may be waiting (a busy loop runs timers late)
+            self._overdue = True
+            self._timer = self.loop.call_at(now + 0.01, self._on_timer)
+        elif self._phase == _LINGER:
+            self.transport.close()
         elif self._phase == _BODY:
             self._refuse(Err.BODY_TIMEOUT)
         elif self._head_bytes:
@@ -2299,6 +2328,8 @@ class GuardedHttpProtocol(_HttpTools):
 
     def data_received(self, data: bytes) -> None:
         if self._phase != _BODY:  # bytes of a request head
+            if self._phase == _LINGER:
+                return
             room = SERVER_LIMITS.header_limit - self._head_bytes
             if len(data) > room:
                 return self._oversized_head(data, room)
@@ -2319,8 +2350,22 @@ class GuardedHttpProtocol(_HttpTools):
             self._phase = _APP
             return
         if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
-            self._keep_alive = UvicornSeam.hold_keep_alive(UvicornSeam.cycle(self))
+            cycle = UvicornSeam.cycle(self)
+            self._keep_alive = UvicornSeam.hold_keep_alive(cycle)
+            UvicornSeam.close_by(cycle, self._close_after_early_answer)
         self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _close_after_early_answer(self) -> None:
+        """An answer (413, 504...) went out before the request body was all in. Closing at once, with the client
+        still sending, would make the kernel reset the connection, and the client could lose the answer: so
+        half-close (the client reads the answer, then the end), drop what still comes for up to LINGER seconds,
+        then close."""
+        if self._phase != _BODY or self.transport.is_closing() or not self.transport.can_write_eof():
+            return self.transport.close()
+        self.transport.write_eof()
+        self._phase, self._deadline = _LINGER, self.loop.time() + LINGER
         if self._timer is None:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
 

@@ -335,6 +335,8 @@ async def test_a_burst_of_1000_connections_gets_answers_not_pool_errors(guarded)
                        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n"
                        ).encode() + body
         raw, closed = await exchange(guarded.port, request, timeout=30)
+        if not raw:
+            return 0, {"no answer; closed by the server": closed}
         status, headers, answer = envelope(raw)
         if status == 503:
             assert headers["retry-after"] == "1"
@@ -350,8 +352,8 @@ async def test_a_burst_of_1000_connections_gets_answers_not_pool_errors(guarded)
     burst = asyncio.gather(*(one(i) for i in range(1000)))
     statuses = await asyncio.wait_for(canary(), 10 * REQUEST_TIMEOUT)
     answers = await asyncio.wait_for(burst, 90)
-    bad = [a for s, a in answers if not (s == 200 and a["code"] == 200 or s == 503 and a["code"] == 503)]
-    assert bad == [] and statuses == [200] * 10
+    bad = [a for s, a in answers if not (s == 200 and a.get("code") == 200 or s == 503 and a.get("code") == 503)]
+    assert bad == [] and statuses == [200] * 10, (bad[:5], len(bad), statuses, guarded.log()[log_start:][-2000:])
     assert sum(s == 200 for s, _ in answers) > 900
     assert "Too many connections" not in guarded.log()[log_start:]
 
