@@ -2843,9 +2843,9 @@ class UvicornSeam:
         return proto.cycle
 
     @staticmethod
-    def pipelined(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
-        # Requests parsed ahead and queued behind the current one (HTTP pipelining).
-        return bool(proto.pipeline)
+    def busy(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
+        # A request is being answered or waits its turn (HTTP pipelining: proto.pipeline holds the parsed ones).
+        return bool(proto.pipeline) or proto.cycle is not None and not proto.cycle.response_complete
 
     @staticmethod
     def hold_keep_alive(cycle: Any) -> bool:
@@ -2965,6 +2965,7 @@ class _CloseBy:
 
 # what a connection waits for: a request head, the rest of a body, the app's answer, the end of an unwanted body
 _HEAD, _BODY, _APP, _LINGER = 0, 1, 2, 3
+_ANSWERED = (_HEAD, _APP)  # phases in which an answer completing means: the next request's head is due
 UvicornSeam.check_version()
 
 
@@ -3018,8 +3019,8 @@ class GuardedHttpProtocol(_HttpTools):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase == _APP or self.transport.is_closing():  # the app's own timeout (504) rules now
-            self._overdue = False
+        if self._phase == _APP or self.transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
+            self._overdue = False  # the app's own timeout (504) rules while it works on a request
             return
         now = self.loop.time()
         if now < self._deadline:
@@ -3123,9 +3124,8 @@ class GuardedHttpProtocol(_HttpTools):
         self._phase, self._head_bytes, self._head_done = _BODY, 0, True
 
     def on_response_complete(self) -> None:
-        queued = UvicornSeam.pipelined(self)
         _HttpTools.on_response_complete(self)
-        if self._phase == _APP and not queued and not self.transport.is_closing():  # _expect_head(), inlined
+        if self._phase in _ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
             self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
             if self._timer is None:
                 self._timer = self.loop.call_at(self._deadline, self._on_timer)

@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_conn.py [--rounds 5] [--duration 3] [--burst 10] [--only getinfo,burst,header]
 
 Servers (one uvicorn worker each, pinned to CPU 0 with PostgreSQL and Redis; wrk and this script on CPU 1):
-  before   `main`'s im_backend.py (from git), plain `uvicorn im_backend:app` (uvicorn's httptools protocol)
+  before   im_backend.py of git revision --before (default main), plain `uvicorn im_backend:app` (uvicorn's
+           httptools protocol); pick a revision from before this work once it is merged
   plain    this branch, plain `uvicorn im_backend:app`
   guarded  this branch, `uvicorn im_backend:app --http im_backend:GuardedHttpProtocol` (what the README says)
 Scenarios:
@@ -147,6 +148,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=3, help="seconds per getinfo run")
     parser.add_argument("--burst", type=int, default=10, help="seconds of the -c1000 burst")
     parser.add_argument("--only", default="getinfo,burst,header")
+    parser.add_argument("--before", default="main", help="git revision whose im_backend.py is 'before'")
     parser.add_argument("--output", type=pathlib.Path, default=BENCH / "results-conn.json")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -158,8 +160,8 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="im-bench-conn-"))
     (work / "main").mkdir()
     (work / "main" / "im_backend.py").write_bytes(
-        subprocess.run(["git", "show", "main:im_backend.py"], cwd=bench.ROOT, capture_output=True, check=True).stdout)
-    results: dict = {"rounds": args.rounds, "duration": args.duration, "pinned": pin}
+        subprocess.run(["git", "show", f"{args.before}:im_backend.py"], cwd=bench.ROOT, capture_output=True, check=True).stdout)
+    results: dict = {"rounds": args.rounds, "duration": args.duration, "pinned": pin, "before": args.before}
     servers: list[Server] = []
     pg = redis_server = None
     try:
