@@ -644,7 +644,6 @@ POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DES
 # or ten million. FOR KEY SHARE keeps a like's target from being deleted until the like commits, so clean-up sees
 # the like.
 COUNTER_SLOTS = 16  # slot rows per counted target at most
-COUNT_ON_READ_MAX = 100  # a target without a base and at most this many rows is counted on read (no write)
 POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                    ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
                            SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
@@ -691,8 +690,8 @@ POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_a
     COALESCE(cc.n, (SELECT count(*) FROM {{comment}} r WHERE r.post_id = p.id)) AS comment_count,
     cc.n IS NULL AS comments_uncounted,
     $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{post_like}} v WHERE v.post_id = p.id AND v.user_id = $2) AS liked
-    FROM {{post}} p CROSS JOIN LATERAL (SELECT {_counter('post', 'p.id')} AS n) lc
-                    CROSS JOIN LATERAL (SELECT {_counter('comments', 'p.id')} AS n) cc
+    FROM {{post}} p CROSS JOIN LATERAL (SELECT {_counter('post', 'p.id')} AS n OFFSET 0) lc
+                    CROSS JOIN LATERAL (SELECT {_counter('comments', 'p.id')} AS n OFFSET 0) cc
     WHERE p.id = ANY($1::bigint[])"""
 # Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
 POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2)
@@ -720,8 +719,8 @@ def _comment_page(where: str, top: bool) -> str:
         lc.n IS NULL AS like_uncounted,
         $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{comment_like}} v WHERE v.comment_id = c.id
                                          AND v.user_id = $4) AS liked
-        FROM {{comment}} c CROSS JOIN LATERAL (SELECT {_counter('children', 'c.id')} AS n) cc
-                           CROSS JOIN LATERAL (SELECT {_counter('comment', 'c.id')} AS n) lc
+        FROM {{comment}} c CROSS JOIN LATERAL (SELECT {_counter('children', 'c.id')} AS n OFFSET 0) cc
+                           CROSS JOIN LATERAL (SELECT {_counter('comment', 'c.id')} AS n OFFSET 0) lc
         WHERE {where}"""
     if not top:
         return f"{rows} AND created_at > $2 ORDER BY created_at, id LIMIT $3"
@@ -1107,10 +1106,10 @@ class Service:
     @staticmethod
     async def _settle_counts(conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record],
                              counts: tuple[tuple[str, str, str], ...]) -> None:
-        """Rows were counted on read because their target has no base yet: give the big ones a base now.
-        counts: (kind, column of the count, column saying it was counted from the rows)."""
+        """Rows were counted on read because their target has no base yet: make it now, once (the next reads
+        then cost the same whatever the number of rows). counts: (kind, count column, 'counted from rows' column)."""
         for kind, column, uncounted in counts:
-            ids = sorted({row["id"] for row in rows if row[uncounted] and row[column] > COUNT_ON_READ_MAX})
+            ids = sorted({row["id"] for row in rows if row[uncounted]})
             if ids:
                 await conn.execute(sql(svc, COUNTER_INIT[kind]), ids)
 

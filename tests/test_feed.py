@@ -402,7 +402,7 @@ async def test_counts_right_on_first_read_of_go_tables(workdir, backing, db):
             assert [(c["id"], c["child_num"], c["like_count"], c["liked"]) for c in page1] == [
                 (10, 130, 105, True), (11, 1, 1, True)]
             assert (await api.ok("GET", "/getlike", {"post_id": post_id}))["like"] == 150
-            # the big ones got a base made from the rows on that first read; small ones are counted on read
+            # that first read made the bases from the rows; from now on the counters count
             assert await stored_count(db, svc, "post", post_id) == 150
             assert await stored_count(db, svc, "comments", post_id) == 133
             assert await stored_count(db, svc, "children", 10) == 130
