@@ -693,6 +693,8 @@ POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_a
     FROM {{post}} p CROSS JOIN LATERAL (SELECT {_counter('post', 'p.id')} AS n OFFSET 0) lc
                     CROSS JOIN LATERAL (SELECT {_counter('comments', 'p.id')} AS n OFFSET 0) cc
     WHERE p.id = ANY($1::bigint[])"""
+POSTS_LIKED = "SELECT post_id FROM {post_like} WHERE post_id = ANY($1::bigint[]) AND user_id = $2"
+COMMENTS_LIKED = "SELECT comment_id FROM {comment_like} WHERE comment_id = ANY($1::bigint[]) AND user_id = $2"
 # Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
 POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2)
                      ORDER BY created_at DESC, id DESC LIMIT $3"""
@@ -864,6 +866,17 @@ def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
 
 
+def feed_page_key(svc: str, generation: int, *what: Any) -> str:
+    """A feed read (comments page, post list, posts with counts) kept in the near cache only. `generation` is
+    the process's write generation of svc (NearCache.bump), so a write never leaves its own process a stale page."""
+    return f"svc:{svc}:feed:{generation}:{what!r}"
+
+
+def feed_liked_key(svc: str, generation: int, viewer: str, page_key: str) -> str:
+    """Which items of a cached feed read `viewer` likes (near cache only, like the page)."""
+    return f"svc:{svc}:feed:{generation}:liked:{(viewer, page_key)!r}"
+
+
 def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
     # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
@@ -898,6 +911,14 @@ class NearCache:
     def __init__(self, ttl: float, size: int) -> None:
         self.ttl, self.size = ttl, size
         self._entries: dict[str, tuple[float, bytes]] = {}
+        self._generations: dict[str, int] = {}  # per service: bumped by each write of this process
+
+    def generation(self, svc: str) -> int:
+        return self._generations.get(svc, 0)
+
+    def bump(self, svc: str) -> None:
+        """A write to svc: the feed pages cached before it are never served again by this process."""
+        self._generations[svc] = self._generations.get(svc, 0) + 1
 
     def get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -1219,16 +1240,22 @@ class Service:
             moment, after = cursor.moment, cursor.id
         else:  # (created_at, id) < (t, -1) is created_at < t
             moment, after = cursor or dt.datetime.now(dt.timezone.utc), -1
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            if author is None:
-                rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
-            else:
-                rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
-        result: dict[str, Any] = {"post_list": [row["id"] for row in rows]}
+        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
+        page = self.cache.near.get(key)
+        if page is None:
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if author is None:
+                    rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
+                else:
+                    rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
+            page = ([row["id"] for row in rows],
+                    Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
+            self.cache.near.put(key, page)
+        result: dict[str, Any] = {"post_list": page[0]}
         if expand:
-            result["posts"] = await self.posts_full(svc, result["post_list"], viewer)
-        if rows:
-            result["next_cursor"] = Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode()
+            result["posts"] = await self.posts_full(svc, page[0], viewer)
+        if page[1]:
+            result["next_cursor"] = page[1]
         return result
 
     def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
@@ -1242,12 +1269,28 @@ class Service:
         """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
         if not post_ids:
             return []
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            rows = await conn.fetch(sql(svc, POSTS_FULL), sorted(set(post_ids)), viewer)
-            await self._settle_counts(conn, svc, rows, (("post", "like_count", "like_uncounted"),
-                                                        ("comments", "comment_count", "comments_uncounted")))
-        found = {row["id"]: self.post_full_json(svc, row, viewer) for row in rows}
-        return [found.get(post_id) for post_id in post_ids]
+        near, generation, unique = self.cache.near, self.cache.near.generation(svc), sorted(set(post_ids))
+        key = feed_page_key(svc, generation, "posts", unique)
+        found, liked = near.get(key), None
+        if viewer is not None and found is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if found is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if found is None:
+                    rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
+                    await self._settle_counts(conn, svc, rows, (("post", "like_count", "like_uncounted"),
+                                                                ("comments", "comment_count", "comments_uncounted")))
+                    found = {row["id"]: self.post_full_json(svc, row, None) for row in rows}
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, found)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, POSTS_LIKED), list(found), viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        if viewer is None:
+            return [found.get(post_id) for post_id in post_ids]
+        return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
+                for post_id in post_ids]
 
     async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
         """Read up to 100 posts at once, with their counts; null for unknown ids."""
@@ -1355,24 +1398,43 @@ class Service:
                 raise bad_param("a cursor of sort=top")
             statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
             args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            rows = await conn.fetch(sql(svc, statement), target, *args)
-            await self._settle_counts(conn, svc, rows, (("comment", "like_count", "like_uncounted"),
-                                                        ("children", "child_num", "child_uncounted")))
+        near, generation = self.cache.near, self.cache.near.generation(svc)
+        key = feed_page_key(svc, generation, "comments", post_id, root_comment_id, top, cursor, limit)
+        page, liked = near.get(key), None
+        if viewer is not None and page is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if page is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if page is None:
+                    rows = await conn.fetch(sql(svc, statement), target, *args)
+                    await self._settle_counts(conn, svc, rows, (("comment", "like_count", "like_uncounted"),
+                                                                ("children", "child_num", "child_uncounted")))
+                    page = self._comment_page(svc, rows, top)
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, page)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, COMMENTS_LIKED),
+                                                                     [c["id"] for c in page[0]], viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
+        result: dict[str, Any] = {"comments": comments}
+        if page[1]:
+            result["next_cursor"] = page[1]
+        return result
+
+    def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
+        """(comments with like_count, next_cursor) of a page's rows."""
         comments = []
         for row in rows:
             comment = self.comment_json(svc, row)
             comment["like_count"] = row["like_count"]
-            if viewer is not None:
-                comment["liked"] = row["liked"]
             comments.append(comment)
-        result: dict[str, Any] = {"comments": comments}
-        if rows:
-            last = rows[-1]
-            result["next_cursor"] = (Keyset("top", last["created_at"], last["id"], last["like_count"]).encode() if top
-                                     else last["created_at"].astimezone(dt.timezone.utc).strftime(
-                                         "%Y-%m-%dT%H:%M:%S.%fZ"))
-        return result
+        if not rows:
+            return comments, None
+        last = rows[-1]
+        return comments, (Keyset("top", last["created_at"], last["id"], last["like_count"]).encode() if top
+                          else last["created_at"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
     # --- likes -------------------------------------------------------------------
 
@@ -1457,6 +1519,8 @@ class Service:
         if done_keys:
             with contextlib.suppress(ApiError):
                 await self.cache.invalidate(done_keys)
+        if removed:
+            self.cache.near.bump(svc)
         return removed
 
     async def _clean_post_batch(self, conn: asyncpg.Connection, svc: str, job: asyncpg.Record) -> tuple[int, list]:
@@ -1787,19 +1851,22 @@ ID_LIST_KEYS = frozenset({"post_list"})  # lists of ids
 
 
 def ids_as_strings(data: Any) -> Any:
-    """ids=string: every id inside `data` as a decimal string (only walked when asked for)."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in ID_KEYS and type(value) is int:
-                data[key] = str(value)
-            elif key in ID_LIST_KEYS and isinstance(value, list):
-                data[key] = [str(v) if type(v) is int else v for v in value]
-            elif isinstance(value, (dict, list)):
-                ids_as_strings(value)
-    elif isinstance(data, list):
-        for item in data:
-            ids_as_strings(item)
-    return data
+    """ids=string: a copy of `data` with every id as a decimal string (walked only when asked for; the
+    caller's `extra` objects are left as they are)."""
+    if isinstance(data, list):
+        return [ids_as_strings(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        if key in ID_KEYS and type(value) is int:
+            value = str(value)
+        elif key in ID_LIST_KEYS and isinstance(value, list):
+            value = [str(v) if type(v) is int else v for v in value]
+        elif key != "extra" and isinstance(value, (dict, list)):
+            value = ids_as_strings(value)
+        out[key] = value
+    return out
 
 
 def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
@@ -2140,7 +2207,7 @@ class App:
         route = methods.get(scope["method"])
         if route is None:  # RFC 9110: a 405 lists the methods the resource has
             raise ApiError(Err.METHOD_NOT_ALLOWED, [(b"allow", ", ".join(sorted(methods)).encode())])
-        service, task = self.service, asyncio.current_task()
+        service, task, written = self.service, asyncio.current_task(), None
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
         try:
@@ -2149,6 +2216,8 @@ class App:
             self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
             args = extract(req, route.params)
             ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
+            if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
+                written = req.arg("svc")
             data = await route.operation(service, req.arg("svc"), **args)
             if ids_mode == "string":
                 data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
@@ -2164,6 +2233,8 @@ class App:
             return 504, error_envelope(Err.TIMEOUT)
         finally:
             self.deadlines.finish(task)
+            if written is not None:
+                service.cache.near.bump(written)
         if isinstance(data, bytes):
             return 200, SUCCESS_PREFIX + data + b"}"
         return 200, success(data)
