@@ -847,6 +847,7 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 DOUBLE_DELETE_DELAY = 1.0  # seconds
+LATER_BATCH = 0.1  # seconds: second deletes due this close together go in one pipeline
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -1101,16 +1102,25 @@ class Service:
         self.cache = cache
         self.ready = ready  # services whose tables exist
         self.background = background
+        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
 
     # --- helpers ---------------------------------------------------------------
 
     def invalidate_later(self, keys: list[str]) -> None:
-        """Second half of the delayed double delete: catches a read that refilled the cache mid-write."""
-        async def later() -> None:
-            await asyncio.sleep(DOUBLE_DELETE_DELAY)
+        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
+        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
+        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
+        if len(self._later) == 1:
+            self.background.spawn(self._invalidate_due())
+
+    async def _invalidate_due(self) -> None:
+        while self._later:
+            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
+            due, until = set(), time.monotonic() + LATER_BATCH
+            while self._later and self._later[0][0] <= until:
+                due.update(self._later.popleft()[1])
             with contextlib.suppress(ApiError):
-                await self.cache.invalidate(keys)
-        self.background.spawn(later())
+                await self.cache.invalidate(sorted(due))
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""

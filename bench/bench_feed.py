@@ -9,7 +9,7 @@ Pairs (the ratio is scenario / baseline, per round; the report gives the median 
              (getlist + 20 getinfo + 20 getlike on the version-1 server), pages/s = req/s / 41
   like       PUT like of one hot post, a new user each request                          vs  the same on version 1
   *@big      comments / expand / getbatch at --big rows                                 vs  the same at 1,000 rows
-and, once, pgbench running the like transaction at the same concurrency (-c 64), as the database's own limit.
+and pgbench running the like statement of each version at the same concurrency (-c 64), the database's own limit.
 
 Version 1 = im_backend.py of `git merge-base HEAD main` (the code before this branch), served from a temporary
 directory on tables of its own (same data). Data: bench.py's load_level (N posts; N comments on the hot post,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import pathlib
@@ -74,24 +75,26 @@ def feed_templates(svc: str, hot: int, newest: list[int]) -> dict[str, list[dict
     }
 
 
-def pgbench_like(db: dict, svc: str, hot: int, seconds: int, clients: int, pin: bool) -> dict:
-    """pgbench running the like statement of the server (a new user each time) at the same concurrency."""
+def pgbench_like(db: dict, statement: str, hot: int, seconds: int, clients: int, pin: bool) -> dict:
+    """pgbench running a like statement ($1 post, $2 a new user each time, $3 a random slot) at -c clients."""
     script = pathlib.Path(tempfile.mkdtemp(prefix="im-pgbench-")) / "like.sql"
-    statement = im.sql(svc, im.POST_LIKE_SET).replace("$1", str(hot)).replace(
-        "$2", "'pgb' || :client_id || '_' || :i").replace("$3", ":slot")
+    statement = statement.replace("$1", str(hot)).replace("$2", "'pgb' || :client_id || '_' || :i").replace(
+        "$3", ":slot")
     script.write_text(f"\\set i random(1, 1000000000)\n\\set slot random(0, {im.COUNTER_SLOTS - 1})\n"
                       + " ".join(statement.split()) + ";\n")
-    pgbench = shutil.which("pgbench", path=str(pathlib.Path(sys.executable).parent.parent / "lib/python3.11/site-packages/pgserver/pginstall/bin")) or shutil.which("pgbench")
-    argv = [pgbench, "-n", "-c", str(clients), "-j", "1", "-T", str(seconds), "-M", "prepared", "-f", str(script),
+    pgbench = shutil.which("pgbench", path=str(pathlib.Path(im.__file__).parent / ".venv/lib/python3.11/site-packages"
+                                                                                   "/pgserver/pginstall/bin")) \
+        or shutil.which("pgbench")
+    argv = [pgbench, "-n", "-c", str(clients), "-j", "1", "-T", str(seconds), "-f", str(script),
             "-h", db["host"], "-p", str(db["port"]), "-U", db["user"], db["dbname"]]
     if pin:
         argv = ["taskset", "-c", "1"] + argv
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
     tps = [line for line in out.stdout.splitlines() if line.startswith("tps")]
+    shutil.rmtree(script.parent, ignore_errors=True)
     if out.returncode != 0 or not tps:
         raise RuntimeError(f"pgbench failed: {out.stdout[-1000:]} {out.stderr[-1000:]}")
-    shutil.rmtree(script.parent, ignore_errors=True)
-    return {"tps": float(tps[0].split("=")[1].split()[0]), "line": tps[0], "clients": clients}
+    return {"tps": float(tps[0].split("=")[1].split()[0]), "clients": clients}
 
 
 def main() -> int:
@@ -114,7 +117,7 @@ def main() -> int:
     v1_dir.mkdir()
     base = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=bench.ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
-    (v1_dir / "im_backend.py").write_text(subprocess.run(["git", "show", f"{base}:im_backend.py"], cwd=bench.ROOT,
+    (v1_dir / "im_backend_v1.py").write_text(subprocess.run(["git", "show", f"{base}:im_backend.py"], cwd=bench.ROOT,
                                                          capture_output=True, text=True, check=True).stdout)
     servers: list[Server] = []
     pg = redis_server = None
@@ -141,7 +144,7 @@ def main() -> int:
         servers.append(ceiling)
         v2 = Server("v2", "im_backend:app", bench.ROOT, env, workdir, cpus, ready_path="/readyz").start()
         servers.append(v2)
-        v1 = Server("v1", "im_backend:app", v1_dir, env, workdir, cpus, ready_path="/readyz").start()
+        v1 = Server("v1", "im_backend_v1:app", v1_dir, env, workdir, cpus, ready_path="/readyz").start()
         servers.append(v1)
         runner = Runner(argparse.Namespace(threads=args.threads, connections=args.connections, warmup=args.warmup,
                                            duration=args.duration), workdir, pin)
@@ -173,9 +176,16 @@ def main() -> int:
                 b = runner.scenario(f"{safe}-b", b_srv, sec[b_lv], tpl[b_lv][b_t], pinned=pin)["rps"] / divisor
                 results["rounds"].setdefault(label, []).append({"scenario": a, "baseline": b, "ratio": a / b})
         if want("pgbench"):
-            log("pgbench: the like statement, -c 64 -j 1")
-            results["pgbench_like"] = pgbench_like(db, services["v2"], levels["v2"]["hot_post"], args.duration * 2,
-                                                   args.connections, pin)
+            sys.path.insert(0, str(v1_dir))
+            v1_module = importlib.import_module("im_backend_v1")
+            statements = {"v2": im.sql(services["v2"], im.POST_LIKE_SET),
+                          "v1": v1_module.sql(services["v1"], v1_module.POST_LIKE_SET)}
+            for r in range(args.rounds):
+                for name in ("v2", "v1"):
+                    log(f"pgbench round {r + 1}: the {name} like statement, -c {args.connections} -j 1")
+                    result = pgbench_like(db, statements[name], levels[name]["hot_post"], args.duration,
+                                          args.connections, pin)
+                    results.setdefault("pgbench_like", {}).setdefault(name, []).append(result["tps"])
         print()
         print(f"paired rounds: {args.rounds} x wrk -t{args.threads} -c{args.connections} -d{args.duration}s "
               f"(warm-up {args.warmup}s); {'pinned' if pin else 'not pinned'}; the machine is shared, so noisy")
@@ -190,7 +200,14 @@ def main() -> int:
             print(f"{label:<36} {s['scenario_rps']:>15.0f} {s['baseline_rps']:>15.1f} {s['median']:>13.3f} "
                   f"{s['min']:>6.3f}-{s['max']:<7.3f}")
         if "pgbench_like" in results:
-            print(f"pgbench like statement at -c {args.connections}: {results['pgbench_like']['line']}")
+            tps = results["pgbench_like"]
+            ratios = [a / b for a, b in zip(tps["v2"], tps["v1"], strict=True)]
+            summary["pgbench-like/pgbench-like-v1"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                      "max": max(ratios), "scenario_rps": statistics.median(tps["v2"]),
+                                                      "baseline_rps": statistics.median(tps["v1"])}
+            print(f"{'pgbench like v2 / v1 (tps)':<36} {statistics.median(tps['v2']):>15.0f} "
+                  f"{statistics.median(tps['v1']):>15.1f} {statistics.median(ratios):>13.3f} "
+                  f"{min(ratios):>6.3f}-{max(ratios):<7.3f}")
         results["summary"] = summary
         results["levels"] = levels
         args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
