@@ -643,7 +643,7 @@ POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DES
 # amount, so that difference is the same in every snapshot and needs no lock. Reading costs the same at ten likes
 # or ten million. FOR KEY SHARE keeps a like's target from being deleted until the like commits, so clean-up sees
 # the like.
-COUNTER_SLOTS = 16  # slot rows per counted target at most
+COUNTER_SLOTS = 64  # slot rows per counted target at most (summed on read; fewer: hot likes queue)
 POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                    ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
                            SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
@@ -684,15 +684,11 @@ COUNTS_ADD = """INSERT INTO {counter_slots} AS s (kind, target_id, slot, n)
                 FROM unnest($1::text[], $2::bigint[], $4::bigint[]) AS u (kind, target_id, n)
                 ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + EXCLUDED.n"""
 # Posts with their counts and whether user $2 (NULL: nobody) likes them.
+# Posts with their counts (NULL while a counter has no base) and whether user $2 (NULL: nobody) likes them.
 POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_at,
-    COALESCE(lc.n, (SELECT count(*) FROM {{post_like}} l WHERE l.post_id = p.id)) AS like_count,
-    lc.n IS NULL AS like_uncounted,
-    COALESCE(cc.n, (SELECT count(*) FROM {{comment}} r WHERE r.post_id = p.id)) AS comment_count,
-    cc.n IS NULL AS comments_uncounted,
+    {_counter('post', 'p.id')} AS like_count, {_counter('comments', 'p.id')} AS comment_count,
     $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{post_like}} v WHERE v.post_id = p.id AND v.user_id = $2) AS liked
-    FROM {{post}} p CROSS JOIN LATERAL (SELECT {_counter('post', 'p.id')} AS n OFFSET 0) lc
-                    CROSS JOIN LATERAL (SELECT {_counter('comments', 'p.id')} AS n OFFSET 0) cc
-    WHERE p.id = ANY($1::bigint[])"""
+    FROM {{post}} p WHERE p.id = ANY($1::bigint[])"""
 POSTS_LIKED = "SELECT post_id FROM {post_like} WHERE post_id = ANY($1::bigint[]) AND user_id = $2"
 COMMENTS_LIKED = "SELECT comment_id FROM {comment_like} WHERE comment_id = ANY($1::bigint[]) AND user_id = $2"
 # Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
@@ -710,20 +706,18 @@ COMMENT_OWNER = "SELECT user_id FROM {comment} WHERE id = $1 FOR UPDATE"
 COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
                     updated_at = now() WHERE id = $1"""
 def _comment_page(where: str, top: bool) -> str:
-    """SQL: a page of comments with child_num, like_count and whether user $4 (NULL: nobody) likes each.
-    By time: created_at > $2, oldest first. Top: most liked first, ties newest first, after the keyset
-    (like_count $5, created_at $2, id $6) when $5 is not NULL. Limit $3."""
-    children = ("COALESCE(cc.n, (SELECT count(*) FROM {comment} r WHERE r.root_id = c.id)) AS child_num, "
-                "cc.n IS NULL AS child_uncounted" if "root_id = 0" in where else
-                "NULL::bigint AS child_num, false AS child_uncounted")
-    rows = f"""SELECT {COMMENT_COLUMNS}, {children},
-        COALESCE(lc.n, (SELECT count(*) FROM {{comment_like}} l WHERE l.comment_id = c.id)) AS like_count,
-        lc.n IS NULL AS like_uncounted,
+    """SQL: a page of comments with child_num, like_count (NULL while a counter has no base) and whether user $4
+    (NULL: nobody) likes each. By time: created_at > $2, oldest first, limit $3. Top: most liked first, ties newest
+    first, after the keyset (like_count $5, created_at $2, id $6) when $5 is not NULL, limit $3; its like_count is
+    counted from the rows where there is no base, as the order needs every count."""
+    children = _counter("children", "c.id") if "root_id = 0" in where else "NULL::bigint"
+    likes = _counter("comment", "c.id")
+    if top:
+        likes = f"COALESCE({likes}, (SELECT count(*) FROM {{comment_like}} l WHERE l.comment_id = c.id))"
+    rows = f"""SELECT {COMMENT_COLUMNS}, {children} AS child_num, {likes} AS like_count,
         $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{comment_like}} v WHERE v.comment_id = c.id
                                          AND v.user_id = $4) AS liked
-        FROM {{comment}} c CROSS JOIN LATERAL (SELECT {_counter('children', 'c.id')} AS n OFFSET 0) cc
-                           CROSS JOIN LATERAL (SELECT {_counter('comment', 'c.id')} AS n OFFSET 0) lc
-        WHERE {where}"""
+        FROM {{comment}} c WHERE {where}"""
     if not top:
         return f"{rows} AND created_at > $2 ORDER BY created_at, id LIMIT $3"
     return f"""WITH page AS ({rows}) SELECT * FROM page
@@ -1135,14 +1129,20 @@ class Service:
                            random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
 
     @staticmethod
-    async def _settle_counts(conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record],
-                             counts: tuple[tuple[str, str, str], ...]) -> None:
-        """Rows were counted on read because their target has no base yet: make it now, once (the next reads
-        then cost the same whatever the number of rows). counts: (kind, count column, 'counted from rows' column)."""
-        for kind, column, uncounted in counts:
-            ids = sorted({row["id"] for row in rows if row[uncounted]})
-            if ids:
-                await conn.execute(sql(svc, COUNTER_INIT[kind]), ids)
+    async def _settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
+                             counts: tuple[tuple[str, str], ...]) -> None:
+        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
+        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
+        items = list(items)
+        for kind, field in counts:
+            missing = sorted({item["id"] for item in items
+                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
+            if missing:
+                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
+                for item in items:
+                    if item["id"] in missing:
+                        item[field] = found.get(item["id"], 0)
 
     def render_time(self, moment: dt.datetime | None) -> str:
         if moment is None:  # the Go version's columns allow it
@@ -1288,9 +1288,9 @@ class Service:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 if found is None:
                     rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
-                    await self._settle_counts(conn, svc, rows, (("post", "like_count", "like_uncounted"),
-                                                                ("comments", "comment_count", "comments_uncounted")))
                     found = {row["id"]: self.post_full_json(svc, row, None) for row in rows}
+                    await self._settle_counts(conn, svc, found.values(), (("post", "like_count"),
+                                                                          ("comments", "comment_count")))
                     liked = frozenset(row["id"] for row in rows if row["liked"])
                     near.put(key, found)
                 else:
@@ -1417,9 +1417,8 @@ class Service:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 if page is None:
                     rows = await conn.fetch(sql(svc, statement), target, *args)
-                    await self._settle_counts(conn, svc, rows, (("comment", "like_count", "like_uncounted"),
-                                                                ("children", "child_num", "child_uncounted")))
                     page = self._comment_page(svc, rows, top)
+                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
                     liked = frozenset(row["id"] for row in rows if row["liked"])
                     near.put(key, page)
                 else:

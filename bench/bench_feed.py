@@ -4,6 +4,7 @@
 
 Pairs (the ratio is scenario / baseline, per round; the report gives the median and min-max):
   comments   comments/getinfo first page (20 roots with child_num, like_count, viewer)  vs  ceiling
+             (also "-nocache": a server with cache.near_ttl 0, every read from PostgreSQL)
   expand     getlist&expand=1&viewer (one call: 20 posts with counts and liked)        vs  ceiling
   feed41     getlist&expand=1&viewer, pages/s                                           vs  the 41 calls it replaces
              (getlist + 20 getinfo + 20 getlike on the version-1 server), pages/s = req/s / 41
@@ -36,6 +37,7 @@ BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import asyncpg  # noqa: E402
+import yaml  # noqa: E402
 
 import bench  # noqa: E402
 from bench import PREFIX, Runner, Server, embedded, im, load_level, log, pin_tree  # noqa: E402
@@ -140,10 +142,19 @@ def main() -> int:
             pin_tree(server_side, [0])
         cpus = "0" if pin else None
         env = dict(os.environ, IM_CONF=str(boot), IM_LOG_LEVEL="warning")
+        nocache_dir = workdir / "nocache"  # the same, with the near cache off: every read goes to the databases
+        nocache_dir.mkdir()
+        nocache_boot = embedded.write_config(nocache_dir, db, redis_addr, secrets_, "server:\n  timeout: 30\n")
+        app_yaml = yaml.safe_load((nocache_dir / "app.yaml").read_text())
+        app_yaml["cache"]["near_ttl"] = 0
+        (nocache_dir / "app.yaml").write_text(yaml.safe_dump(app_yaml))
         ceiling = Server("ceiling", "ceiling:app", BENCH, env, workdir, cpus, ready_path="/").start()
         servers.append(ceiling)
         v2 = Server("v2", "im_backend:app", bench.ROOT, env, workdir, cpus, ready_path="/readyz").start()
         servers.append(v2)
+        v2nc = Server("v2-nocache", "im_backend:app", bench.ROOT, dict(env, IM_CONF=str(nocache_boot)), workdir, cpus,
+                      ready_path="/readyz").start()
+        servers.append(v2nc)
         v1 = Server("v1", "im_backend_v1:app", v1_dir, env, workdir, cpus, ready_path="/readyz").start()
         servers.append(v1)
         runner = Runner(argparse.Namespace(threads=args.threads, connections=args.connections, warmup=args.warmup,
@@ -158,16 +169,21 @@ def main() -> int:
         pairs = []  # (label, (server, level, template), (server, level, template), per-request divisor of baseline)
         if want("comments"):
             pairs.append(("comments/ceiling", (v2, "v2", "comments"), (ceiling, "v2", "getinfo"), 1))
+            pairs.append(("comments-nocache/ceiling", (v2nc, "v2", "comments"), (ceiling, "v2", "getinfo"), 1))
             pairs.append(("comments-v1plain/ceiling", (v1, "v1", "comments_plain"), (ceiling, "v2", "getinfo"), 1))
         if want("expand"):
             pairs.append(("expand/ceiling", (v2, "v2", "expand"), (ceiling, "v2", "getinfo"), 1))
+            pairs.append(("expand-nocache/ceiling", (v2nc, "v2", "expand"), (ceiling, "v2", "getinfo"), 1))
         if want("feed41"):
             pairs.append(("expand-pages/feed41-pages", (v2, "v2", "expand"), (v1, "v1", "feed41"), 41))
+            pairs.append(("expand-nocache-pages/feed41-pages", (v2nc, "v2", "expand"), (v1, "v1", "feed41"), 41))
         if want("like"):
             pairs.append(("like/like-v1", (v2, "v2", "like"), (v1, "v1", "like"), 1))
         if "v2big" in levels:
             for name in ("comments", "expand", "getbatch"):
                 pairs.append((f"{name}@{args.big}/{name}@{args.small}", (v2, "v2big", name), (v2, "v2", name), 1))
+                pairs.append((f"{name}-nocache@{args.big}/@{args.small}", (v2nc, "v2big", name), (v2nc, "v2", name),
+                              1))
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}")
             for label, (s_srv, s_lv, s_t), (b_srv, b_lv, b_t), divisor in pairs:
