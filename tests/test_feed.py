@@ -343,7 +343,8 @@ async def test_ids_as_strings_on_every_endpoint_that_returns_ids(api, client):
         assert body["code"] == 200, body
         return body["data"]
 
-    post_id = int((await raw("POST", "/publish", {}, data={"author": "js", "content": "c"}))["post_id"])
+    post_id = int((await raw("POST", "/publish", {}, data={"author": "js", "content": "c",
+                                                         "extra": '{"id": 12, "post_id": 13}'}))["post_id"])
     assert post_id > 2 ** 53 and float(post_id) != post_id  # a double would lose digits of this id
     root = int((await raw("POST", "/comments/publish", {"post_id": post_id, "user_id": "u"},
                           data={"content": "c"}))["comment_id"])
@@ -353,7 +354,7 @@ async def test_ids_as_strings_on_every_endpoint_that_returns_ids(api, client):
     assert reply == str(int(reply))
     for params in ({}, {"counts": 1}, {"viewer": "u"}):
         post = (await raw("GET", "/getinfo", {"post_id": post_id, **params}))["post"]
-        assert post["id"] == str(post_id)
+        assert post["id"] == str(post_id) and post["extra"] == {"id": 12.0, "post_id": 13.0}  # the caller's own
     batch = (await raw("GET", "/getbatch", {"post_ids": f"{post_id},1"}))["posts"]
     assert batch[0]["id"] == str(post_id) and batch[1] is None and batch[0]["comment_count"] == 2.0
     listed = await raw("GET", "/getlist", {"limit": 100})
