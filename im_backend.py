@@ -1388,7 +1388,7 @@ class Service:
     async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
         """Deleted comments leave comment_count and child_num in the delete's transaction."""
         deleted = {row["id"] for row in rows}
-        changes = collections.Counter(("comments", row["post_id"]) for row in rows)
+        changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None)
         changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted)
         await self._count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
         await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
@@ -1418,7 +1418,8 @@ class Service:
                 if page is None:
                     rows = await conn.fetch(sql(svc, statement), target, *args)
                     page = self._comment_page(svc, rows, top)
-                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
+                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"),
+                                                                   ("children", "child_num")))
                     liked = frozenset(row["id"] for row in rows if row["liked"])
                     near.put(key, page)
                 else:
@@ -1766,7 +1767,7 @@ def as_id_list(raw: Any) -> list[int]:
 
 def as_page_cursor(raw: Any) -> dt.datetime | Keyset:
     """A time as as_cursor() takes it, or a next_cursor handed out by a keyset page."""
-    if isinstance(raw, str) and raw[:1].isdigit() and ("-" in raw[:5] or ":" in raw):
+    if isinstance(raw, str) and raw[:1].isdigit():  # a time; encoded cursors start with a letter
         return as_cursor(raw)
     try:
         return Keyset.decode(raw)

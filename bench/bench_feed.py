@@ -165,7 +165,8 @@ def main() -> int:
         # both versions make the like counter of the hot post before their like runs (version 1 only updates it
         # once it exists): one getlike each
         for name, srv in (("v2", v2), ("v1", v1)):
-            bench.sanity(srv.port, sec[name], [get(f"/getlike?svc={services[name]}&post_id={levels[name]['hot_post']}")])
+            hot = levels[name]["hot_post"]
+            bench.sanity(srv.port, sec[name], [get(f"/getlike?svc={services[name]}&post_id={hot}")])
         pairs = []  # (label, (server, level, template), (server, level, template), per-request divisor of baseline)
         if want("comments"):
             pairs.append(("comments/ceiling", (v2, "v2", "comments"), (ceiling, "v2", "getinfo"), 1))

@@ -387,7 +387,8 @@ async def test_counts_right_on_first_read_of_go_tables(workdir, backing, db):
     comments = [(10, 0, 0), (11, 0, 0)] + [(100 + i, 10, 10) for i in range(130)] + [(300, 11, 11)]
     await db.executemany(f'INSERT INTO "{svc}_post_comment_info" (id, user_id, root_id, father_id, post_id, content, '
                          f"created_at) VALUES ($1, 'u', $2, $3, $4, 'old', $5)",
-                         [(cid, root, father, post_id, T0 + dt.timedelta(seconds=cid)) for cid, root, father in comments])
+                         [(cid, root, father, post_id, T0 + dt.timedelta(seconds=cid))
+                          for cid, root, father in comments])
     await db.executemany(f'INSERT INTO "{svc}_post_like" (post_id, user_id) VALUES ($1, $2)',
                          [(post_id, f"fan{i}") for i in range(150)])
     await db.executemany(f'INSERT INTO "{svc}_comment_like" (comment_id, user_id, post_id) VALUES ($1, $2, $3)',
