@@ -223,6 +223,8 @@ async def test_getbatch_order_duplicates_unknown_and_body(api, db):
     assert [p["id"] for p in repeated["posts"]] == [a, b]
     assert (await api.ok("GET", "/getbatch", {"post_ids": str(2 ** 63 - 1)}))["posts"] == [None]
     assert len((await api.ok("GET", "/getbatch", {"post_ids": ",".join([str(a)] * 100)}))["posts"]) == 100
+    expect(await api.call("GET", "/getinfo", {"post_id": 424242, "counts": 1}), 10006, "find data failed")
+    expect(await api.call("GET", "/getinfo", {"post_id": a, "counts": "yes"}), 400, "bind param failed")
 
 
 @pytest.mark.parametrize("query, body", [
