@@ -9,8 +9,9 @@ One hand-written ASGI module, read top to bottom in the order data flows:
   5. cache (Redis) and id generation
   6. domain operations: posts, comments, likes, background clean-up
   7. HTTP layer: parameter parsing, the route table, OpenAPI
-  8. the ASGI application and its lifespan
-  9. command line
+  8. observability: metrics, request ids, log format
+  9. the ASGI application and its lifespan
+ 10. command line
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -22,6 +23,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import enum
@@ -41,10 +43,16 @@ import tempfile
 import time
 import urllib.parse
 import zoneinfo
+from bisect import bisect_left
 from typing import Any, Awaitable, Callable, Iterable
 
 import asyncpg
 import orjson
+import prometheus_client as prom
+import prometheus_client.core
+import prometheus_client.exposition
+import prometheus_client.multiprocess
+import prometheus_client.values
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -70,6 +78,7 @@ class Err(enum.Enum):
     PARAMS_WRONG = (400, "something of params is wrong")  # parsed but inconsistent
     AUTHENTICATION = (400, "bind authentication")  # appKey or signature check failed
     # --- HTTP-level answers ---
+    UNAUTHORIZED = (401, "unauthorized")  # /metrics without its bearer token
     NOT_FOUND = (404, "not found")
     METHOD_NOT_ALLOWED = (405, "method not allowed")
     BODY_TIMEOUT = (408, "request body timeout")
@@ -141,6 +150,18 @@ SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
 
 def success(data: Any) -> bytes:
     return SUCCESS_PREFIX + orjson.dumps(data) + b"}"
+
+
+ENVELOPE_START = b'{"code":'
+
+
+def envelope_code(body: bytes, status: int) -> int:
+    """The code of an answer made by envelope()/success() (they start with it); `status` for other bodies."""
+    if body.startswith(ENVELOPE_START):
+        end = body.find(b",", 8, 20)
+        if end > 8 and body[8:end].isdigit():
+            return int(body[8:end])
+    return status
 
 
 LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
@@ -222,6 +243,20 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # "text", or "json": one JSON object per line
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True  # false: no /metrics and no per-request accounting
+    token: str = ""  # set: GET /metrics needs "Authorization: Bearer <token>"
+
+
+METRICS_TOKEN = re.compile(r"^[\x21-\x7e]{16,256}$")  # visible ASCII, no spaces: fits a header as it is
+
+
+@dataclasses.dataclass(frozen=True)
 class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
     name: str
@@ -237,6 +272,8 @@ class AppConfig:
     clean: CleanConfig
     server: ServerConfig
     zone: zoneinfo.ZoneInfo
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def _section(raw: dict, name: str, cls: type) -> Any:
@@ -297,7 +334,13 @@ def parse_app_config(text: str) -> AppConfig:
                 _host_port(addr)
         except ValueError:
             raise ConfigError(f"'cache.addr' must be host:port (a list of them for a cluster), got {cache.addr!r}")
-    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone)
+    log_config, metrics = _section(raw, "log", LogConfig), _section(raw, "metrics", MetricsConfig)
+    if log_config.format not in ("text", "json"):
+        raise ConfigError(f"'log.format' must be text or json, got {log_config.format!r}")
+    if metrics.token and not METRICS_TOKEN.match(metrics.token):
+        raise ConfigError("'metrics.token' must be 16 to 256 visible ASCII characters without spaces")
+    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone,
+                     log_config, metrics)
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
@@ -667,20 +710,24 @@ class AppKeyChecker:
 
     def check(self, services: dict[str, str], svc: str | None, appkey: str | None) -> None:
         if not svc or not appkey:
+            METRICS.auth_failure(svc, "missing")
             raise ApiError(Err.AUTHENTICATION)
         secret = services.get(svc)
         if secret is None:
+            METRICS.auth_failure(svc, "unknown-service")
             raise ApiError(Err.AUTHENTICATION)
         known = self._seen.get((svc, appkey))
         timestamp = known[1] if known is not None and known[0] == secret else None
         if timestamp is None:
             timestamp = decrypt_appkey(secret, appkey)
             if timestamp is None:
+                METRICS.auth_failure(svc, "bad-appkey")
                 raise ApiError(Err.AUTHENTICATION)
             if len(self._seen) >= _APPKEY_CACHE_SIZE:
                 self._seen.clear()
             self._seen[(svc, appkey)] = (secret, timestamp)
         if abs(time.time() - timestamp) > APPKEY_WINDOW:
+            METRICS.auth_failure(svc, "expired")
             raise ApiError(Err.AUTHENTICATION)
 
 
@@ -1105,25 +1152,37 @@ class Cache:
         await self.client.aclose()
 
     async def get(self, key: str) -> bytes | None:
+        """A cached value, or None: then the caller reads PostgreSQL (counted as a read from tier "db")."""
+        reads = METRICS.cache_reads
         if (value := self.near.get(key)) is not None:
+            reads[TIER_NEAR] += 1
             return value
         if time.monotonic() < self._reads_off_until:
+            reads[TIER_DB] += 1
             return None
         try:
             value = await self.client.get(key)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            reads[TIER_DB] += 1
             return None
         if self._failing:
             self._answered()
         if value is not None:
+            reads[TIER_REDIS] += 1
             self.near.put(key, value)
+        else:
+            reads[TIER_DB] += 1
         return value
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Cached values in key order, None for those the caller reads from PostgreSQL (counted as in get())."""
+        reads = METRICS.cache_reads
         values = [self.near.get(key) for key in keys]
         missing = [i for i, value in enumerate(values) if value is None]
+        reads[TIER_NEAR] += len(keys) - len(missing)
         if not missing or time.monotonic() < self._reads_off_until:
+            reads[TIER_DB] += len(missing)
             return values
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -1135,9 +1194,13 @@ class Cache:
                         self.near.put(keys[i], value)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            reads[TIER_DB] += len(missing)
             return values
         if self._failing:
             self._answered()
+        found = sum(values[i] is not None for i in missing)
+        reads[TIER_REDIS] += found
+        reads[TIER_DB] += len(missing) - found
         return values
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
@@ -2305,7 +2368,326 @@ def openapi_document(root_path: str = "") -> dict:
 
 
 # ============================================================================
-# 8. The ASGI application and its lifespan
+# 8. Observability: metrics, request ids, log format
+# ============================================================================
+# A cached read costs 15-20 µs in all, so what happens per request must cost well under a microsecond:
+# requests and cache reads are counted in plain dicts and lists, and handed to prometheus-client in batches
+# (at each scrape and, with several workers, once a second into its multiprocess files, which one scrape sums).
+
+METRICS_PATH = "/metrics"
+METRICS_HEADERS = [(b"content-type", prom.exposition.CONTENT_TYPE_PLAIN_0_0_4.encode())]
+METRICS_FLUSH = 1.0  # seconds between hand-overs to the multiprocess files (several workers only)
+SCRAPE_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for PostgreSQL (the clean-up queue depths)
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)  # seconds
+TIER_NEAR, TIER_REDIS, TIER_DB = 0, 1, 2  # where a cache read was answered (index into Metrics.cache_reads)
+TIERS = ("near", "redis", "db")
+WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
+# Label values come from these tables only: never a raw path, an id or a name a caller made up.
+UNMATCHED = "unmatched"  # the route of a path no route has
+ROUTE_LABELS = {path: path for path in (*ROUTE_TABLE, "/healthz", "/readyz", "/openapi.json", METRICS_PATH)}
+METHOD_LABELS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}  # others: "other"
+SVC_SCOPE_KEY = "im_backend.svc"  # dispatch() leaves the request's `svc` argument here for the metrics
+
+
+class Metrics:
+    """Every series of SPEC §11.5, in one place. Label `svc` is a configured service name, "unknown" for any
+    other name, "none" when the request named none.
+
+    For producers in other sections (each costs a dict update; the counts reach Prometheus at the next flush):
+      METRICS.auth_failure(svc, reason)       im_auth_failures_total{svc,reason}
+      METRICS.ratelimited(svc)                im_ratelimited_total{svc}
+      METRICS.webhook_delivery(svc, result)   im_webhook_deliveries_total{svc,result}; result in WEBHOOK_RESULTS
+      METRICS.events_pending(svc, count)      im_events_pending{svc}: set it to the events of svc not delivered
+                                              yet (a count over the whole database: the most recent value of
+                                              any worker is shown)
+      METRICS.config_reload(result)           im_config_reloads_total{result}; result "ok" or "rejected"
+    """
+
+    def __init__(self) -> None:
+        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
+        self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue
+        prom.disable_created_metrics()  # no *_created series next to every counter and histogram
+        self.registry = prom.CollectorRegistry()
+        registry = None if self.multiprocess else self.registry  # multiprocess: read back from the files
+        self.duration = prom.Histogram(
+            "http_server_request_duration_seconds", "Time from the request reaching the application to its answer "
+            "sent", ("method", "route", "status"), buckets=DURATION_BUCKETS, registry=registry)
+        self.requests = prom.Counter("im_requests_total", "Requests answered, by envelope code",
+                                     ("svc", "route", "code"), registry=registry)
+        self.cache_reads_total = prom.Counter("im_cache_reads_total", "Cache reads by the tier that answered "
+                                              "(db: not cached, read from PostgreSQL)", ("tier",), registry=registry)
+        self.auth_failures = prom.Counter("im_auth_failures_total", "Requests refused by authentication",
+                                          ("svc", "reason"), registry=registry)
+        self.ratelimited_total = prom.Counter("im_ratelimited_total", "Requests refused by a rate limit (429)",
+                                              ("svc",), registry=registry)
+        self.webhook_deliveries = prom.Counter("im_webhook_deliveries_total", "Webhook delivery attempts by result",
+                                               ("svc", "result"), registry=registry)
+        self.config_reloads = prom.Counter("im_config_reloads_total", "Application configuration changes seen, by "
+                                           "result (per worker)", ("result",), registry=registry)
+        self.events_pending_gauge = prom.Gauge("im_events_pending", "Events not delivered yet", ("svc",),
+                                               registry=registry, multiprocess_mode="mostrecent")
+        self.pool_connections = prom.Gauge("im_db_pool_connections", "PostgreSQL pool connections by state "
+                                           "(summed over live workers)", ("state",), registry=registry,
+                                           multiprocess_mode="livesum")
+        self.scrape_time = ScrapeTimeGauges()
+        if not self.multiprocess:
+            self.registry.register(self.scrape_time)
+            for collector in (prom.ProcessCollector, prom.PlatformCollector, prom.GCCollector):
+                collector(registry=self.registry)
+        self.enabled = True  # metrics.enabled: per-request accounting and /metrics
+        self.token = b""  # metrics.token, as the whole Authorization header value to expect
+        self.services: frozenset[str] = frozenset()
+        self.cache_reads = [0, 0, 0]  # by TIER_*; only ever grows (readers may hold it across an await)
+        self._reads_flushed = [0, 0, 0]
+        self._cells: dict[tuple, list] = {}  # label values (method, route, status, code, svc) -> bucket counts..., sum
+        self._raw: dict[tuple, list] = {}  # the same cells by the request's own (method, path, ...) when bounded
+        self._counts: dict[tuple, int] = {}  # (counter, label values) -> increments not flushed yet
+
+    def configure(self, config: AppConfig) -> None:
+        self.enabled, self.services = config.metrics.enabled, frozenset(config.services)
+        self._raw = {}
+        self.token = b"Bearer " + config.metrics.token.encode() if config.metrics.token else b""
+
+    def svc_label(self, svc: str | None) -> str:
+        if svc in self.services:
+            return svc  # type: ignore[return-value]
+        return "unknown" if svc else "none"
+
+    # --- per request (the hot path) -------------------------------------------------
+
+    def record(self, method: str, path: str, status: int, body: bytes, svc: str | None, seconds: float) -> None:
+        code = status if status == 200 else envelope_code(body, status)
+        cell = self._raw.get((method, path, status, code, svc))
+        if cell is None:
+            cell = self._cell(method, path, status, code, svc)
+        cell[bisect_left(DURATION_BUCKETS, seconds)] += 1  # bucket i: seconds <= DURATION_BUCKETS[i]
+        cell[-1] += seconds
+
+    def _cell(self, method: str, path: str, status: int, code: int, svc: str | None) -> list:
+        labels = (METHOD_LABELS.get(method, "other"), ROUTE_LABELS.get(path, UNMATCHED), status, code,
+                  self.svc_label(svc))
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+        if method in METHOD_LABELS and path in ROUTE_LABELS and (svc is None or svc in self.services):
+            self._raw[(method, path, status, code, svc)] = cell  # only values from the tables: bounded
+        return cell
+
+    # --- for producers elsewhere (see the class docstring) --------------------------------
+
+    def _count(self, counter: prom.Counter, *labels: str) -> None:
+        key = (counter, labels)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def auth_failure(self, svc: str | None, reason: str) -> None:
+        self._count(self.auth_failures, self.svc_label(svc), reason)
+
+    def ratelimited(self, svc: str | None) -> None:
+        self._count(self.ratelimited_total, self.svc_label(svc))
+
+    def webhook_delivery(self, svc: str | None, result: str) -> None:
+        self._count(self.webhook_deliveries, self.svc_label(svc), result if result in WEBHOOK_RESULTS else "other")
+
+    def events_pending(self, svc: str | None, count: int) -> None:
+        self.events_pending_gauge.labels(self.svc_label(svc)).set(count)
+
+    def config_reload(self, result: str) -> None:
+        self._count(self.config_reloads, result)
+
+    # --- hand-over to prometheus-client, scrape ------------------------------------------
+
+    def flush(self, pool: asyncpg.Pool | None) -> None:
+        """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
+        cells, self._cells, self._raw = self._cells, {}, {}
+        for (method, route, status, code, svc), cell in cells.items():
+            child = self.duration.labels(method, route, str(status))
+            # a batch of observations at once: prometheus-client keeps one (non-cumulative) value per bucket
+            for bucket, count in zip(child._buckets, cell, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(cell[-1])
+            self.requests.labels(svc, route, str(code)).inc(sum(cell[:-1]))
+        counts, self._counts = self._counts, {}
+        for (counter, labels), count in counts.items():
+            counter.labels(*labels).inc(count)
+        for tier, now, before in zip(TIERS, self.cache_reads, self._reads_flushed, strict=True):
+            self.cache_reads_total.labels(tier).inc(now - before)  # every tier shown, 0 included
+        self._reads_flushed = list(self.cache_reads)
+        if pool is not None:
+            idle = pool.get_idle_size()
+            self.pool_connections.labels("idle").set(idle)
+            self.pool_connections.labels("used").set(pool.get_size() - idle)
+
+    async def run_flusher(self, app: App) -> None:
+        """With several workers: hand this worker's counts over once a second, so any worker's scrape sees them."""
+        while True:
+            await asyncio.sleep(METRICS_FLUSH)
+            service = app.service
+            try:
+                self.flush(service.pool if service else None)
+            except Exception:  # never lose the flusher to one bad hand-over; the counts stay in the files
+                log.exception("metrics flush failed")
+
+    def stopped(self, pool: asyncpg.Pool | None) -> None:
+        """At shut-down: the last counts out; with several workers this worker's gauges leave the sums."""
+        self.flush(pool)
+        if self.multiprocess:
+            prom.multiprocess.mark_process_dead(os.getpid())
+
+    async def page(self, scope: dict, service: Service | None) -> tuple[int, bytes]:
+        """GET /metrics: the Prometheus text format (all workers' counts with several workers)."""
+        if not self.enabled:
+            raise ApiError(Err.NOT_FOUND)
+        if self.token:
+            given = b""
+            for name, value in scope.get("headers", ()):
+                if name == b"authorization":
+                    given = value
+            if not secrets.compare_digest(given, self.token):
+                raise ApiError(Err.UNAUTHORIZED, [(b"www-authenticate", b'Bearer realm="metrics"')])
+        self.flush(service.pool if service else None)
+        depths: dict[str, int] = {}
+        if service is not None:
+            try:
+                async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
+                    depths = await service.cleanup_depth()
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("metrics: clean-up queue depth unavailable: %r", exc)
+        self.scrape_time.cleanup_depths = depths
+        registry = self.registry
+        if self.multiprocess:
+            forget_dead_workers()
+            registry = prom.CollectorRegistry()
+            prom.multiprocess.MultiProcessCollector(registry)
+            registry.register(self.scrape_time)
+        return 200, prom.generate_latest(registry)
+
+
+def forget_dead_workers() -> None:
+    """Live-summed gauges of workers that died without shutting down (killed; uvicorn starts another) leave
+    the sums; their counters stay, as counts that happened."""
+    for path in pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                prom.multiprocess.mark_process_dead(int(pid))
+            except PermissionError:  # alive, someone else's
+                pass
+
+
+class ScrapeTimeGauges:
+    """Values read from PostgreSQL when scraped: the same for every worker, so no worker sums them."""
+
+    def __init__(self) -> None:
+        self.cleanup_depths: dict[str, int] = {}
+
+    def collect(self) -> Iterable[prom.Metric]:
+        family = prom.core.GaugeMetricFamily("im_cleanup_queue_depth", "Clean-up jobs waiting (rows of the "
+                                             "durable queue) per service", labels=("svc",))
+        for svc, depth in sorted(self.cleanup_depths.items()):
+            family.add_metric((svc,), depth)
+        yield family
+
+
+METRICS = Metrics()
+
+# --- request ids ---------------------------------------------------------------------------------------------
+
+REQUEST_ID_HEADER = b"x-request-id"
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # a caller's id we echo; anything else: a new one
+REQUEST_ID: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("im_backend_request_id", default=None)
+_request_counter = itertools.count(1)
+_request_id_prefix = [secrets.token_hex(6).encode() + b"-"]  # per process: ids are "<prefix>-0x<counter>"
+os.register_at_fork(after_in_child=lambda: _request_id_prefix.__setitem__(0, secrets.token_hex(6).encode() + b"-"))
+
+
+def request_id(scope: dict) -> bytes:
+    """The caller's X-Request-ID when it is sane (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique one."""
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER:
+            if SANE_REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return _request_id_prefix[0] + hex(next(_request_counter)).encode()
+
+
+# --- log format ------------------------------------------------------------------------------------------------
+
+LOGGERS_FORMATTED = ("", "im_backend", "uvicorn", "uvicorn.error", "uvicorn.access")  # their handlers
+
+
+def current_request_id() -> str:
+    rid = REQUEST_ID.get()
+    return rid.decode("ascii") if rid else ""
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record `request_id`: the id of the request being served ("" outside requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id()
+        return True
+
+
+class RequestIdFormatter(logging.Formatter):
+    """Text lines as the handler's own formatter makes them, plus " request_id=..." during a request."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        rid = getattr(record, "request_id", "") or current_request_id()
+        if not rid:
+            return line
+        first, newline, rest = line.partition("\n")  # before a traceback, if any
+        return f"{first} request_id={rid}{newline}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    """log.format: json: one JSON object per line (time, level, logger, message, request_id, exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        rid = getattr(record, "request_id", "") or current_request_id()
+        if rid:
+            entry["request_id"] = rid
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+_REQUEST_ID_FILTER = RequestIdFilter()
+_own_formatters: dict[logging.Handler, logging.Formatter | None] = {}  # handler -> the formatter it came with
+
+
+def apply_log_format(fmt: str) -> None:
+    """Set log.format on the handlers of our logger, uvicorn's and the root logger (again at each reload)."""
+    for name in LOGGERS_FORMATTED:
+        for handler in logging.getLogger(name).handlers:
+            if handler not in _own_formatters:
+                _own_formatters[handler] = handler.formatter
+                handler.addFilter(_REQUEST_ID_FILTER)
+            own = _own_formatters[handler]
+            if isinstance(own, JsonFormatter):  # JSON from the start (python im_backend.py): text is ours
+                own = logging.Formatter(LOG_FORMAT)
+            handler.setFormatter(JsonFormatter() if fmt == "json" else RequestIdFormatter(own))
+
+
+def configure_observability(config: AppConfig) -> None:
+    METRICS.configure(config)
+    apply_log_format(config.log.format)
+
+
+# ============================================================================
+# 9. The ASGI application and its lifespan
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -2333,6 +2715,7 @@ class App:
         self.deadlines = Deadlines()
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
+        self._metrics_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
         self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
         self._reload_lock = asyncio.Lock()
@@ -2348,6 +2731,7 @@ class App:
         text = await self.source.start(self.reload)
         try:
             config = parse_app_config(text)
+            configure_observability(config)
             pool = await self._connect_db(config.db, wait=config.server.startup_wait)
         except BaseException:
             await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
@@ -2356,6 +2740,8 @@ class App:
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
+        if METRICS.multiprocess:
+            self._metrics_task = asyncio.create_task(METRICS.run_flusher(self))
         if self._pending_text is not None:
             await self.reload(self._pending_text)
         log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
@@ -2402,6 +2788,9 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
         await self.deadlines.stop()
+        if self._metrics_task:
+            self._metrics_task.cancel()
+        METRICS.stopped(self.service.pool if self.service else None)
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
@@ -2416,6 +2805,7 @@ class App:
                 config = parse_app_config(text)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
+                METRICS.config_reload("rejected")
                 return
             old = self.service
             if old is None:  # arrived while starting: applied once start-up is done
@@ -2429,6 +2819,7 @@ class App:
                     cache = open_cache(config.cache)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
+                METRICS.config_reload("rejected")
                 return
             if pool is old.pool:  # only services new to this database need their tables
                 ready = old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
@@ -2437,6 +2828,8 @@ class App:
             new = Service(config, pool, cache, ready, old.background)
             self.service = new
             self.source.save_last_good(text)
+            configure_observability(config)
+            METRICS.config_reload("ok")
             if self._cleanup_task:
                 self._cleanup_task.cancel()
                 self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
@@ -2504,9 +2897,13 @@ class App:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
+        started, rid = time.perf_counter(), request_id(scope)
+        rid_token = REQUEST_ID.set(rid)  # every log line about this request carries the id (uvicorn's access line too)
         headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
+            if path == METRICS_PATH and status == 200:
+                headers = METRICS_HEADERS
         except ApiError as exc:  # answered before a route ran (404, 405) or with headers of its own
             status, body = http_status(exc.code), error_envelope(exc.err)
             if exc.headers:
@@ -2514,8 +2911,11 @@ class App:
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
             status, body = 500, error_envelope(Err.INTERNAL)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers + [(b"x-request-id", rid)]})
         await send({"type": "http.response.body", "body": body})
+        if METRICS.enabled:
+            METRICS.record(scope["method"], path, status, body, scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+        REQUEST_ID.reset(rid_token)  # for hosts that call us in a task of theirs
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
         """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""
@@ -2527,6 +2927,8 @@ class App:
             await self._ensure_started()
         if path == "/readyz":
             return await self.readiness()
+        if path == METRICS_PATH:
+            return await METRICS.page(scope, self.service)
         methods = ROUTE_TABLE.get(path)
         if methods is None:
             raise ApiError(Err.NOT_FOUND)
@@ -2539,6 +2941,7 @@ class App:
         try:
             body = await read_body(scope, receive, service.config.server.body_limit)
             req = Request(scope, body)
+            scope[SVC_SCOPE_KEY] = req.arg("svc")
             self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
             args = extract(req, route.params)
             ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
@@ -2695,7 +3098,7 @@ app = create_app()
 
 
 # ============================================================================
-# 9. Command line
+# 10. Command line
 # ============================================================================
 
 GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -2722,28 +3125,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "appkey":
         return print_appkey(args.secret, args.svc, args.key_conf or args.conf)
 
+    local = None
     try:  # fail early, with the reason, before uvicorn starts
         boot = read_bootstrap(args.conf)
         if boot.get("app_conf"):
-            parse_app_config(app_conf_path(boot).read_text())
+            local = parse_app_config(app_conf_path(boot).read_text())
     except (ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP_FAILED
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
+    import uvicorn.config
 
+    log_config = uvicorn.config.LOGGING_CONFIG
+    if local is not None and local.log.format == "json":  # JSON from uvicorn's first line on
+        apply_log_format("json")
+        log_config = dict(log_config, formatters={name: {"()": "im_backend.JsonFormatter"}
+                                                  for name in log_config["formatters"]})
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
-    if args.workers <= 1:
-        serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
-        return 0
-    with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
-        failed = pathlib.Path(state) / "startup-failed"
-        os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
-        serve()
-        return EXIT_STARTUP_FAILED if failed.exists() else 0
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
+    metrics_dir = prepare_metrics_dir(args.workers)
+    try:
+        if args.workers <= 1:
+            serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
+            return 0
+        with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
+            failed = pathlib.Path(state) / "startup-failed"
+            os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
+            serve()
+            return EXIT_STARTUP_FAILED if failed.exists() else 0
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def prepare_metrics_dir(workers: int) -> str | None:
+    """Several workers: a fresh $PROMETHEUS_MULTIPROC_DIR, so one scrape sums them all (the workers inherit it).
+
+    An operator's directory is emptied of metric files from an earlier run; else a temporary one is made,
+    returned here to be removed on exit."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for old in pathlib.Path(given).glob("*.db"):
+            old.unlink()
+        return None
+    if workers <= 1:
+        return None
+    made = tempfile.mkdtemp(prefix="im_backend_metrics_")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
