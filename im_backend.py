@@ -791,10 +791,11 @@ class AppKeyChecker:
         self._seen: dict[tuple[str, str], tuple[str, int]] = {}  # (svc, appKey) -> (secret, timestamp)
 
     def check(self, tenant: Tenant, appkey: str) -> None:
-        accepted = (tenant.secret, *tenant.previous_secrets)
         known = self._seen.get((tenant.name, appkey))
-        timestamp = known[1] if known is not None and known[0] in accepted else None
-        if timestamp is None:
+        if known is not None and (known[0] == tenant.secret or known[0] in tenant.previous_secrets):
+            timestamp = known[1]
+        else:
+            accepted = (tenant.secret, *tenant.previous_secrets)
             if not APPKEY_SHAPE.fullmatch(appkey):
                 raise AuthFailure("malformed")
             for secret in accepted:
@@ -3514,13 +3515,13 @@ class App:
         try:
             body = await read_body(scope, receive, service.config.server.body_limit)
             req = Request(scope, body)
-            scope[SVC_SCOPE_KEY] = req.arg("svc")
+            svc = scope[SVC_SCOPE_KEY] = req.arg("svc")
             await self.auth.check(req, service, route)
             args = extract(req, route.params)
             ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
-                written = req.arg("svc")
-            data = await route.operation(service, req.arg("svc"), **args)
+                written = svc
+            data = await route.operation(service, svc, **args)
             if ids_mode == "string":
                 data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
         except ApiError as exc:
