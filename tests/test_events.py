@@ -111,7 +111,7 @@ async def test_each_change_makes_exactly_one_event(hooks, hook_client, db):
     assert await outbox(db, svc) == expected
     # ... and each reaches the webhook once, signed (verified by the receiver with standardwebhooks)
     assert await eventually(lambda: _ready(len(receiver.delivered()) >= len(expected)), timeout=20)
-    got = receiver.delivered()
+    got = sorted(receiver.delivered(), key=lambda e: int(e["id"]))  # sent concurrently: any arrival order
     assert [(e["type"], e["data"]) for e in got] == expected
     assert receiver.unverified == 0
     rows = await stored(db, svc)
@@ -170,3 +170,56 @@ async def test_service_without_webhook_records_events_without_delivery(hooks, ho
     rows = await stored(db, svc)
     assert [row["type"] for row in rows] == ["post.published"]
     assert rows[0]["next_attempt_at"] is None and rows[0]["delivered_at"] is None
+
+
+async def test_refused_change_with_redis_down_makes_no_event(workdir, backing, db):
+    redis_server = RedisProcess(workdir / "events-redis")
+    svc = svc_name("eredis")
+    config = app_config(dict(backing, cache={"addr": redis_server.addr}), {svc: SECRET}, events=FAST)
+    srv = Server(workdir / "events-redis-server", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            api = Api(client, svc, SECRET)
+            post = await api.publish("alice")
+            redis_server.stop()
+            expect(await api.call("PUT", "/update", {"post_id": post, "user_id": "alice"}, data={"content": "x"}),
+                   10018)
+            expect(await api.call("PUT", "/like", {"post_id": post, "user_id": "b"}, json={"like": True}), 10018)
+            expect(await api.call("DELETE", "/delete", {"post_id": post, "user_id": "alice"}), 10018)
+            expect(await api.call("POST", "/publish", data={"author": "a", "content": "c"}), 10017)
+        assert [kind for kind, _ in await outbox(db, svc)] == ["post.published"]
+    finally:
+        srv.stop()
+        redis_server.stop()
+
+
+async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
+    secret = webhook_secret()
+    receiver = Receiver(secret, default=None)  # hangs: deliveries are in flight when the server dies
+    svc = svc_name("ekill")
+    config = app_config(backing, {}, events=FAST)
+    config["svc"] = [tenant(svc, receiver.url, secret)]
+    srv = Server(workdir / "events-kill-server", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            api = Api(client, svc, SECRET)
+            await asyncio.gather(*(api.publish(f"a{i}") for i in range(200)))
+            assert await eventually(lambda: _ready(len(receiver.requests) >= 1), timeout=20)
+            srv.stop(signal.SIGKILL)
+            receiver.default = 200
+            receiver.release.set()  # the requests of the dead server get 503: they count as not delivered
+            srv.start()
+            ids = {f"{svc}_{row['id']}" for row in await stored(db, svc)}
+            assert len(ids) == 200
+
+            async def all_delivered():
+                got = {r["id"] for r in receiver.requests if r["status"] == 200}
+                return got == ids
+            assert await eventually(all_delivered, timeout=60, interval=0.5)
+            duplicates = sum(r["status"] == 200 for r in receiver.requests) - len(ids)
+            print(f"SIGKILL with 200 pending: all 200 delivered, {duplicates} duplicates")
+            rows = await stored(db, svc)
+            assert all(row["delivered_at"] is not None for row in rows)
+    finally:
+        srv.stop()
+        receiver.stop()
