@@ -167,7 +167,8 @@ async def test_cap_bad_input_and_clean_close_on_shutdown(workdir, backing):
             response = await client.get("/api/v1/posts/events", params={"svc": svc, "appKey": "00" * 20})
             assert response.json() == {"code": 400, "msg": "bind authentication", "data": None}
             async with Stream(srv.url, svc) as first, Stream(srv.url, svc):
-                expect(await api.call("GET", "/events"), 503, "service unavailable")
+                async with asyncio.timeout(10):  # (a stream opened past the cap would never end)
+                    expect(await api.call("GET", "/events"), 503, "service unavailable")
                 await api.publish()
                 assert len(await first.take(1)) == 1
                 srv.process.send_signal(signal.SIGTERM)  # open streams must not hold the shut-down

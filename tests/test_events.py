@@ -223,3 +223,29 @@ async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
     finally:
         srv.stop()
         receiver.stop()
+
+
+@pytest.mark.parametrize("webhook, events, error", [
+    ({"url": "ftp://x", "secret": "whsec_" + "A" * 32}, None, "http(s) URL"),
+    ({"url": "http://127.0.0.1/h", "secret": "A" * 32}, None, "whsec_"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_!!notbase64!!"}, None, "whsec_"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": ["post.exploded"]}, None, "events"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": []}, None, "events"),
+    (None, {"retry_schedule": [5, -1]}, "retry_schedule"),
+    (None, {"retry_schedule": "soon"}, "retry_schedule"),
+    (None, {"max_streams": 0}, "max_streams"),
+    (None, {"keepalive": "x"}, "keepalive"),
+])
+def test_bad_webhook_or_events_configuration_is_rejected(webhook, events, error):
+    import yaml
+
+    import im_backend
+
+    raw = {"svc": [{"name": "x", "secret": SECRET, **({"webhook": webhook} if webhook else {})}]}
+    if events:
+        raw["events"] = events
+    with pytest.raises(im_backend.ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        im_backend.parse_app_config(yaml.safe_dump(raw))
+    good = im_backend.parse_app_config(yaml.safe_dump({"svc": [{"name": "x", "secret": SECRET, "webhook": {
+        "url": "https://example.test/h", "secret": "whsec_" + "A" * 32, "events": ["post.liked"]}}]}))
+    assert good.tenants["x"].webhook.events == {"post.liked"} and good.events.max_streams == 1000
