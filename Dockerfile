@@ -12,7 +12,7 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 # Optional pip settings for the build only (a mirror, an extra CA bundle), e.g.
-#   --build-arg PIP_INDEX=https://mirrors.aliyun.com/pypi/simple --build-arg PIP_CA_CERT=/path/in/build
+#   --build-arg PIP_INDEX=https://your-pypi-mirror/simple --build-arg PIP_CA_CERT=/path/in/build
 ARG PIP_INDEX=""
 ARG PIP_CA_CERT=""
 

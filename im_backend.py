@@ -12,7 +12,8 @@ One hand-written ASGI module, read top to bottom in the order data flows:
   8. the ASGI application and its lifespan
   9. command line
 
-The wire contract is ../shared/SPEC.md (a drop-in replacement for the Go IM-Backend).
+A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
+README.md is the user guide, docs/internals.md describes the design.
 """
 from __future__ import annotations
 

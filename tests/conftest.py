@@ -9,6 +9,7 @@ Every run uses service names of its own, so it never touches other data in those
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import pathlib
 import random
@@ -35,6 +36,7 @@ import embedded  # noqa: E402
 import im_backend  # noqa: E402
 
 RUN_ID = secrets.token_hex(3)
+SECRET = "W7K8pJ3aQv2LcXgH"  # the 16-byte (AES-128) secret of the services the tests configure
 
 
 def svc_name(label: str) -> str:
@@ -174,6 +176,17 @@ class Server:
             self.wait_ready()
         return self
 
+    def start_cli(self, *args: str, wait: bool = True, cwd: pathlib.Path = ROOT) -> "Server":
+        """Start it as `python im_backend.py -conf boot.yaml --host 127.0.0.1 --port P ARGS...` instead."""
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "im_backend.py"), "-conf", str(self.boot), "--host", "127.0.0.1",
+                 "--port", str(self.port), *args],
+                cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if wait:
+            self.wait_ready()
+        return self
+
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -216,10 +229,40 @@ class Server:
             return self.process.wait(5)
 
 
+class ServerFactory:
+    """make_server(name, config) -> a started Server in its own directory; every one is stopped at the end."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.directory = directory
+        self.servers: list[Server] = []
+
+    def __call__(self, name: str, config: dict, start: bool = True, wait: bool = True, **env_vars: str) -> Server:
+        directory = self.directory / name
+        for n in range(2, 100):  # a name used before (a repeated or parametrised test) gets a fresh directory
+            if not directory.exists():
+                break
+            directory = self.directory / f"{name}-{n}"
+        srv = Server(directory, config)
+        self.servers.append(srv)
+        return srv.start(wait=wait, **env_vars) if start else srv
+
+    def stop_all(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+
+
+@pytest.fixture
+def make_server(workdir: pathlib.Path):
+    """The start / try / finally / stop pattern as a fixture: servers made with it are stopped at teardown."""
+    factory = ServerFactory(workdir)
+    yield factory
+    factory.stop_all()
+
+
 @pytest.fixture(scope="session")
 def server(workdir: pathlib.Path, backing: dict) -> Server:
     """The shared server, with two tenants: 'a' (16-byte secret) and 'b' (32-byte secret)."""
-    services = {svc_name("a"): "W7K8pJ3aQv2LcXgH", svc_name("b"): "0123456789abcdef0123456789abcdef"}
+    services = {svc_name("a"): SECRET, svc_name("b"): "0123456789abcdef0123456789abcdef"}
     srv = Server(workdir / "shared-server", app_config(backing, services)).start()
     yield srv
     srv.stop()
@@ -312,13 +355,32 @@ async def table_counts(conn: asyncpg.Connection, svc: str) -> dict[str, int]:
 
 
 async def eventually(check, timeout: float = 15, interval: float = 0.2) -> Any:
-    """Poll an async check until it returns a truthy value (bounded in time)."""
+    """Poll a check (a function returning a value or an awaitable) until its result is truthy, at most `timeout`
+    seconds; returns the last result."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await check()
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(interval)
+
+
+async def negate(awaitable) -> bool:
+    """not (await awaitable): for eventually(lambda: negate(authenticates(...)))."""
+    return not await awaitable
+
+
+async def authenticates(target: str | httpx.AsyncClient, svc: str, secret: str = SECRET) -> bool:
+    """Does a fresh appKey of (svc, secret) authenticate at the server (its URL, or a client bound to it)?"""
+    params = {"svc": svc, "appKey": im_backend.encrypt_appkey(secret)}
+    if isinstance(target, str):
+        async with httpx.AsyncClient(base_url=target, timeout=5) as client:
+            response = await client.get("/api/v1/posts/getlist", params=params)
+    else:
+        response = await target.get("/api/v1/posts/getlist", params=params)
+    return response.json()["code"] == 200
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,16 @@
 # Needs root and the Debian packages: podman runc debootstrap (to make the base image when no
 # registry is reachable), postgresql-15 and redis-server (only when no servers are given).
 #
+#   bash tests/container_smoke.sh --debian-mirror    # only print the Debian mirror debootstrap would use
+#
 # Environment (all optional):
 #   SMOKE_BASE_IMAGE  base image for the build (default: a local Debian bookworm + python3 image,
 #                     made once with debootstrap and cached as localhost/python:3.11-slim-local;
 #                     set it to python:3.11-slim when a registry is reachable)
+#   SMOKE_DEBIAN_MIRROR  the Debian mirror for debootstrap (default: the first main-archive URI of this
+#                     host's apt sources; this repository names no package host of its own)
+#   SMOKE_APT_SOURCES the apt source files read for that (default: /etc/apt/sources.list and
+#                     /etc/apt/sources.list.d/*.list, *.sources)
 #   SMOKE_IMAGE       tag of the image built here (default localhost/im_backend:smoke)
 #   SMOKE_NO_BUILD=1  use SMOKE_IMAGE as it is
 #   SMOKE_APP_PORT    host port the app listens on (host network; default 58181)
@@ -57,6 +63,56 @@ wait_for() {
   done
 }
 
+# debian_mirror: $SMOKE_DEBIAN_MIRROR, or the first enabled `deb` URI of the host's apt sources whose suite is a
+# release (not -security / -updates / -backports), in one-line (sources.list) or deb822 (.sources) format.
+debian_mirror() {
+  if [ -n "${SMOKE_DEBIAN_MIRROR:-}" ]; then echo "$SMOKE_DEBIAN_MIRROR"; return; fi
+  local files
+  files=${SMOKE_APT_SOURCES:-$(echo /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources)}
+  # shellcheck disable=SC2086
+  "$HOST_PY" - $files <<'PY'
+import pathlib, re, sys
+
+def one_line(text):
+    for line in text.splitlines():
+        line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+        if len(line) >= 3 and line[0] == "deb":
+            yield line[1], [line[2]]
+
+def deb822(text):
+    for stanza in re.split(r"\n\s*\n", text):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line.lstrip().startswith("#") or not line.strip():
+                continue
+            if line[0] in " \t" and key:
+                fields[key] += " " + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+            for uri in fields.get("uris", "").split():
+                yield uri, fields.get("suites", "").split()
+
+for name in sys.argv[1:]:
+    path = pathlib.Path(name)
+    if not path.is_file():
+        continue
+    entries = deb822(path.read_text()) if path.suffix == ".sources" else one_line(path.read_text())
+    for uri, suites in entries:
+        if uri.startswith(("http://", "https://")) and any("-" not in suite and "/" not in suite for suite in suites):
+            print(uri.rstrip("/"))
+            sys.exit(0)
+sys.exit(1)
+PY
+}
+
+if [ "${1:-}" = --debian-mirror ]; then
+  debian_mirror || die "no Debian mirror in the apt sources (${SMOKE_APT_SOURCES:-/etc/apt}); set SMOKE_DEBIAN_MIRROR"
+  exit 0
+fi
+
 need podman podman
 need "$HOST_PY" python3
 [ -x /usr/sbin/runc ] || [[ "$PODMAN" != *"/usr/sbin/runc"* ]] || die "missing /usr/sbin/runc (apt-get install runc)"
@@ -93,10 +149,11 @@ if [ "$BASE_IMAGE" = "$LOCAL_BASE" ] && ! $PODMAN image exists "$LOCAL_BASE"; th
   need debootstrap debootstrap
   ROOTFS=${SMOKE_ROOTFS:-/var/tmp/im-smoke/rootfs}
   if [ ! -x "$ROOTFS/usr/bin/python3" ]; then
-    log "debootstrap bookworm (python3, python3-venv) into $ROOTFS ..."
+    MIRROR=$(debian_mirror) || die "no Debian mirror in this host's apt sources; set SMOKE_DEBIAN_MIRROR"
+    log "debootstrap bookworm (python3, python3-venv) from $MIRROR into $ROOTFS ..."
     rm -rf "$ROOTFS"; mkdir -p "$(dirname "$ROOTFS")"
     timeout 1200 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,tzdata \
-      bookworm "$ROOTFS" "${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$TMP/debootstrap.log" 2>&1 \
+      bookworm "$ROOTFS" "$MIRROR" >"$TMP/debootstrap.log" 2>&1 \
       || { tail -20 "$TMP/debootstrap.log" >&2; die "debootstrap failed"; }
     rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
   fi

@@ -9,7 +9,7 @@ import pytest
 import im_backend
 from conftest import expect
 
-# A copy of ../shared/appkey_vectors.json: made by the crypto-js client code of the brief.
+# appKeys made by the crypto-js client (README, "The appKey"), with the secret and time each holds.
 VECTORS = json.loads((pathlib.Path(__file__).parent / "appkey_vectors.json").read_text())["vectors"]
 
 

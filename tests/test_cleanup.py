@@ -9,9 +9,8 @@ import time
 import asyncpg
 import httpx
 
-from conftest import Api, Server, app_config, eventually, svc_name
+from conftest import SECRET, Api, app_config, eventually, svc_name
 
-SECRET = "W7K8pJ3aQv2LcXgH"
 BULK_IDS = itertools.count()
 
 
@@ -109,9 +108,9 @@ def clean_config(backing, svc, batch):
                                                      "commentlikebatch": batch, "interval": 1})
 
 
-async def test_clean_up_survives_sigkill(workdir, backing, db):
+async def test_clean_up_survives_sigkill(make_server, backing, db):
     svc = svc_name("crash")
-    srv = Server(workdir / "crash", clean_config(backing, svc, batch=1)).start()
+    srv = make_server("crash", clean_config(backing, svc, batch=1))
     async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
         api = Api(client, svc, SECRET)
         post_id, comment_ids = await populate(api, db, comments=400, likes=400)
@@ -121,16 +120,13 @@ async def test_clean_up_survives_sigkill(workdir, backing, db):
     assert left["queue"] > 0 and left["comments"] > 0, left  # killed before it could finish (batches of 1)
     srv.write_config(clean_config(backing, svc, batch=50))
     srv.start()
-    try:
-        assert await eventually(lambda: all_gone(db, svc, post_id, comment_ids), timeout=30), \
-            await garbage(db, svc, post_id, comment_ids)
-    finally:
-        srv.stop()
+    assert await eventually(lambda: all_gone(db, svc, post_id, comment_ids), timeout=30), \
+        await garbage(db, svc, post_id, comment_ids)
 
 
-async def test_two_processes_share_the_queue_each_row_once(workdir, backing, db):
+async def test_two_processes_share_the_queue_each_row_once(make_server, backing, db):
     svc = svc_name("pair")
-    servers = [Server(workdir / f"pair{i}", clean_config(backing, svc, batch=7)).start() for i in range(2)]
+    servers = [make_server(f"pair{i}", clean_config(backing, svc, batch=7)) for i in range(2)]
     apis = [Api(httpx.AsyncClient(base_url=s.url, timeout=10), svc, SECRET) for s in servers]
     try:
         posts = {}

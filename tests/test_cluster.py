@@ -5,9 +5,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import Api, Server, app_config, eventually, expect, svc_name
-
-SECRET = "W7K8pJ3aQv2LcXgH"
+from conftest import SECRET, Api, ServerFactory, app_config, eventually, expect, svc_name
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +14,11 @@ def pair(workdir, backing, redis_cluster):
     svc = svc_name("cl")
     config = app_config(backing, {svc: SECRET})
     config["cache"].update(redis_cluster)
-    servers = [Server(workdir / f"cluster-app{i}", config).start() for i in range(2)]
-    yield svc, servers
-    for srv in servers:
-        srv.stop()
+    make_server = ServerFactory(workdir)  # module-scoped: make_server is per test
+    try:
+        yield svc, [make_server(f"cluster-app{i}", config) for i in range(2)]
+    finally:
+        make_server.stop_all()
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """docker-compose.yaml, the Dockerfile and their configuration files agree with each other and with the app.
 (No container engine runs here; tests/container_smoke.sh builds and runs the image with podman.)"""
+import os
 import re
+import subprocess
 
 import yaml
 
@@ -68,3 +70,27 @@ def test_requirements_pin_every_package():
             line = line.strip()
             if line and not line.startswith("#") and not line.startswith("-r "):
                 assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), f"{name}: {line}"
+
+
+def test_container_smoke_takes_its_debian_mirror_from_the_hosts_apt_sources(tmp_path):
+    """tests/container_smoke.sh names no package host: debootstrap's mirror comes from apt's sources or a variable."""
+    script = ROOT / "tests" / "container_smoke.sh"
+    assert not re.findall(r"https?://(?!127\.0\.0\.1|localhost)[\w.-]+", script.read_text())
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("# deb http://commented.invalid/debian bookworm main\n"
+                        "deb-src http://source.invalid/debian bookworm main\n"
+                        "deb [signed-by=/k.gpg] http://mirror.invalid/debian-security bookworm-security main\n"
+                        "deb [arch=amd64] http://mirror.invalid/debian/ bookworm main contrib\n")
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text("Types: deb\nURIs: http://off.invalid/debian\nSuites: bookworm\nEnabled: no\n\n"
+                      "Types: deb deb-src\nURIs: https://other.invalid/debian\n  https://third.invalid/debian\n"
+                      "Suites: trixie-updates\n  trixie\nComponents: main\n")
+
+    def mirror(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), "--debian-mirror"], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "SMOKE_DEBIAN_MIRROR": "", **env}, stdin=subprocess.DEVNULL)
+    assert mirror(SMOKE_APT_SOURCES=str(one_line)).stdout == "http://mirror.invalid/debian\n"
+    assert mirror(SMOKE_APT_SOURCES=str(deb822)).stdout == "https://other.invalid/debian\n"
+    none = mirror(SMOKE_APT_SOURCES=str(tmp_path / "missing"))
+    assert none.returncode != 0 and "set SMOKE_DEBIAN_MIRROR" in none.stderr
+    assert mirror(SMOKE_DEBIAN_MIRROR="http://given.invalid/d").stdout == "http://given.invalid/d\n"

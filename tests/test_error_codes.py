@@ -2,16 +2,14 @@
 import httpx
 import pytest
 
-from conftest import Api, Server, app_config, expect, svc_name
-
-SECRET = "W7K8pJ3aQv2LcXgH"
+from conftest import SECRET, Api, app_config, expect, svc_name
 
 
 @pytest.fixture
-async def sabotage(workdir, backing, db):
+async def sabotage(make_server, backing, db):
     """A server whose service tables exist, and a way to make PostgreSQL refuse things behind its back."""
     svc = svc_name("sab")
-    srv = Server(workdir / "sabotage", app_config(backing, {svc: SECRET})).start()
+    srv = make_server("sabotage", app_config(backing, {svc: SECRET}))
     client = httpx.AsyncClient(base_url=srv.url, timeout=10)
     yield Api(client, svc, SECRET), db
     await client.aclose()
@@ -54,15 +52,14 @@ async def test_a_table_dropped_under_the_server_is_10001(sabotage):
     expect(await api.call("POST", "/publish", data={"author": "a", "content": "x"}), 10001)
 
 
-async def test_tables_that_cannot_be_created_are_10002(workdir, backing, db):
+async def test_tables_that_cannot_be_created_are_10002(make_server, backing, db):
     svc = svc_name("blocked")
     await db.execute(f'CREATE VIEW "{svc}_post_info" AS SELECT 1::bigint AS id')  # in the way of the table
-    srv = Server(workdir / "blocked", app_config(backing, {svc: SECRET})).start()
     try:
+        srv = make_server("blocked", app_config(backing, {svc: SECRET}))
         async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
             api = Api(client, svc, SECRET)
             expect(await api.call("GET", "/getlist"), 10002, "can not create table of the service")
         assert f"cannot create the tables of service '{svc}'" in srv.log()
     finally:
-        srv.stop()
         await db.execute(f'DROP VIEW "{svc}_post_info"')

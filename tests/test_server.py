@@ -12,18 +12,12 @@ import httpx
 import pytest
 
 import im_backend
-from conftest import ROOT, Api, RedisProcess, Server, app_config, eventually, expect, svc_name
-
-SECRET = "W7K8pJ3aQv2LcXgH"
+from conftest import (ROOT, SECRET, Api, RedisProcess, Server, app_config, authenticates, eventually, expect, negate,
+                      svc_name)
 
 
 async def api_for(server: Server, client: httpx.AsyncClient, svc: str) -> Api:
     return Api(client, svc, server.services.get(svc, SECRET))
-
-
-async def authenticates(client: httpx.AsyncClient, svc: str, secret: str = SECRET) -> bool:
-    response = await client.get("/api/v1/posts/getlist", params={"svc": svc, "appKey": im_backend.encrypt_appkey(secret)})
-    return response.json()["code"] == 200
 
 
 # --- health, readiness, OpenAPI --------------------------------------------------------------------------------
@@ -56,10 +50,8 @@ async def test_openapi_describes_every_route(client):
 # --- hot reload --------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def reload_server(workdir, backing):
-    srv = Server(workdir / f"reload-{time.monotonic_ns()}", app_config(backing, {svc_name("r1"): SECRET})).start()
-    yield srv
-    srv.stop()
+def reload_server(make_server, backing):
+    return make_server("reload", app_config(backing, {svc_name("r1"): SECRET}))
 
 
 async def test_hot_reload_adds_and_removes_services(reload_server, backing):
@@ -72,13 +64,9 @@ async def test_hot_reload_adds_and_removes_services(reload_server, backing):
         post_id = await api.publish("new", "tables were created for the new service")
         assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["author"] == "new"
         srv.write_config(app_config(backing, {added: SECRET}))
-        assert await eventually(lambda: _not(authenticates(client, first)), timeout=10)
+        assert await eventually(lambda: negate(authenticates(client, first)), timeout=10)
         assert await authenticates(client, added)
     assert "configuration reloaded" in srv.log()
-
-
-async def _not(awaitable):
-    return not await awaitable
 
 
 @pytest.mark.parametrize("bad_text", ["svc: [\n  - name: x", "svc:\n  - name: 'Bad-Name'\n    secret: W7K8pJ3aQv2LcXgH\n",
@@ -88,12 +76,8 @@ async def test_invalid_reload_keeps_the_old_configuration(reload_server, bad_tex
     srv, first = reload_server, svc_name("r1")
     srv.write_config(bad_text)
     async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-        assert await eventually(lambda: _async(lambda: "rejected the new configuration" in srv.log()), timeout=10)
+        assert await eventually(lambda: "rejected the new configuration" in srv.log(), timeout=10)
         assert await authenticates(client, first)
-
-
-async def _async(check):
-    return check()
 
 
 # --- start-up errors -----------------------------------------------------------------------------------------------
@@ -117,23 +101,17 @@ def test_startup_errors_are_clear(workdir, backing):
     assert incomplete.returncode == 2 and "'port'" in incomplete.stderr
 
 
-def test_unreachable_database_fails_start_up_with_a_clear_message(workdir, backing):
+def test_unreachable_database_fails_start_up_with_a_clear_message(make_server, backing):
     config = app_config(backing, {svc_name("x"): SECRET}, server={"startup_wait": 2})
     config["db"].update(host="127.0.0.1", port=1)
-    srv = Server(workdir / "no-db", config).start(wait=False)
-    try:
-        assert srv.process.wait(60) != 0
-    finally:
-        srv.stop()
+    srv = make_server("no-db", config, wait=False)
+    assert srv.process.wait(60) != 0
     assert "PostgreSQL at 127.0.0.1:1 is not reachable yet" in srv.log()  # retried while it might be starting
     assert "cannot connect to PostgreSQL at 127.0.0.1:1" in srv.log()
     config = app_config(backing, {svc_name("x"): SECRET})
     config["db"].update(dbname="no_such_database")
-    srv = Server(workdir / "no-database", config).start(wait=False)
-    try:
-        assert srv.process.wait(60) != 0  # a refusal is final at once
-    finally:
-        srv.stop()
+    srv = make_server("no-database", config, wait=False)
+    assert srv.process.wait(60) != 0  # a refusal is final at once
     assert 'database "no_such_database" does not exist' in srv.log()
 
 
@@ -148,14 +126,10 @@ def test_appkey_command(server):
     assert unknown.returncode == 2 and "no service" in unknown.stderr
 
 
-def test_python_im_backend_serves_and_shuts_down_gracefully(workdir, backing):
+def test_python_im_backend_serves_and_shuts_down_gracefully(make_server, backing):
     """`python im_backend.py -conf PATH --port P` as the Go binary; SIGTERM stops it cleanly."""
-    directory = workdir / "cli-run"
-    srv = Server(directory, app_config(backing, {svc_name("cli"): SECRET}))
-    srv.process = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(srv.boot),
-                                    "--host", "127.0.0.1", "--port", str(srv.port)], cwd=directory,
-                                   stdout=open(srv.log_path, "wb"), stderr=subprocess.STDOUT)
-    srv.wait_ready()
+    srv = make_server("cli-run", app_config(backing, {svc_name("cli"): SECRET}), start=False)
+    srv.start_cli(cwd=srv.directory)
     assert httpx.get(srv.url + "/readyz").status_code == 200
     assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
     assert "im_backend stopped" in srv.log() and "Traceback" not in srv.log()
@@ -163,35 +137,32 @@ def test_python_im_backend_serves_and_shuts_down_gracefully(workdir, backing):
 
 # --- limits: timeout --------------------------------------------------------------------------------------------
 
-async def test_slow_request_answers_504_and_writes_nothing(workdir, backing, db):
+async def test_slow_request_answers_504_and_writes_nothing(make_server, backing, db):
     svc = svc_name("slow")
-    srv = Server(workdir / "slow", app_config(backing, {svc: SECRET}, server={"timeout": 1})).start()
-    try:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-            api = await api_for(srv, client, svc)
-            post_id = await api.publish("alice", "before")
-            async with db.transaction():  # hold the row so the update has to wait
-                await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
-                started = time.monotonic()
-                result = await api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
-                                        data={"content": "after"})
-                assert time.monotonic() - started < 5
-            expect(result, 504, "Request timeout")
-            await asyncio.sleep(0.2)
-            assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "before"
-    finally:
-        srv.stop()
+    srv = make_server("slow", app_config(backing, {svc: SECRET}, server={"timeout": 1}))
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+        api = await api_for(srv, client, svc)
+        post_id = await api.publish("alice", "before")
+        async with db.transaction():  # hold the row so the update has to wait
+            await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
+            started = time.monotonic()
+            result = await api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
+                                    data={"content": "after"})
+            assert time.monotonic() - started < 5
+        expect(result, 504, "Request timeout")
+        await asyncio.sleep(0.2)
+        assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "before"
 
 
 # --- Redis outage --------------------------------------------------------------------------------------------------
 
-async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
+async def test_reads_survive_redis_down_and_writes_refuse(make_server, workdir, backing):
     redis_server = RedisProcess(workdir / "redis-outage", password="outage-secret")
     svc = svc_name("rdown")
     config = app_config(backing, {svc: SECRET})
     config["cache"].update(addr=redis_server.addr, password=redis_server.password)
-    srv = Server(workdir / "redis-outage", config).start()
     try:
+        srv = make_server("redis-outage-app", config)
         async with httpx.AsyncClient(base_url=srv.url, timeout=15) as client:
             api = await api_for(srv, client, svc)
             post_id = await api.publish("alice", "cached")
@@ -214,7 +185,6 @@ async def test_reads_survive_redis_down_and_writes_refuse(workdir, backing):
             assert (await api.ok("GET", "/getinfo", {"post_id": post_id}))["post"]["content"] == "cached"
             assert (await client.get("/readyz")).status_code == 503
     finally:
-        srv.stop()
         redis_server.stop()
 
 
@@ -235,7 +205,7 @@ CREATE TABLE "{s}_comment_like" ("comment_id" bigint,"user_id" varchar(255),"pos
 """
 
 
-async def test_serves_tables_created_by_the_go_version(workdir, backing, db):
+async def test_serves_tables_created_by_the_go_version(make_server, backing, db):
     svc = svc_name("go")
     await db.execute(GO_DDL.format(s=svc))
     old_id = (1700000000 << 32) | 7
@@ -245,21 +215,18 @@ async def test_serves_tables_created_by_the_go_version(workdir, backing, db):
     await db.execute(f'INSERT INTO "{svc}_post_comment_info" (id, user_id, post_id, content) VALUES (1, $1, $2, $3)',
                      "u1", old_id, "old comment")
     await db.execute(f'INSERT INTO "{svc}_post_like" (post_id, user_id) VALUES ($1, $2)', old_id, "fan")
-    srv = Server(workdir / "go-tables", app_config(backing, {svc: SECRET})).start()
-    try:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-            api = await api_for(srv, client, svc)
-            post = (await api.ok("GET", "/getinfo", {"post_id": old_id}))["post"]
-            assert (post["content"], post["author"], post["time"], post["extra"]) == (
-                "from go", "gopher", "2023-11-15T06:13:20", {"image": "a.png"})
-            assert (await api.ok("GET", "/getlike", {"post_id": old_id}))["like"] == 1
-            comments = (await api.ok("GET", "/comments/getinfo", {"post_id": old_id, "root_comment_id": 0}))["comments"]
-            assert [c["content"] for c in comments] == ["old comment"]
-            await api.reply(old_id, 1, 1)
-            new_id = await api.publish()
-            assert new_id > old_id
-    finally:
-        srv.stop()
+    srv = make_server("go-tables", app_config(backing, {svc: SECRET}))
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+        api = await api_for(srv, client, svc)
+        post = (await api.ok("GET", "/getinfo", {"post_id": old_id}))["post"]
+        assert (post["content"], post["author"], post["time"], post["extra"]) == (
+            "from go", "gopher", "2023-11-15T06:13:20", {"image": "a.png"})
+        assert (await api.ok("GET", "/getlike", {"post_id": old_id}))["like"] == 1
+        comments = (await api.ok("GET", "/comments/getinfo", {"post_id": old_id, "root_comment_id": 0}))["comments"]
+        assert [c["content"] for c in comments] == ["old comment"]
+        await api.reply(old_id, 1, 1)
+        new_id = await api.publish()
+        assert new_id > old_id
 
 
 # --- embedding under a path prefix --------------------------------------------------------------------------------
@@ -329,13 +296,13 @@ async def test_unexpected_error_is_a_500_envelope_with_details_only_in_the_log(s
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
 
 
-async def test_reload_moves_to_another_database_and_redis(workdir, backing, db):
+async def test_reload_moves_to_another_database_and_redis(make_server, workdir, backing, db):
     """A changed `db`/`cache` address takes effect by reconnecting; requests keep being answered."""
     svc = svc_name("move")
     other_db = f"im_move_{svc}"
     await db.execute(f'CREATE DATABASE "{other_db}"')
+    srv = make_server("move", app_config(backing, {svc: SECRET}))
     other_redis = RedisProcess(workdir / "moved-redis", password="moved")
-    srv = Server(workdir / "move", app_config(backing, {svc: SECRET})).start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
             api = await api_for(srv, client, svc)
@@ -364,47 +331,34 @@ async def test_reload_moves_to_another_database_and_redis(workdir, backing, db):
         await db.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
 
 
-async def test_several_workers_start_together_on_a_new_service(workdir, backing):
+async def test_several_workers_start_together_on_a_new_service(make_server, backing):
     """uvicorn --workers 3: three processes create the same new tables at once (serialised by an advisory lock)."""
     svc = svc_name("workers")
-    srv = Server(workdir / "workers", app_config(backing, {svc: SECRET}))
-    srv.process = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(srv.boot), "--host",
-                                    "127.0.0.1", "--port", str(srv.port), "--workers", "3"], cwd=ROOT,
-                                   stdout=open(srv.log_path, "wb"), stderr=subprocess.STDOUT)
-    try:
-        srv.wait_ready()
-        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
-            api = await api_for(srv, client, svc)
-            ids = await asyncio.gather(*(api.publish(content=f"w{i}") for i in range(30)))
-            assert len(set(ids)) == 30
-        deadline = time.monotonic() + 20
-        while srv.log().count("im_backend ready") < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert srv.log().count("im_backend ready") == 3
-        assert "cannot create the tables" not in srv.log()
-    finally:
-        srv.stop()
+    srv = make_server("workers", app_config(backing, {svc: SECRET}), start=False).start_cli("--workers", "3")
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+        api = await api_for(srv, client, svc)
+        ids = await asyncio.gather(*(api.publish(content=f"w{i}") for i in range(30)))
+        assert len(set(ids)) == 30
+    assert await eventually(lambda: srv.log().count("im_backend ready") == 3, timeout=20)
+    assert "cannot create the tables" not in srv.log()
 
 
-async def test_sigterm_lets_requests_in_flight_finish(workdir, backing, db):
+async def test_sigterm_lets_requests_in_flight_finish(make_server, backing, db):
     svc = svc_name("drain")
-    srv = Server(workdir / "drain", app_config(backing, {svc: SECRET})).start()
-    try:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as client:
-            api = await api_for(srv, client, svc)
-            post_id = await api.publish("alice", "before")
-            async with db.transaction():
-                await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
-                pending = asyncio.ensure_future(api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
-                                                         data={"content": "after"}))
-                await asyncio.sleep(0.5)  # the update is now waiting for the row
-                srv.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.5)
-                assert srv.process.poll() is None  # still finishing its request
-            status, body = await pending
-            assert (status, body["code"]) == (200, 200)
-        assert srv.process.wait(20) in (0, -signal.SIGTERM)
-        assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "after"
-        assert "im_backend stopped" in srv.log()
-    finally:
-        srv.stop()
+    srv = make_server("drain", app_config(backing, {svc: SECRET}))
+    async with httpx.AsyncClient(base_url=srv.url, timeout=20) as client:
+        api = await api_for(srv, client, svc)
+        post_id = await api.publish("alice", "before")
+        async with db.transaction():
+            await db.execute(f'SELECT 1 FROM "{svc}_post_info" WHERE id = $1 FOR UPDATE', post_id)
+            pending = asyncio.ensure_future(api.call("PUT", "/update", {"post_id": post_id, "user_id": "alice"},
+                                                     data={"content": "after"}))
+            await asyncio.sleep(0.5)  # the update is now waiting for the row
+            srv.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert srv.process.poll() is None  # still finishing its request
+        status, body = await pending
+        assert (status, body["code"]) == (200, 200)
+    assert srv.process.wait(20) in (0, -signal.SIGTERM)
+    assert await db.fetchval(f'SELECT content FROM "{svc}_post_info" WHERE id = $1', post_id) == "after"
+    assert "im_backend stopped" in srv.log()
