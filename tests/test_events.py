@@ -118,11 +118,23 @@ async def test_each_change_makes_exactly_one_event(hooks, hook_client, db):
     assert [e["id"] for e in got] == [str(row["id"]) for row in rows]
     assert all(e["svc"] == svc and e["time"].endswith("Z") for e in got)
     assert {r["id"] for r in receiver.requests} == {f"{svc}_{row['id']}" for row in rows}
-    assert all(row["delivered_at"] is not None and row["next_attempt_at"] is None for row in rows)
+
+    async def recorded():  # the sender records the 2xx answers right after it got them
+        return all(row["delivered_at"] is not None and row["next_attempt_at"] is None
+                   for row in await stored(db, svc))
+    assert await eventually(recorded, timeout=20)
 
 
 async def _ready(value):
     return value
+
+
+async def _all_recorded(db, svc):
+    return all(row["delivered_at"] is not None for row in await stored(db, svc))
+
+
+async def _delivered_row(db, svc):
+    return (await stored(db, svc))[0]["delivered_at"] is not None
 
 
 async def test_webhook_retried_with_backoff_until_delivered(hooks, hook_client, db):
@@ -134,6 +146,7 @@ async def test_webhook_retried_with_backoff_until_delivered(hooks, hook_client, 
     assert len({r["id"] for r in attempts}) == 1  # the same message each time
     gaps = [b["time"] - a["time"] for a, b in zip(attempts, attempts[1:])]
     assert gaps[0] >= 0.25 and gaps[1] >= 0.5  # the back-off of the schedule (0.3 s, 0.6 s) was waited
+    assert await eventually(lambda: _delivered_row(db, svc), timeout=20)
     row = (await stored(db, svc))[0]
     assert row["attempts"] == 3 and row["delivered_at"] is not None and row["failed_at"] is None
 
@@ -218,8 +231,7 @@ async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
             assert await eventually(all_delivered, timeout=60, interval=0.5)
             duplicates = sum(r["status"] == 200 for r in receiver.requests) - len(ids)
             print(f"SIGKILL with 200 pending: all 200 delivered, {duplicates} duplicates")
-            rows = await stored(db, svc)
-            assert all(row["delivered_at"] is not None for row in rows)
+            assert await eventually(lambda: _all_recorded(db, svc), timeout=20)
     finally:
         srv.stop()
         receiver.stop()
