@@ -1289,6 +1289,9 @@ class Events:
                 batch, held = await self._read_after(svc, hub.cursor, self.HUB_PAGE)
             except ApiError:
                 batch, held = [], True
+            except Exception:  # never leave the streams without a reader
+                log.exception("events: reading the outbox of %s failed", svc)
+                batch, held = [], True
             if batch:
                 hub.cursor = batch[-1][0]
                 for stream in list(hub.streams):
@@ -1357,6 +1360,8 @@ class Events:
                     continue
             except ApiError:
                 pass  # the database error was logged; the lease brings the events back
+            except Exception:  # never leave a service without a sender
+                log.exception("events: the webhook sender of %s failed; the lease brings its events back", svc)
             except asyncio.CancelledError:
                 if claimed:  # shut-down or webhook removed: hand them back at once, for a replica or a restart
                     with contextlib.suppress(Exception):
@@ -1381,7 +1386,7 @@ class Events:
                    "webhook-signature": _webhook_signer(hook.secret).sign(msg_id, now, body)}
         try:
             response = await self.http.post(hook.url, content=body.encode(), headers=headers, timeout=cfg.timeout)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 
@@ -1407,7 +1412,7 @@ class Events:
             cfg = service.config.events
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=cfg.retention_hours)
             for svc in sorted(service.ready):
-                with contextlib.suppress(ApiError):
+                with contextlib.suppress(ApiError, asyncio.TimeoutError):
                     async with service.db(svc, Err.DELETE_FAILED) as conn:
                         while _count(await conn.execute(sql(svc, EVENTS_EXPIRE), cutoff,
                                                         self.RETENTION_BATCH)) == self.RETENTION_BATCH:
@@ -2434,6 +2439,9 @@ class App:
             await send({"type": "http.response.body", "body": b""})
         except OSError:
             pass  # the client is gone
+        except Exception:  # headers are out: end the stream, the client resumes
+            log.exception("event stream of %s failed", stream.svc)
+            await send({"type": "http.response.body", "body": b""})
         finally:
             watcher.cancel()
             events.close_stream(stream)

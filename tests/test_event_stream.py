@@ -180,3 +180,55 @@ async def test_cap_bad_input_and_clean_close_on_shutdown(workdir, backing):
                 assert "im_backend stopped" in srv.log()
     finally:
         srv.stop()
+
+
+HOST_APP = """
+import os, sys
+import uvicorn
+sys.path.insert(0, os.environ["ROOT"])
+import im_backend
+
+inner = im_backend.create_app(os.environ["BOOT"])
+
+async def host(scope, receive, send):  # mounts IM-Backend under /im, as Starlette's Mount does
+    if scope["type"] == "http" and scope["path"].startswith("/im/"):
+        scope = dict(scope, path=scope["path"][3:], root_path="/im")
+    elif scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        return await send({"type": "http.response.body", "body": b"host"})
+    await inner(scope, receive, send)
+
+uvicorn.run(host, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
+"""
+
+
+async def test_stream_mounted_under_a_prefix(pair, workdir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    servers, svc, _ = pair
+    port = free_port()
+    env = dict(os.environ, ROOT=str(ROOT), BOOT=str(servers[0].boot), PORT=str(port))
+    process = subprocess.Popen([sys.executable, "-c", HOST_APP], env=env, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/im"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            async def up():
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await client.get("/healthz")).status_code == 200
+            assert await eventually(up, timeout=30)
+            api = Api(client, svc, SECRET)
+            async with Stream(base, svc) as stream:
+                post = await api.publish("mounted")
+                assert summary(await stream.take(1)) == [("post.published", post)]
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(20):
+                    assert [event async for event in stream.events] == []
+            assert await asyncio.to_thread(process.wait, 20) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
