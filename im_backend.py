@@ -1142,6 +1142,7 @@ class Events:
     HUB_PAGE = 1000  # events read per query by a hub
     STREAM_BACKLOG = 1000  # batches a stream may fall behind before it is closed (the client resumes)
     RETENTION_BATCH = 1000  # rows deleted per statement
+    HELD_RETRY = 0.25  # seconds at most between reads while a transaction in flight holds events back
 
     def __init__(self) -> None:
         self.service: Service | None = None
@@ -1199,7 +1200,7 @@ class Events:
     # --- notifications: a dedicated connection LISTENs; any commit with events wakes hubs and workers -----
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, svc: str) -> None:
-        if (hub := self.hubs.get(svc)) is not None:
+        for hub in self.hubs.values():  # any commit may be the one that held back another service's events
             hub.wake.set()
         if (wakeup := self.wakeups.get(svc)) is not None:
             wakeup.set()
@@ -1297,6 +1298,8 @@ class Events:
                 for stream in list(hub.streams):
                     if stream.queue.qsize() >= self.STREAM_BACKLOG:
                         log.warning("events: a stream of %s fell too far behind; closing it", svc)
+                        while not stream.queue.empty():  # drop what it could not read: it resumes from its last id
+                            stream.queue.get_nowait()
                         stream.end()
                     else:
                         stream.queue.put_nowait(batch)
@@ -1304,7 +1307,7 @@ class Events:
                 continue
             assert self.service is not None
             poll = self.service.config.events.poll_interval
-            delay = min(delay * 2, poll) if held else poll  # soon again while a late commit holds events back
+            delay = min(delay * 2, poll, self.HELD_RETRY) if held else poll  # soon again while a commit is due
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hub.wake.wait(), delay)
             if not held:

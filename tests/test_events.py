@@ -261,3 +261,24 @@ def test_bad_webhook_or_events_configuration_is_rejected(webhook, events, error)
     good = im_backend.parse_app_config(yaml.safe_dump({"svc": [{"name": "x", "secret": SECRET, "webhook": {
         "url": "https://example.test/h", "secret": "whsec_" + "A" * 32, "events": ["post.liked"]}}]}))
     assert good.tenants["x"].webhook.events == {"post.liked"} and good.events.max_streams == 1000
+
+
+async def test_retention_removes_old_events_but_not_pending_ones(workdir, backing, db):
+    plain, pending = svc_name("eretain"), svc_name("eretainp")
+    events = dict(FAST, retention_hours=0.0005, cleanup_interval=0.3, retry_schedule=[3600], max_age=86400)
+    config = app_config(backing, {}, events=events)
+    config["svc"] = [tenant(plain), tenant(pending, "http://127.0.0.1:9/closed", webhook_secret())]
+    srv = Server(workdir / "events-retention", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            await Api(client, plain, SECRET).publish()
+            await Api(client, pending, SECRET).publish()
+            assert len(await stored(db, plain)) == 1
+
+            async def plain_gone():
+                return not await stored(db, plain)
+            assert await eventually(plain_gone, timeout=20)  # 1.8 s old: removed
+            rows = await stored(db, pending)
+            assert len(rows) == 1 and rows[0]["next_attempt_at"] is not None  # still to be delivered: kept
+    finally:
+        srv.stop()
