@@ -1147,7 +1147,7 @@ class Events:
     def __init__(self) -> None:
         self.service: Service | None = None
         self.hubs: dict[str, _Hub] = {}
-        self.open_streams = 0
+        self.streams: set[EventStream] = set()  # open in this process
         self.stopping = False
         self.workers: dict[str, asyncio.Task] = {}  # svc -> webhook worker
         self.wakeups: dict[str, asyncio.Event] = {}  # svc -> wakes its webhook worker
@@ -1175,9 +1175,8 @@ class Events:
     def end_streams(self) -> None:
         """Shut-down: every stream ends cleanly now, and no new one opens."""
         self.stopping = True
-        for hub in self.hubs.values():
-            for stream in hub.streams:
-                stream.end()
+        for stream in self.streams:
+            stream.end()
 
     async def stop(self) -> None:
         self.end_streams()
@@ -1187,6 +1186,7 @@ class Events:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         self.workers.clear()
+        self.hubs.clear()  # their readers are gone; a later start makes new ones
         if self.http is not None:
             await self.http.aclose()
             self.http = None
@@ -1234,7 +1234,7 @@ class Events:
 
     async def open_stream(self, service: Service, svc: str, post_id: int | None, types: frozenset[str] | None,
                           last_event_id: int | None) -> EventStream:
-        if self.stopping or self.open_streams >= service.config.events.max_streams:
+        if self.stopping or len(self.streams) >= service.config.events.max_streams:
             raise ApiError(Err.UNAVAILABLE)
         async with service.db(svc, Err.FIND_FAILED) as conn:
             head = _position(await conn.fetchrow(sql(svc, EVENTS_HEAD))) or (0, 0)
@@ -1244,7 +1244,7 @@ class Events:
                 if start is None:  # removed by retention (or never stored): from the next stored one on
                     first = _position(await conn.fetchrow(sql(svc, EVENT_FIRST_AFTER), last_event_id))
                     start = (first[0], first[1] - 1) if first else head
-        if self.stopping or self.open_streams >= service.config.events.max_streams:
+        if self.stopping or len(self.streams) >= service.config.events.max_streams:
             raise ApiError(Err.UNAVAILABLE)
         hub = self.hubs.get(svc)
         if hub is None:
@@ -1252,14 +1252,14 @@ class Events:
             self._spawn(self._feed(svc, hub))
         stream = EventStream(svc, post_id, types, hub.cursor if start is None else start, start is not None)
         hub.streams.add(stream)
-        self.open_streams += 1
+        self.streams.add(stream)
         return stream
 
     def close_stream(self, stream: EventStream) -> None:
+        self.streams.discard(stream)
         hub = self.hubs.get(stream.svc)
         if hub is not None and stream in hub.streams:
             hub.streams.discard(stream)
-            self.open_streams -= 1
             hub.wake.set()  # a hub left without streams ends
 
     async def _read_after(self, svc: str, position: Position, limit: int) -> tuple[list, bool]:
