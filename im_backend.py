@@ -25,7 +25,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
-import gc
+import importlib.metadata
 import io
 import itertools
 import logging
@@ -146,6 +146,21 @@ def success(data: Any) -> bytes:
     return SUCCESS_PREFIX + orjson.dumps(data) + b"}"
 
 
+LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
+
+
+async def keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a background loop (clean-up, file watcher, deadline sweeper) so that an unexpected error is logged,
+    with its traceback, and the loop started again, instead of the task dying silently."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("background %s failed unexpectedly; running it again in %g s", name, LOOP_RESTART_PAUSE)
+            await asyncio.sleep(LOOP_RESTART_PAUSE)
+
+
 # ============================================================================
 # 2. Configuration
 # ============================================================================
@@ -154,10 +169,19 @@ SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "post.unliked", "comment.published",
                "comment.replied", "comment.updated", "comment.deleted", "comment.liked", "comment.unliked")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
+CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
+SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message says what is wrong."""
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` cannot be an appKey secret, or None when it can."""
+    if len(secret.encode()) not in SECRET_LENGTHS:
+        return f"must be 16, 24 or 32 bytes long (AES-128/192/256), not {len(secret.encode())}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +306,8 @@ def parse_app_config(text: str) -> AppConfig:
         name, secret = str(entry["name"]), str(entry["secret"])
         if not SERVICE_NAME.match(name):
             raise ConfigError(f"service name {name!r} must match {SERVICE_NAME.pattern}")
-        if len(secret.encode()) not in (16, 24, 32):
-            raise ConfigError(f"the secret of service {name!r} must be 16, 24 or 32 bytes long")
+        if problem := secret_problem(secret):
+            raise ConfigError(f"the secret of service {name!r} {problem}")
         if name in services:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
@@ -376,12 +400,14 @@ class FileSource:
             text = self.path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read application configuration {self.path}: {exc.strerror}") from None
-        self._task = asyncio.create_task(self._watch(self._stamp(), on_change))
+        seen = self._stamp()
+        self._task = asyncio.create_task(keep_running(f"watcher of {self.path}",
+                                                      lambda: self._watch(seen, on_change)))
         return text
 
     async def _watch(self, seen: tuple[int, int] | None, on_change: Callable[[str], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(CONFIG_POLL_INTERVAL)
             stamp = self._stamp()
             if stamp is None or stamp == seen:
                 continue
@@ -406,21 +432,106 @@ def app_conf_path(boot: dict) -> pathlib.Path:
     return boot["_path"].parent / str(boot["app_conf"])
 
 
-class _DropSdkRootRecords(logging.Filter):
-    """nacos-sdk-python logs some reconnect errors on the root logger (logging.error); keep them out."""
+NACOS_SDK = "nacos-sdk-python"
+NACOS_DEFAULT_PORT = 8848  # HTTP; the SDK's gRPC goes to this + 1000
+NACOS_SDK_TESTED = ("3.2.0",)  # the versions whose internals _NacosSdkSeam was checked against (tests/fake_nacos.py)
+NACOS_STARTUP_TIMEOUT = 5.0  # seconds start-up waits for Nacos before it falls back to the last good copy
+NACOS_STOP_TIMEOUT = 5.0  # seconds stop() waits for the SDK's leftover tasks to end once cancelled
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}v2{os.sep}nacos{os.sep}" not in record.pathname
 
+class _NacosSdkSeam:
+    """Every reach into nacos-sdk-python beyond its documented API, in one place, one method per workaround.
 
-def _cancel_orphaned_stream_feeders() -> None:
-    """SDK quirk: when the server breaks a bi-stream (Nacos restart), gRPC's task feeding that stream from the
-    SDK's generator GrpcConnection.request_payloads (waiting forever on a queue) stays pending; cancel those."""
-    for task in asyncio.all_tasks():
-        frame = getattr(task.get_coro(), "cr_frame", None)
-        gen, call = (frame.f_locals.get("request_iterator"), frame.f_locals.get("self")) if frame else (None, None)
-        if getattr(gen, "__qualname__", "") == "GrpcConnection.request_payloads" and call is not None and call.done():
-            task.cancel()
+    check_version() refuses an SDK version these workarounds were not checked against, at start-up, so an
+    upgrade shows up as a clear configuration error rather than as a hang or a leak in production. One seam per
+    NacosSource: it also remembers what the SDK left behind (log handlers, tasks) to clean it up in close()."""
+
+    def __init__(self) -> None:
+        self._tasks_before: set[asyncio.Task] = set()
+        self._handlers: list[logging.Handler] = []
+        self._sdk_dir = ""
+        self._root_filter = self._not_sdk_root_record  # a callable filter; kept to remove the same one
+
+    @staticmethod
+    def check_version() -> None:
+        try:
+            version = importlib.metadata.version(NACOS_SDK)
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"the bootstrap file names Nacos, but {NACOS_SDK} is not installed "
+                              f"(pip install {NACOS_SDK}=={NACOS_SDK_TESTED[-1]})") from None
+        if version not in NACOS_SDK_TESTED:
+            raise ConfigError(f"{NACOS_SDK} {version} is installed, but the Nacos adapter was tested with "
+                              f"{', '.join(NACOS_SDK_TESTED)} only (pip install {NACOS_SDK}=={NACOS_SDK_TESTED[-1]})")
+
+    def create_client(self, client_config: Any) -> Any:
+        """NacosConfigService.create_config_service() is NacosConfigService(config) followed by
+        grpc_client_proxy.start() (see connect()); the two steps are split so that close() can shut a client down
+        while it is still connecting (the SDK retries for ~9 s when Nacos is down)."""
+        import v2.nacos
+        from v2.nacos import NacosConfigService
+
+        self._sdk_dir = os.path.dirname(v2.nacos.__file__) + os.sep
+        # The SDK logs some reconnect errors on the root logger (module-level logging.error); keep those out of the
+        # application's log (its own logger, "config", writes them to the SDK's log file anyway).
+        logging.getLogger().addFilter(self._root_filter)
+        # The SDK adds a file handler to its "config" logger for each client and never removes it.
+        sdk_logger = logging.getLogger("config")
+        handlers_before = set(sdk_logger.handlers)
+        self._tasks_before = asyncio.all_tasks()
+        try:
+            return NacosConfigService(client_config)
+        finally:
+            self._handlers = [h for h in sdk_logger.handlers if h not in handlers_before]
+            # The constructor fires tasks off (the first login, with credentials) and never awaits them: a
+            # failure there is not news (connect() reports what matters) but would be logged as "never retrieved".
+            for task in asyncio.all_tasks() - self._tasks_before:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    @staticmethod
+    async def connect(client: Any) -> None:
+        await client.grpc_client_proxy.start()
+
+    @staticmethod
+    def wake_listener(client: Any) -> None:
+        """The SDK (re-)registers listeners with the server and checks its stop flag on a 5 s tick of its listen
+        loop; a None on the loop's channel runs that tick now."""
+        client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+
+    def _not_sdk_root_record(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and self._sdk_dir and record.pathname.startswith(self._sdk_dir))
+
+    def _leftover_tasks(self) -> set[asyncio.Task]:
+        """Tasks started since the client was made, still pending, running SDK or gRPC code: what the client
+        left behind. (Found by comparing task sets, and by where each coroutine's code lives.)"""
+        import grpc
+
+        homes = (self._sdk_dir, os.path.dirname(grpc.__file__) + os.sep)
+        leftovers = set()
+        for task in asyncio.all_tasks() - self._tasks_before:
+            code = getattr(task.get_coro(), "cr_code", None)
+            if not task.done() and code is not None and code.co_filename.startswith(homes):
+                leftovers.add(task)
+        return leftovers
+
+    async def close(self, client: Any | None) -> None:
+        """Shut the client down and undo what the SDK leaves behind."""
+        try:
+            if client is not None:
+                await client.shutdown()
+        finally:
+            if client is not None:
+                # When the server breaks a bi-stream (a Nacos restart), gRPC's task feeding that stream from the
+                # SDK's request generator waits forever on a queue; shutdown() does not end it. Cancel the rest.
+                leftovers = self._leftover_tasks() - {asyncio.current_task()}
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    await asyncio.wait(leftovers, timeout=NACOS_STOP_TIMEOUT)
+            for handler in self._handlers:
+                logging.getLogger("config").removeHandler(handler)
+                handler.close()
+            self._handlers = []
+            logging.getLogger().removeFilter(self._root_filter)
 
 
 class NacosSource:
@@ -430,8 +541,9 @@ class NacosSource:
     Uses nacos-sdk-python 3.x (module v2.nacos), which talks gRPC to port + 1000 and reconnects by itself.
     """
 
-    def __init__(self, boot: dict, last_good_path: pathlib.Path, startup_timeout: float = 5.0) -> None:
-        self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or 8848)}"
+    def __init__(self, boot: dict, last_good_path: pathlib.Path,
+                 startup_timeout: float = NACOS_STARTUP_TIMEOUT) -> None:
+        self.address = f"{boot.get('ipaddr') or '127.0.0.1'}:{int(boot.get('port') or NACOS_DEFAULT_PORT)}"
         self.namespace = str(boot.get("namespaceid") or "")
         self.group = str(boot.get("group") or "DEFAULT_GROUP")
         self.data_id = str(boot["dataid"])
@@ -445,15 +557,15 @@ class NacosSource:
         self._current: str | None = None
         self._fell_back = False
         self._tmp_dir: str | None = None
-        self._root_filter = _DropSdkRootRecords()
-        self._sdk_handlers: list[logging.Handler] = []
+        self._sdk = _NacosSdkSeam()
 
     def describe(self) -> str:
         return f"nacos {self.address} namespace {self.namespace!r} group {self.group!r} dataid {self.data_id!r}"
 
     async def start(self, on_change: Callable[[str], Awaitable[None]]) -> str:
         """Fetch the configuration text and listen for changes (on_change(new_text) for each change)."""
-        from v2.nacos import ClientConfigBuilder, NacosConfigService  # only needed when Nacos is configured
+        self._sdk.check_version()
+        from v2.nacos import ClientConfigBuilder  # only needed when Nacos is configured
 
         self._on_change = on_change
         self._tmp_dir = tempfile.mkdtemp(prefix="im-backend-nacos-")  # SDK cache (holds config text): 0700
@@ -461,20 +573,11 @@ class NacosSource:
                    .cache_dir(self._tmp_dir).log_dir(self.sdk_log_dir or self._tmp_dir).log_level(logging.WARNING))
         if self.username and self.password:
             builder = builder.username(str(self.username)).password(str(self.password))
-        logging.getLogger().addFilter(self._root_filter)
-        sdk_logger = logging.getLogger("config")  # the SDK's (badly named) logger; it adds a file handler per client
-        before = set(sdk_logger.handlers)
-        # NacosConfigService.create_config_service() is exactly these two steps; they are split so that stop()
-        # can shut the client down even while it is still connecting (it retries ~9 s when Nacos is down).
         try:
-            self._client = NacosConfigService(builder.build())
+            self._client = self._sdk.create_client(builder.build())
         finally:
-            self._sdk_handlers = [h for h in sdk_logger.handlers if h not in before]
             if self._client is None:  # construction failed
                 await self.stop()
-        for task in asyncio.all_tasks():  # the SDK's fire-and-forget first login: its failure is not news
-            if getattr(task.get_coro(), "__qualname__", "") == "AuthClient.get_access_token":
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._task = asyncio.create_task(self._connect())
         await asyncio.wait({self._task}, timeout=self.startup_timeout)
         text: str | None = None
@@ -502,7 +605,7 @@ class NacosSource:
     async def _connect(self) -> str | None:
         from v2.nacos import ConfigParam
 
-        await self._client.grpc_client_proxy.start()
+        await self._sdk.connect(self._client)
         text: str | None = None
         try:
             text = await self._client.get_config(ConfigParam(data_id=self.data_id, group=self.group)) or None
@@ -514,8 +617,7 @@ class NacosSource:
         # The listener keeps the md5 of the SDK cache; with no text yet it is "" and the SDK delivers the
         # server's text (through _on_push) as soon as it is connected.
         await self._client.add_listener(self.data_id, self.group, self._on_push)
-        # have the SDK register the listener with the server now, not at its next 5 s tick
-        self._client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
+        self._sdk.wake_listener(self._client)  # register the listener with the server now, not in up to 5 s
         if text is not None and self._fell_back:
             await self._deliver(text)
         return text
@@ -565,21 +667,13 @@ class NacosSource:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # also collects an exception it may have ended with
-        if client is not None:
-            try:
+        try:
+            if client is not None:
                 await client.remove_listener(self.data_id, self.group, self._on_push)
-                # wake the SDK's listen loop (it otherwise sleeps up to 5 s before seeing the stop flag)
-                client.grpc_client_proxy.execute_config_listen_channel.put_nowait(None)
-                await client.shutdown()
-            except Exception as exc:
-                log.warning("nacos %s: shutdown: %s", self.address, exc)
-            _cancel_orphaned_stream_feeders()
-        for handler in self._sdk_handlers:
-            logging.getLogger("config").removeHandler(handler)
-            handler.close()
-        self._sdk_handlers = []
-        logging.getLogger().removeFilter(self._root_filter)
-        gc.collect()  # gRPC channels of connect attempts cancelled above are closed when collected; do it now
+                self._sdk.wake_listener(client)  # so that the listen loop sees the stop flag now
+            await self._sdk.close(client)
+        except Exception as exc:
+            log.warning("nacos %s: shutdown: %s", self.address, exc)
         if self._tmp_dir:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
@@ -599,6 +693,7 @@ def config_source(boot: dict) -> FileSource | NacosSource:
 
 APPKEY_WINDOW = 10  # seconds either side of now
 _APPKEY_CACHE_SIZE = 4096
+APPKEY_HEX_CHARS = (34, 128)  # shortest and longest appKey: hex of a 16-byte IV and 1 to 48 bytes of timestamp
 
 
 def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
@@ -611,7 +706,7 @@ def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
 
 def decrypt_appkey(secret: str, appkey: str) -> int | None:
     """The timestamp inside an appKey, or None when it is not a well-formed appKey for this secret."""
-    if len(appkey) < 34 or len(appkey) > 128 or len(appkey) % 2:
+    if not APPKEY_HEX_CHARS[0] <= len(appkey) <= APPKEY_HEX_CHARS[1] or len(appkey) % 2:
         return None
     try:
         raw = bytes.fromhex(appkey)
@@ -656,6 +751,9 @@ class AppKeyChecker:
 # sql() fills in the quoted per-service names. Nothing from a request is spliced into SQL.
 
 MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
+DB_STATEMENT_CACHE = 2048  # prepared statements kept per connection (14 routes x services)
+DB_COMMAND_TIMEOUT = 60  # seconds one statement may run before the driver gives up on it
+SQL_CACHE_SIZE = 4096  # (service, statement) pairs whose SQL text sql() keeps ready
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {post} (
@@ -697,7 +795,7 @@ POST_OWNER = "SELECT author FROM {post} WHERE id = $1 FOR UPDATE"
 POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COALESCE($3, title),
                  extra = COALESCE($4, extra), updated_at = now() WHERE id = $1"""
 POST_DELETE = "DELETE FROM {post} WHERE id = $1"
-POST_LIST = "SELECT id FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+POST_LIST = "SELECT id, created_at FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
 
 # Like counts live in {like_counts}, maintained in the transaction of each like, so reading one costs the same
 # at ten likes or ten million. A missing counter (a new target, or likes written by the Go version) is made by
@@ -828,7 +926,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=SQL_CACHE_SIZE)
 def sql(svc: str, statement: str) -> str:
     """A statement with the tables of service `svc` filled in (svc is validated by configuration)."""
     names = {
@@ -860,7 +958,7 @@ async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None, database=cfg.dbname,
         min_size=min(cfg.min_conns, cfg.max_conns), max_size=max(cfg.max_conns, 1), init=_init_connection,
-        reset=_keep_session, statement_cache_size=2048, command_timeout=60)
+        reset=_keep_session, statement_cache_size=DB_STATEMENT_CACHE, command_timeout=DB_COMMAND_TIMEOUT)
 
 
 async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]:
@@ -892,6 +990,26 @@ return 1
 """
 DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
+REDIS_MAX_CONNECTIONS = 256  # per process (per node on a cluster)
+REDIS_RETRIES = 1  # immediate retries of a command that met a broken connection (see open_redis)
+REDIS_READS_OFF = 1.0  # seconds reads skip Redis after a failed read (a down Redis costs requests nothing)
+REDIS_PROBE_INTERVAL = 0.1  # seconds between pings, while reads are off, to turn them back on once Redis answers
+TTL_JITTER = 1.5  # a cache entry lives between its TTL and TTL_JITTER times it
+NEAR_EVICT_FRACTION = 10  # a full near cache drops its oldest 1/NEAR_EVICT_FRACTION of entries
+DEFAULT_REDIS_PORT = 6379
+
+
+# Every Redis key the server writes: the Go version's names, so both versions share a cache during an upgrade.
+
+def post_id_counter_key(svc: str) -> str:
+    """INCR counter behind the ids of svc's posts."""
+    return f"post_id:{svc}"
+
+
+def comment_id_counter_key(svc: str) -> str:
+    """INCR counter behind the ids of svc's comments (replies included)."""
+    return f"comment_id:{svc}"
 
 
 def post_info_key(svc: str, post_id: int) -> str:
@@ -910,11 +1028,20 @@ def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
 
 
+def _host_port(addr: str) -> tuple[str, int]:
+    """host:port of a Redis address (also used to validate `cache.addr` when the configuration is read)."""
+    host, _, port = addr.strip().rpartition(":")
+    return host or "127.0.0.1", int(port or DEFAULT_REDIS_PORT)
+
+
 def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
-    # One immediate retry (a pooled connection may be stale after a Redis restart), no back-off: a request
-    # must learn at once that Redis is down, to serve from PostgreSQL or refuse the write.
-    common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                  max_connections=256, retry=Retry(NoBackoff(), 1))
+    # Retry policy: one immediate retry on a fresh connection, no back-off. After a Redis restart every pooled
+    # connection is stale; the retry reconnects it, so the first command on each still succeeds (no cache miss
+    # beyond the restart). No back-off, because a request must learn at once that Redis is down, to serve from
+    # PostgreSQL or refuse the write; Cache turns reads off meanwhile and back on once Redis answers again.
+    common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=REDIS_SOCKET_TIMEOUT,
+                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, max_connections=REDIS_MAX_CONNECTIONS,
+                                  retry=Retry(NoBackoff(), REDIS_RETRIES))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
@@ -924,14 +1051,9 @@ def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     return aioredis.Redis(host=host, port=port, db=cfg.db, **common)
 
 
-def _host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.strip().rpartition(":")
-    return host or "127.0.0.1", int(port or 6379)
-
-
 def with_jitter(ttl: int) -> int:
     """Spread expiries over [ttl, 1.5 ttl) so keys written together do not expire together."""
-    return max(1, int(ttl * random.uniform(1.0, 1.5)))
+    return max(1, int(ttl * random.uniform(1.0, TTL_JITTER)))
 
 
 class NearCache:
@@ -958,7 +1080,7 @@ class NearCache:
         if self.ttl <= 0:
             return
         if len(self._entries) >= self.size:  # drop the oldest tenth; dicts keep insertion order
-            for old in list(itertools.islice(self._entries, self.size // 10 + 1)):
+            for old in list(itertools.islice(self._entries, self.size // NEAR_EVICT_FRACTION + 1)):
                 del self._entries[old]
         self._entries[key] = (time.monotonic() + self.ttl, value)
 
@@ -974,12 +1096,42 @@ class Cache:
         self.client = client
         self.near = near
         self._reads_off_until = 0.0  # after a failure, reads skip Redis for a moment
+        self._probe: asyncio.Task | None = None
+        self._failing = False  # a read failed and none has succeeded since
         self._delete_unless_hot = client.register_script(DELETE_UNLESS_HOT)
 
     def _read_failed(self, exc: BaseException) -> None:
         if self._reads_off_until < time.monotonic():
             log.warning("redis read failed, serving from PostgreSQL: %s", exc)
-        self._reads_off_until = time.monotonic() + 1.0
+        self._failing = True
+        self._reads_off_until = time.monotonic() + REDIS_READS_OFF
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_until_answered())
+
+    async def _probe_until_answered(self) -> None:
+        """While reads are off, ping Redis; the first answer turns reads (and refills) back on at once, so a
+        restart costs no cache misses beyond the restart itself. Ends when the off period does."""
+        while time.monotonic() < self._reads_off_until:
+            await asyncio.sleep(REDIS_PROBE_INTERVAL)
+            try:
+                await self.client.ping()
+            except REDIS_ERRORS:
+                continue
+            self._answered()
+            return
+
+    def _answered(self) -> None:
+        """Redis answered: reads are on again (logged once after a failure)."""
+        self._reads_off_until = 0.0
+        if self._failing:
+            self._failing = False
+            log.info("redis answers again; reading from it")
+
+    async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        await self.client.aclose()
 
     async def get(self, key: str) -> bytes | None:
         if (value := self.near.get(key)) is not None:
@@ -991,6 +1143,8 @@ class Cache:
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
             return None
+        if self._failing:
+            self._answered()
         if value is not None:
             self.near.put(key, value)
         return value
@@ -1010,6 +1164,9 @@ class Cache:
                         self.near.put(keys[i], value)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            return values
+        if self._failing:
+            self._answered()
         return values
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
@@ -1067,6 +1224,10 @@ def open_cache(cfg: CacheConfig) -> Cache:
 # 6. Domain operations: posts, comments, likes, clean-up
 # ============================================================================
 
+DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
+CLEANUP_RETRY_PAUSE = 1.0  # seconds the clean-up waits after a database error before the next round
+DRAIN_GRACE = 2.0  # seconds, beyond DOUBLE_DELETE_DELAY, that shutdown waits for delayed work
+
 
 class Background:
     """What outlives a request and a configuration reload: delayed work and the clean-up wake-up call."""
@@ -1083,7 +1244,7 @@ class Background:
 
     async def drain(self) -> None:
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + 2)
+            await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + DRAIN_GRACE)
 
 
 # --- events (SPEC 11.4): the outbox, webhook delivery, live streams -----------------------------------------
@@ -1456,7 +1617,7 @@ class Service:
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
-        return min(limit or 20, self.config.server.max_limit)
+        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
 
     def render_time(self, moment: dt.datetime | None) -> str:
         if moment is None:  # the Go version's columns allow it
@@ -1494,7 +1655,7 @@ class Service:
     async def publish_post(self, svc: str, author: str, content: str, title: str | None,
                            extra: dict | None) -> dict:
         """Publish a post."""
-        post_id = await self.cache.next_id(f"post_id:{svc}")
+        post_id = await self.cache.next_id(post_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
             await self.emit(conn, svc, "post.published", {"post_id": post_id, "author": author, "title": title or "",
@@ -1554,7 +1715,7 @@ class Service:
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
         async with self.db(svc, Err.FIND_FAILED) as conn:
             rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
-        return {"post_list": [row["id"] for row in rows]}
+        return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
 
     # --- comments ----------------------------------------------------------------
 
@@ -1582,7 +1743,7 @@ class Service:
     async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
                               extra: dict | None) -> dict:
         """Comment on a post (or on any object id of the caller's)."""
-        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
@@ -1599,7 +1760,7 @@ class Service:
         father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
         if father["post_id"] != post_id or father_root != root_comment_id:
             raise ApiError(Err.PARAMS_WRONG)
-        comment_id = await self.cache.next_id(f"comment_id:{svc}")
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
@@ -1652,11 +1813,7 @@ class Service:
                 rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
             else:
                 rows = await conn.fetch(sql(svc, COMMENT_REPLIES_PAGE), root_comment_id, cursor, limit)
-        result: dict[str, Any] = {"comments": [self.comment_json(svc, row) for row in rows]}
-        if rows:
-            result["next_cursor"] = rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%S.%fZ")
-        return result
+        return {"comments": [self.comment_json(svc, row) for row in rows], "next_cursor": next_cursor(rows)}
 
     # --- likes -------------------------------------------------------------------
 
@@ -1783,12 +1940,16 @@ class Service:
         log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
         return likes + 1, done_keys
 
-    async def cleanup_depth(self) -> dict[str, int]:
-        depth = {}
+    async def cleanup_depth(self) -> dict[str, int | str]:
+        """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
+        depth: dict[str, int | str] = {}
         async with self.pool.acquire() as conn:
             for svc in sorted(self.ready):
-                with contextlib.suppress(asyncpg.PostgresError):
+                try:
                     depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
+                except asyncpg.PostgresError as exc:
+                    log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
+                    depth[svc] = f"error: {exc!r}"
         return depth
 
     async def run_cleanup(self) -> None:
@@ -1800,7 +1961,7 @@ class Service:
                     while await self.clean_once(svc):
                         worked = True
                 except ApiError:
-                    await asyncio.sleep(1.0)  # database trouble was logged; try again on the next round
+                    await asyncio.sleep(CLEANUP_RETRY_PAUSE)  # database trouble was logged; next round
             if worked:
                 continue
             wakeup = self.background.cleanup_wakeup
@@ -1812,6 +1973,14 @@ class Service:
 def _given(**fields: Any) -> dict:
     """The fields of an update that were given (an event lists only what changed)."""
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def next_cursor(rows: list[asyncpg.Record]) -> str | None:
+    """Every list page carries `next_cursor`: the creation time of its last row (UTC, microseconds), to pass as
+    `cursor` for the rows after it; null when the page is empty (keep the cursor you sent)."""
+    if not rows or rows[-1]["created_at"] is None:
+        return None
+    return rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _count(status: str) -> int:
@@ -1919,6 +2088,12 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
 
 # --- parameter kinds: each turns the raw value (str from a query/form, anything from JSON) into its type ---
 
+NAME_MAX_CHARS = 255  # author, title, user_id: VARCHAR(255) columns
+ID_MAX_DIGITS = 19  # MAX_ID has 19 digits
+CURSOR_CHARS = (10, 40)  # shortest ("2024-01-02") and longest cursor accepted, in characters
+LIMIT_MAX_DIGITS = 10  # a larger `limit` is not a number anybody means (and would be capped anyway)
+COMMENT_IDS_MAX = 1000  # ids in one comments/getlike request
+
 def _text(raw: Any, max_len: int | None) -> str:
     if not isinstance(raw, str):
         raise bad_param("expected a string")
@@ -1930,7 +2105,7 @@ def _text(raw: Any, max_len: int | None) -> str:
 def as_id(raw: Any) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):
         value = raw
-    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= ID_MAX_DIGITS + 1:
         value = int(raw)
     else:
         raise bad_param(f"not an id: {raw!r}")
@@ -1941,7 +2116,7 @@ def as_id(raw: Any) -> int:
 
 def as_name(raw: Any) -> str:
     """author, title, user_id: VARCHAR(255) columns."""
-    return _text(raw, 255)
+    return _text(raw, NAME_MAX_CHARS)
 
 
 def as_content(raw: Any) -> str:
@@ -1961,7 +2136,7 @@ def as_extra(raw: Any) -> dict:
 
 def as_cursor(raw: Any) -> dt.datetime:
     """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
-    if not isinstance(raw, str) or not raw.isascii() or not 10 <= len(raw) <= 40:
+    if not isinstance(raw, str) or not raw.isascii() or not CURSOR_CHARS[0] <= len(raw) <= CURSOR_CHARS[1]:
         raise bad_param("bad cursor")
     try:
         moment = dt.datetime.fromisoformat(raw.strip())
@@ -1973,7 +2148,7 @@ def as_cursor(raw: Any) -> dt.datetime:
 
 
 def as_limit(raw: Any) -> int:
-    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 10:
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= LIMIT_MAX_DIGITS:
         return int(raw)
     raise bad_param(f"bad limit {raw!r}")
 
@@ -1988,8 +2163,8 @@ def as_id_list(raw: Any) -> list[int]:
     """A JSON array of ids, or (query extension) comma-separated / repeated ids."""
     if isinstance(raw, str):
         raw = [part for part in raw.split(",") if part.strip()]
-    if not isinstance(raw, list) or len(raw) > 1000:
-        raise bad_param("comment_ids must be a list of at most 1000 ids")
+    if not isinstance(raw, list) or len(raw) > COMMENT_IDS_MAX:
+        raise bad_param(f"comment_ids must be a list of at most {COMMENT_IDS_MAX} ids")
     return [as_id(item.strip() if isinstance(item, str) else item) for item in raw]
 
 
@@ -2010,32 +2185,62 @@ class Param:
     required: bool = True
     description: str = ""
     schema: dict = dataclasses.field(default_factory=lambda: {"type": "string"})
+    example: Any = None  # a value the server accepts; /openapi.json shows it, a test sends it
+    json_schema: dict | None = None  # in a JSON body, when it differs from `schema`
+    form_schema: dict | None = None  # in a form body (where every value is a string), when it differs
+    query_style: dict | None = None  # OpenAPI serialisation keywords of a query parameter (style, explode)
 
 
-ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0}
+# --- OpenAPI schemas that say exactly what the parameter kinds above accept ---
+NO_NUL = "^[^\\u0000]*$"  # (JSON Schema regex) PostgreSQL text cannot hold NUL characters
+ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_ID}
+NONZERO_ID_SCHEMA = dict(ID_SCHEMA, minimum=1)
+NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS, "pattern": NO_NUL}
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": NO_NUL}
+JSON_OBJECT_TEXT = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object"},
+                    "pattern": "^\\s*\\{", "description": "a JSON object, as text"}
+ID_LIST_TEXT = {"type": "string", "pattern": f"^[0-9]{{1,{ID_MAX_DIGITS}}}(,[0-9]{{1,{ID_MAX_DIGITS}}})"
+                                              f"{{0,{COMMENT_IDS_MAX - 1}}}$",
+                "description": "ids separated by commas (each at most MAX_ID)"}
+EXAMPLE_ID = 7305873094443384833  # what an id looks like: (unix seconds << 32) | counter
 
-POST_ID = Param("post_id", "query", as_id, schema=ID_SCHEMA)
-COMMENT_ID = Param("comment_id", "query", as_id, schema=ID_SCHEMA)
-USER_ID = Param("user_id", "query", as_name, description="the caller's user; at most 255 characters")
+POST_ID = Param("post_id", "query", as_id, description="the post", schema=ID_SCHEMA, example=EXAMPLE_ID)
+COMMENT_ID = Param("comment_id", "query", as_id, description="the comment", schema=ID_SCHEMA,
+                   example=EXAMPLE_ID + 1)
+USER_ID = Param("user_id", "query", as_name, description="the caller's user (taken on the calling service's word); "
+                "at most 255 characters", schema=NAME_SCHEMA, example="alice")
 CURSOR = Param("cursor", "query", as_cursor, required=False,
-               description="UTC: YYYY-MM-DDTHH:MM:SS or ISO 8601", schema={"type": "string", "format": "date-time"})
-LIMIT = Param("limit", "query", as_limit, required=False, description="0 or missing: 20; capped at the maximum",
-              schema={"type": "integer", "minimum": 0})
-AUTHOR = Param("author", "body", as_name, description="at most 255 characters")
-CONTENT = Param("content", "body", as_content)
-CONTENT_OPT = dataclasses.replace(CONTENT, required=False)
-TITLE_OPT = Param("title", "body", as_name, required=False, description="at most 255 characters")
+               description="UTC unless an offset is given: YYYY-MM-DDTHH:MM:SS or ISO 8601 (fractions, Z or "
+                           "+HH:MM); usually the `next_cursor` of the previous page",
+               schema={"type": "string", "format": "date-time", "minLength": CURSOR_CHARS[0],
+                       "maxLength": CURSOR_CHARS[1]}, example="2024-05-01T08:30:00.123456Z")
+LIMIT = Param("limit", "query", as_limit, required=False,
+              description=f"page size; 0 or missing: {DEFAULT_PAGE}; capped at server.max_limit (100 by default)",
+              schema={"type": "integer", "minimum": 0, "maximum": 10 ** LIMIT_MAX_DIGITS - 1}, example=20)
+AUTHOR = Param("author", "body", as_name, description="who wrote the post; at most 255 characters",
+               schema=NAME_SCHEMA, example="alice")
+CONTENT = Param("content", "body", as_content, description="the text", schema=TEXT_SCHEMA, example="hello")
+CONTENT_OPT = dataclasses.replace(CONTENT, required=False, description="the new text; missing: unchanged")
+TITLE_OPT = Param("title", "body", as_name, required=False, description="the title; at most 255 characters",
+                  schema=NAME_SCHEMA, example="A title")
 EXTRA_OPT = Param("extra", "body", as_extra, required=False,
-                  description="a JSON object (in a form: a string holding one)")
-LIKE = Param("like", "json", as_like, schema={"type": "boolean"})
+                  description="anything the calling service keeps with it: a JSON object (in a form, or as a "
+                              "JSON string: the text of one)",
+                  schema={"type": "object"}, json_schema={"anyOf": [{"type": "object"}, JSON_OBJECT_TEXT]},
+                  form_schema=JSON_OBJECT_TEXT, example={"image": "a.png"})
+LIKE = Param("like", "json", as_like, description="true: like; false: take the like back (both idempotent)",
+             schema={"type": "boolean"}, example=True)
 POST_ID_OPT = dataclasses.replace(POST_ID, required=False, description="only the events of this post")
 TYPES_OPT = Param("types", "query", as_types, required=False, description="only these event types, comma-separated",
-                  schema={"type": "string"})
+                  schema={"type": "string"}, example="comment.replied,post.liked")
 LAST_EVENT_ID = Param("last_event_id", "header", as_id, required=False, schema={"type": "string"},
                       description="resume after this event (the Last-Event-ID header, or this query parameter)")
 COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
-                    description="JSON array in the body; or in the query, comma-separated",
-                    schema={"type": "array", "items": ID_SCHEMA})
+                    description=f"at most {COMMENT_IDS_MAX} comment ids: a JSON array in a JSON body, comma-separated "
+                                "in a form or in the query (the query also takes the parameter repeated)",
+                    schema={"type": "array", "items": ID_SCHEMA, "maxItems": COMMENT_IDS_MAX},
+                    form_schema=ID_LIST_TEXT, query_style={"style": "form", "explode": False},
+                    example=[EXAMPLE_ID + 1, EXAMPLE_ID + 2])
 
 
 def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
@@ -2075,17 +2280,28 @@ COMMENT_SCHEMA = {"$ref": "#/components/schemas/Comment"}
 
 
 def _obj(**props: Any) -> dict:
-    return {"type": "object", "properties": props}
+    """An object schema whose properties are all always present."""
+    return {"type": "object", "properties": props, "required": list(props)}
 
 
-ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, description="0: the root comments")
-FATHER_COMMENT_ID = Param("father_comment_id", "query", as_id, schema=ID_SCHEMA)
+ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=NONZERO_ID_SCHEMA, example=EXAMPLE_ID + 1,
+                        description="the root comment of the thread replied to (the father itself when it is a "
+                                    "root comment)")
+FATHER_COMMENT_ID = Param("father_comment_id", "query", as_id, schema=NONZERO_ID_SCHEMA, example=EXAMPLE_ID + 1,
+                          description="the comment replied to, in that thread")
+THREAD_ID = Param("root_comment_id", "query", as_id, schema=ID_SCHEMA, example=0,
+                  description="0: the root comments of the post; else: the replies in that comment's thread")
 
 NEW_POST, NEW_COMMENT = _obj(post_id=ID_OUT), _obj(comment_id=ID_OUT)
 A_POST = _obj(post=POST_SCHEMA)
-POST_IDS = _obj(post_list={"type": "array", "items": ID_OUT})
-COMMENT_PAGE = _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor={"type": "string"})
-LIKE_COUNT, LIKE_COUNTS = _obj(like={"type": "integer"}), _obj(likes={"type": "array", "items": {"type": "integer"}})
+NEXT_CURSOR = {"type": ["string", "null"], "description": "the creation time of the last item (UTC, microseconds): "
+               "the `cursor` of the next page; null when the page is empty"}
+POST_IDS = _obj(post_list={"type": "array", "items": ID_OUT}, next_cursor=NEXT_CURSOR)
+COMMENT_PAGE = _obj(comments={"type": "array", "items": COMMENT_SCHEMA}, next_cursor=NEXT_CURSOR)
+LIKE_COUNT = _obj(like={"type": "integer", "minimum": 0, "description": "0 for an unknown post"})
+LIKE_COUNTS = {"anyOf": [_obj(likes={"type": "array", "items": {"type": "integer", "minimum": 0},
+                                     "description": "in the order of comment_ids; 0 for an unknown id"}),
+                         {"type": "null", "description": "no comment_ids given"}]}
 
 ROUTES: tuple[Route, ...] = (
     #     method    path                 operation                data          parameters
@@ -2104,7 +2320,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
                                                                                  EXTRA_OPT)),
     Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
-    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, ROOT_COMMENT_ID, CURSOR,
+    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, CURSOR,
                                                                                  LIMIT)),
     Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
     Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
@@ -2117,56 +2333,109 @@ for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
 
 
-def openapi_document() -> dict:
-    """The OpenAPI 3 description of ROUTES (built from the same declarations the server parses with)."""
-    auth = [{"name": "svc", "in": "query", "required": True, "schema": {"type": "string"}},
-            {"name": "appKey", "in": "query", "required": True, "schema": {"type": "string"},
-             "description": "hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±10 s"}]
+SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
+             "schema": {"type": "string", "pattern": SERVICE_NAME.pattern}, "example": "demo"}
+APPKEY_PARAM = {"name": "appKey", "in": "query", "required": True,
+                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s",
+                "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
+                                                        f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
+                "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
+ERROR_ANSWERS = {  # status: what it means (the body is always the error envelope)
+    "400": "bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
+           "authentication (svc/appKey)",
+    "500": "a data error (code 10001-10018, see the code table) or an unexpected error",
+    "504": "the request took longer than server.timeout",
+}
+BODY_ANSWERS = {"408": "the body did not arrive in time", "413": "the body is larger than server.body_limit"}
+
+
+def _body_schema(params: list[Param], kind: str) -> dict:
+    """The request body's schema for kind "json" or "form"."""
+    props = {}
+    for p in params:
+        schema = (p.json_schema if kind == "json" else p.form_schema) or p.schema
+        props[p.name] = dict(schema, description=p.description)
+    return {"type": "object", "properties": props, "required": [p.name for p in params if p.required]}
+
+
+def _body_example(params: list[Param], kind: str) -> dict:
+    example = {}
+    for p in params:
+        value = p.example
+        if kind == "form" and not isinstance(value, str):  # every form value is text
+            value = (",".join(map(str, value)) if isinstance(value, list) else orjson.dumps(value).decode())
+        example[p.name] = value
+    return example
+
+
+def openapi_document(root_path: str = "") -> dict:
+    """The OpenAPI 3.1 description of ROUTES (built from the same declarations the server parses with); its
+    `servers` entry is the path the app is mounted at (the ASGI root_path)."""
     paths: dict[str, dict] = {}
     for route in ROUTES:
         query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
-                  "description": p.description} for p in route.params if p.where in ("query", "any", "header")]
+                  "description": p.description, "example": p.example, **(p.query_style or {})}
+                 for p in route.params if p.where in ("query", "any", "header")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
+        success_data = route.data or {"type": "null"}
+        answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
         op: dict[str, Any] = {
             "summary": (route.operation.__doc__ or "").strip().splitlines()[0],
-            "operationId": route.operation.__name__, "parameters": auth + query,
+            "operationId": route.operation.__name__, "parameters": [SVC_PARAM, APPKEY_PARAM] + query,
             "responses": {
                 "200": {"description": "success", "content": {"application/json": {"schema": {
-                    "allOf": [{"$ref": "#/components/schemas/Envelope"},
-                              _obj(data=route.data or {"type": "null"})]}}}},
-                "400": {"$ref": "#/components/responses/Error"},
-                "500": {"$ref": "#/components/responses/Error"},
-                "504": {"$ref": "#/components/responses/Error"}}}
+                    "allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
+                **{status: {"description": text, "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Envelope"}}}} for status, text in answers.items()}}}
         if body:
-            schema = {"type": "object", "properties": {p.name: dict(p.schema, description=p.description)
-                                                       for p in body},
-                      "required": [p.name for p in body if p.required]}
-            form_types = {} if all(p.where == "json" for p in body) else {
-                "multipart/form-data": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
-            op["requestBody"] = {"required": any(p.required for p in body),
-                                 "content": {"application/json": {"schema": schema}, **form_types}}
+            content = {"application/json": {"schema": _body_schema(body, "json"),
+                                            "example": _body_example(body, "json")}}
+            if not all(p.where == "json" for p in body):
+                for media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                    content[media] = {"schema": _body_schema(body, "form"), "example": _body_example(body, "form")}
+            op["requestBody"] = {"required": any(p.required for p in body), "content": content,
+                                 "description": "JSON object, urlencoded or multipart form"
+                                 if len(content) > 1 else "JSON object"}
         paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = op
-    for path in ("/healthz", "/readyz"):
-        paths[path] = {"get": {"summary": "liveness" if path == "/healthz" else "readiness (PostgreSQL, Redis)",
-                               "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}}
+    plain = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+    paths["/healthz"] = {"get": {"summary": "liveness: the process answers (checks nothing else)",
+                                 "operationId": "healthz", "responses": {"200": {"description": "up",
+                                                                                 "content": plain}}}}
+    paths["/readyz"] = {"get": {"summary": "readiness: PostgreSQL and Redis answer; shows the clean-up queues",
+                                "operationId": "readyz", "responses": {
+                                    "200": {"description": "ready", "content": plain},
+                                    "503": {"description": "not ready (data says which check failed)",
+                                            "content": plain}}}}
+    paths["/openapi.json"] = {"get": {"summary": "this document", "operationId": "openapi", "responses": {
+        "200": {"description": "the OpenAPI document", "content": {"application/json": {}}}}}}
     string, nullable_string = {"type": "string"}, {"type": ["string", "null"]}
+    time_text = {"type": "string", "description": "creation time in server.time_zone, YYYY-MM-DDTHH:MM:SS"}
+    extra_out = {"type": ["object", "null"], "description": "as given when written"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "IM-Backend", "version": "1.0.0",
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
                                 "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500."},
+        "servers": [{"url": root_path or "/", "description": "where this app is served"}],
         "paths": paths,
         "components": {
             "schemas": {
-                "Envelope": _obj(code={"type": "integer"}, msg=string, data={}),
-                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=string, svc=string,
-                             extra={"type": ["object", "null"]}),
-                "Comment": _obj(id=ID_OUT, user_id=string, content=string, root_id=ID_OUT, father_id=ID_OUT,
-                                target_user_id=nullable_string, post_id=ID_OUT, time=string, svc=string,
-                                child_num={"type": ["integer", "null"]}, extra={"type": ["object", "null"]}),
+                "Envelope": dict(_obj(code={"type": "integer", "description": "200, or the error code"},
+                                      msg={"type": "string", "description": "success, or the error message"},
+                                      data={"description": "the answer; null for an error"}),
+                                 description="every answer"),
+                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=time_text, svc=string,
+                             extra=extra_out),
+                "Comment": _obj(id=ID_OUT, user_id=string, content=string,
+                                root_id=dict(ID_OUT, description="0 for a root comment"),
+                                father_id=dict(ID_OUT, description="0 for a root comment"),
+                                target_user_id=dict(nullable_string, description="the father's user_id"),
+                                post_id=ID_OUT, time=time_text, svc=string,
+                                child_num={"type": ["integer", "null"],
+                                           "description": "replies in the thread (root comments in a page); "
+                                                          "else null"},
+                                extra=extra_out),
             },
-            "responses": {"Error": {"description": "error envelope (see the code table)", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}}},
         },
     }
 
@@ -2179,6 +2448,16 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Exit status of a process that could not start (bad configuration, PostgreSQL unreachable or refusing, Nacos
+# unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
+# `python im_backend.py` uses too, so that both ways of running the server exit alike. (2: bad command line.)
+EXIT_STARTUP_FAILED = 3
+DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may take
+DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
+DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
+READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
+OPENAPI_ROOTS_KEPT = 16  # documents kept, one per mount path (root_path) seen
+OLD_CLIENT_GRACE = 5.0  # seconds a replaced Redis client stays open for the requests that still hold it
 
 
 class App:
@@ -2193,7 +2472,7 @@ class App:
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
-        self._openapi = orjson.dumps(openapi_document())
+        self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
         self._reload_lock = asyncio.Lock()
         self._pending_text: str | None = None
 
@@ -2214,7 +2493,7 @@ class App:
         self.service = Service(config, pool, open_cache(config.cache),
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
-        self._cleanup_task = asyncio.create_task(self.service.run_cleanup())
+        self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
         self.background.events.start(self.service)
         self._end_streams_on_signals()
         if self._pending_text is not None:
@@ -2225,23 +2504,35 @@ class App:
 
     @staticmethod
     async def _connect_db(cfg: DbConfig, wait: float = 0) -> asyncpg.Pool:
-        """A pool; a PostgreSQL that is not up yet is retried for `wait` seconds, a refusal is final."""
-        deadline = time.monotonic() + wait
+        """A pool; a PostgreSQL that is not up yet is retried for `wait` seconds, a refusal is final.
+
+        The log gets one line when the waiting starts, not one per attempt; giving up is the ConfigError."""
+        started = time.monotonic()
+        deadline, attempts = started + wait, 0
         while True:
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            timeout = max(DB_ATTEMPT_MIN_TIMEOUT, min(DB_ATTEMPT_TIMEOUT, remaining)) if wait else DB_ATTEMPT_TIMEOUT
             try:
-                return await asyncio.wait_for(open_pool(cfg), 10)
+                return await asyncio.wait_for(open_pool(cfg), timeout)
             except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
+                error = str(exc) if str(exc) else f"no answer within {timeout:g} s"
                 if time.monotonic() >= deadline:
-                    error = exc
                     break
-                log.warning("PostgreSQL at %s:%s is not reachable yet (%s); retrying", cfg.host, cfg.port,
-                            exc or type(exc).__name__)
-                await asyncio.sleep(1)
+                if attempts == 1:
+                    log.warning("waiting up to %g s for PostgreSQL at %s:%s (%s)", wait, cfg.host, cfg.port, error)
+                await asyncio.sleep(min(DB_RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
             except asyncpg.PostgresError as exc:  # wrong password, no such database...
-                error = exc
+                error = str(exc) or type(exc).__name__
                 break
+        tried = f" (gave up after {attempts} attempts in {time.monotonic() - started:.0f} s)" if attempts > 1 else ""
         raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database {cfg.dbname!r} "
-                          f"as {cfg.user!r}: {error or type(error).__name__}")
+                          f"as {cfg.user!r}: {error}{tried}")
+
+    async def _run_cleanup(self) -> None:
+        """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
+        assert self.service is not None
+        await self.service.run_cleanup()
 
     def _end_streams_on_signals(self) -> None:
         """uvicorn waits for open responses before the lifespan shut-down: end event streams on its signals."""
@@ -2272,7 +2563,7 @@ class App:
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
-            await self.service.cache.client.aclose()
+            await self.service.cache.aclose()
             self.service = None
         log.info("im_backend stopped")
 
@@ -2307,7 +2598,7 @@ class App:
             self.source.save_last_good(text)
             if self._cleanup_task:
                 self._cleanup_task.cancel()
-                self._cleanup_task = asyncio.create_task(new.run_cleanup())
+                self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
             added, removed = set(config.services) - set(old.config.services), set(old.config.services) - set(
                 config.services)
             log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
@@ -2315,7 +2606,7 @@ class App:
             if pool is not old.pool:
                 self.background.spawn(old.pool.close())  # waits for in-flight queries on the old pool
             if cache is not old.cache:
-                self.background.spawn(_close_later(old.cache.client))
+                self.background.spawn(_close_later(old.cache))
 
     # --- requests --------------------------------------------------------------
 
@@ -2333,8 +2624,13 @@ class App:
                     await self.startup()
                 except ConfigError as exc:
                     log.error("cannot start: %s", exc)
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    _note_startup_failure()
+                    # no message: the server would log the cause a second time
+                    await send({"type": "lifespan.startup.failed", "message": ""})
                     return
+                except Exception:
+                    _note_startup_failure()
+                    raise
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -2357,7 +2653,11 @@ class App:
         async with self._start_lock:
             if self.service is None:
                 log.info("no lifespan start-up was received; starting on the first request")
-                await self.startup()
+                try:
+                    await self.startup()
+                except ConfigError as exc:  # the next request tries again
+                    log.error("cannot start: %s", exc)
+                    raise ApiError(Err.UNAVAILABLE) from None
 
     async def handle_http(self, scope: dict, receive: Callable, send: Callable) -> None:
         path, root = scope["path"], scope.get("root_path", "")
@@ -2383,7 +2683,7 @@ class App:
         if path == "/healthz":
             return 200, envelope(200, "success", {"status": "up"})
         if path == "/openapi.json":
-            return 200, self._openapi
+            return 200, self.openapi(scope.get("root_path", ""))
         if self.service is None:
             await self._ensure_started()
         if path == "/readyz":
@@ -2449,30 +2749,45 @@ class App:
             watcher.cancel()
             events.close_stream(stream)
 
+    def openapi(self, root_path: str) -> bytes:
+        """The document for the path the app is mounted at, built once per root_path."""
+        document = self._openapi.get(root_path)
+        if document is None:
+            if len(self._openapi) >= OPENAPI_ROOTS_KEPT:
+                self._openapi.clear()
+            document = self._openapi[root_path] = orjson.dumps(openapi_document(root_path))
+        return document
+
     async def readiness(self) -> tuple[int, bytes]:
         service, checks = self.service, dict[str, Any]()
         assert service is not None  # started by dispatch()
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(READY_CHECK_TIMEOUT):
                 async with service.pool.acquire() as conn:
                     await conn.fetchval("SELECT 1")
             checks["postgres"] = "ok"
         except Exception as exc:  # any failure means not ready
             checks["postgres"] = f"error: {exc!r}"
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(READY_CHECK_TIMEOUT):
                 await service.cache.client.ping()
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"error: {exc!r}"
         ok = all(v == "ok" for v in checks.values())
-        if ok:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
+        if ok:  # the queue depth is information (per service): a failure to read it is shown, not fatal
+            try:
+                async with asyncio.timeout(READY_CHECK_TIMEOUT):
                     checks["cleanup_queue"] = await service.cleanup_depth()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
+            except Exception as exc:
+                log.warning("readiness: cannot read the clean-up queues: %r", exc)
+                checks["cleanup_queue"] = f"error: {exc!r}"
+            try:
+                async with asyncio.timeout(READY_CHECK_TIMEOUT):
                     checks["events"] = await self.background.events.counts()
+            except Exception as exc:
+                log.warning("readiness: cannot read the event counts: %r", exc)
+                checks["events"] = f"error: {exc!r}"
         code = 200 if ok else 503
         return code, envelope(code, "success" if ok else "not ready", checks)
 
@@ -2490,7 +2805,7 @@ class Deadlines:
 
     def start(self, task: asyncio.Task, timeout: float) -> None:
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.ensure_future(self._sweep())
+            self._sweeper = asyncio.ensure_future(keep_running("deadline sweeper", self._sweep))
         self._active[task] = time.monotonic() + timeout
 
     def expired(self, task: asyncio.Task) -> bool:
@@ -2535,9 +2850,21 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _close_later(client: aioredis.Redis | RedisCluster) -> None:
-    await asyncio.sleep(5)  # let requests that picked up the old client finish
-    await client.aclose()
+async def _close_later(cache: Cache) -> None:
+    await asyncio.sleep(OLD_CLIENT_GRACE)  # let requests that picked up the old client finish
+    await cache.aclose()
+
+
+STARTUP_FAILED_FILE_ENV = "IM_STARTUP_FAILED_FILE"  # set by main() for its worker processes
+
+
+def _note_startup_failure() -> None:
+    """Tell `python im_backend.py --workers N` that a worker could not start: uvicorn's supervisor then stops,
+    but exits 0, so main() looks for this file to exit with EXIT_STARTUP_FAILED instead."""
+    path = os.environ.get(STARTUP_FAILED_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            pathlib.Path(path).touch()
 
 
 def _ensure_logging() -> None:
@@ -2560,6 +2887,9 @@ app = create_app()
 # ============================================================================
 # 9. Command line
 # ============================================================================
+
+GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="im_backend.py", description="IM-Backend API server")
@@ -2588,14 +2918,22 @@ def main(argv: list[str] | None = None) -> int:
             parse_app_config(app_conf_path(boot).read_text())
     except (ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
-        return 2
+        return EXIT_STARTUP_FAILED
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
 
-    uvicorn.run("im_backend:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-                timeout_graceful_shutdown=15, proxy_headers=False, server_header=False)
-    return 0
+    serve = functools.partial(
+        uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
+        log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
+    if args.workers <= 1:
+        serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
+        return 0
+    with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
+        failed = pathlib.Path(state) / "startup-failed"
+        os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
+        serve()
+        return EXIT_STARTUP_FAILED if failed.exists() else 0
 
 
 def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
@@ -2615,6 +2953,9 @@ def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
             print(f"error: no service {svc!r} in the configuration", file=sys.stderr)
             return 2
         secret = services[svc]
+    elif problem := secret_problem(secret):
+        print(f"error: the secret {problem}", file=sys.stderr)
+        return 2
     print(encrypt_appkey(secret))
     return 0
 

@@ -152,5 +152,11 @@ async def test_unknown_paths_and_methods(client):
     assert (response.status_code, response.json()["code"], response.json()["data"]) == (404, 404, None)
     response = await client.delete("/api/v1/posts/getinfo")
     assert (response.status_code, response.json()["code"]) == (405, 405)
+    assert response.headers["allow"] == "GET"  # RFC 9110: a 405 lists the methods the resource has
+    response = await client.post("/api/v1/posts/comments/getlike")
+    assert (response.status_code, response.headers["allow"]) == (405, "GET")
+    for path, methods in (("/api/v1/posts/publish", "POST"), ("/api/v1/posts/like", "PUT")):
+        response = await client.get(path)
+        assert response.status_code == 405 and response.headers["allow"] == methods
     response = await client.get("/")
     assert response.status_code == 404 and response.json()["code"] == 404

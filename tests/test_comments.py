@@ -34,7 +34,14 @@ async def test_paging_with_cursor_and_next_cursor(api):
     assert [c["id"] for c in page3["comments"]] == ids[4:]
     empty = await api.ok("GET", "/comments/getinfo", {"post_id": post_id, "root_comment_id": 0,
                                                       "cursor": page3["next_cursor"]})
-    assert empty["comments"] == [] and "next_cursor" not in empty
+    assert empty == {"comments": [], "next_cursor": None}  # every page has next_cursor; null when empty
+    short = await api.ok("GET", "/comments/getinfo", {"post_id": post_id, "root_comment_id": 0, "limit": 2,
+                                                      "cursor": page2["next_cursor"]})
+    assert short["next_cursor"] == page3["next_cursor"]  # a short page still says where to continue
+    newer = await api.comment(post_id, content="after the last page")
+    later = await api.ok("GET", "/comments/getinfo", {"post_id": post_id, "root_comment_id": 0,
+                                                      "cursor": page3["next_cursor"]})
+    assert [c["id"] for c in later["comments"]] == [newer]
 
 
 async def test_reply_thread_and_child_num(api):

@@ -103,7 +103,8 @@ async def test_initial_load_and_runtime_change(fake, sources, tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_unchanged_republish_and_handler_errors(fake, sources, tmp_path):
+async def test_unchanged_republish_and_handler_errors(fake, sources, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="im_backend")
     await fake.start()
     fake.publish(DATA_ID, GROUP, "a", tenant=NS)
     calls: list[str] = []
@@ -117,12 +118,35 @@ async def test_unchanged_republish_and_handler_errors(fake, sources, tmp_path):
     assert await src.start(on_change) == "a"
     fake.publish(DATA_ID, GROUP, "a", tenant=NS)  # same content: no call
     fake.publish(DATA_ID, GROUP, "bad", tenant=NS)  # handler raises: logged, source keeps working
+    for _ in range(200):  # (published at once after "bad", "good" could replace it before it is pushed)
+        if "bad" in calls:
+            break
+        await asyncio.sleep(0.05)
     fake.publish(DATA_ID, GROUP, "good", tenant=NS)
     for _ in range(200):
         if "good" in calls:
             break
         await asyncio.sleep(0.05)
     assert calls[-1] == "good" and "a" not in calls
+    # the handler's error was caught and logged here, with its traceback (the SDK would swallow it silently)
+    failures = [r for r in caplog.records if "configuration change handler failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info[1].args == ("rejected",)
+
+
+@pytest.mark.asyncio
+async def test_an_untested_sdk_version_is_refused_at_start_up(fake, sources, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    import im_backend
+
+    installed = importlib.metadata.version("nacos-sdk-python")
+    assert installed in im_backend.NACOS_SDK_TESTED  # requirements-runtime.txt pins a tested version
+    monkeypatch.setattr(im_backend, "NACOS_SDK_TESTED", ("0.0.1",))
+    src = sources(fake, tmp_path / "lg.yaml")
+    with pytest.raises(ConfigError, match=f"nacos-sdk-python {installed} is installed, but the Nacos adapter was "
+                                          "tested with 0.0.1 only"):
+        await src.start(Changes())
+    assert src._client is None and fake.requests_seen == []  # refused before the SDK was even used
 
 
 @pytest.mark.asyncio

@@ -104,11 +104,26 @@ async def test_getlist_newest_first_with_cursor_and_limit(api_b):
     assert len(default_limit) == min(20, len(everything))
 
 
-async def test_getlist_limit_is_capped(api):
-    for _ in range(3):
-        await api.publish()
-    capped = (await api.ok("GET", "/getlist", {"limit": 1000000}))["post_list"]
-    assert 3 <= len(capped) <= 100
+async def test_getlist_limit_is_capped(api, db):
+    # more posts than the cap (server.max_limit, 100 by default), written directly and an hour old so that
+    # they stay out of the way of the other tests' newest-first pages
+    await db.executemany(f'INSERT INTO "{api.svc}_post_info" (id, content, title, author, created_at) '
+                         "VALUES ($1, 'bulk', '', 'bulk', now() - interval '1 hour')",
+                         [(1_000_000 + i,) for i in range(105)])
+    for limit in (101, 1000000):
+        assert len((await api.ok("GET", "/getlist", {"limit": limit}))["post_list"]) == 100
+
+
+async def test_getlist_next_cursor_pages_through_everything(api_b):
+    api = api_b
+    ids = [await api.publish(content=f"n{i}") for i in range(5)]
+    first = await api.ok("GET", "/getlist", {"limit": 3})
+    assert first["post_list"] == ids[::-1][:3]
+    second = await api.ok("GET", "/getlist", {"limit": 3, "cursor": first["next_cursor"]})
+    assert second["post_list"][:2] == ids[::-1][3:]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", second["next_cursor"])
+    empty = await api.ok("GET", "/getlist", {"cursor": "1949-10-01T00:00:00"})
+    assert empty == {"post_list": [], "next_cursor": None}
 
 
 @pytest.mark.parametrize("cursor", ["2030-01-01T00:00:00", "2030-01-01T00:00:00Z", "2030-01-01T00:00:00.123456Z",

@@ -89,16 +89,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subproc
 
 def test_startup_errors_are_clear(workdir, backing):
     missing = run_cli("-conf", str(workdir / "nope.yaml"))
-    assert missing.returncode == 2 and "cannot read bootstrap file" in missing.stderr
+    assert missing.returncode == 3 and "cannot read bootstrap file" in missing.stderr
     bad_dir = workdir / "bad-start"
     bad_dir.mkdir(exist_ok=True)
     (bad_dir / "boot.yaml").write_text("app_conf: app.yaml\n")
     (bad_dir / "app.yaml").write_text("svc:\n  - name: 'has space'\n    secret: W7K8pJ3aQv2LcXgH\n")
     bad_name = run_cli("--conf", str(bad_dir / "boot.yaml"))
-    assert bad_name.returncode == 2 and "must match" in bad_name.stderr
+    assert bad_name.returncode == 3 and "must match" in bad_name.stderr
     (bad_dir / "boot.yaml").write_text("ipaddr: 127.0.0.1\n")
     incomplete = run_cli("--conf", str(bad_dir / "boot.yaml"))
-    assert incomplete.returncode == 2 and "'port'" in incomplete.stderr
+    assert incomplete.returncode == 3 and "'port'" in incomplete.stderr
 
 
 def test_unreachable_database_fails_start_up_with_a_clear_message(make_server, backing):
@@ -106,7 +106,7 @@ def test_unreachable_database_fails_start_up_with_a_clear_message(make_server, b
     config["db"].update(host="127.0.0.1", port=1)
     srv = make_server("no-db", config, wait=False)
     assert srv.process.wait(60) != 0
-    assert "PostgreSQL at 127.0.0.1:1 is not reachable yet" in srv.log()  # retried while it might be starting
+    assert "waiting up to 2 s for PostgreSQL at 127.0.0.1:1" in srv.log()  # retried while it might be starting
     assert "cannot connect to PostgreSQL at 127.0.0.1:1" in srv.log()
     config = app_config(backing, {svc_name("x"): SECRET})
     config["db"].update(dbname="no_such_database")
@@ -315,7 +315,7 @@ async def test_reload_moves_to_another_database_and_redis(make_server, workdir, 
             async def moved_over():
                 await api.publish("probe", "x")  # answered throughout the switch
                 return (await api.call("GET", "/getinfo", {"post_id": before}))[1]["code"] == 10006
-            assert await eventually(moved_over, timeout=15)
+            assert await eventually(moved_over, timeout=40)  # generous: reconnecting on a loaded machine
             after = await api.publish("bob", "in the second database")
             assert (await api.ok("GET", "/getinfo", {"post_id": after}))["post"]["author"] == "bob"
         assert int(other_redis.cli("get", f"post_id:{svc}").strip()) >= 1  # ids now come from the new Redis
