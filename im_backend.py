@@ -2303,6 +2303,9 @@ LIKE_COUNTS = {"anyOf": [_obj(likes={"type": "array", "items": {"type": "integer
                                      "description": "in the order of comment_ids; 0 for an unknown id"}),
                          {"type": "null", "description": "no comment_ids given"}]}
 
+EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
+                               "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
 ROUTES: tuple[Route, ...] = (
     #     method    path                 operation                data          parameters
     Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
@@ -2324,7 +2327,7 @@ ROUTES: tuple[Route, ...] = (
                                                                                  LIMIT)),
     Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
     Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
-    Route("GET",    "/events",           Service.event_stream,    None,         (POST_ID_OPT, TYPES_OPT,
+    Route("GET",    "/events",           Service.event_stream,    EVENT_STREAM, (POST_ID_OPT, TYPES_OPT,
                                                                                  LAST_EVENT_ID)),
 )
 
@@ -2387,6 +2390,8 @@ def openapi_document(root_path: str = "") -> dict:
                     "allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
                 **{status: {"description": text, "content": {"application/json": {"schema": {
                     "$ref": "#/components/schemas/Envelope"}}}} for status, text in answers.items()}}}
+        if route.data is EVENT_STREAM:
+            op["responses"]["200"] = EVENT_STREAM
         if body:
             content = {"application/json": {"schema": _body_schema(body, "json"),
                                             "example": _body_example(body, "json")}}
