@@ -15,7 +15,7 @@ import im_backend
 from conftest import Api, Receiver, Server, app_config, eventually, expect, svc_name, webhook_secret
 
 SECRET = "W7K8pJ3aQv2LcXgH"
-FAST = {"retry_schedule": [0.3, 0.6], "max_age": 5, "lease": 3, "timeout": 3, "poll_interval": 0.2,
+FAST = {"retry_schedule": [0.3, 0.6], "max_age": 60, "lease": 30, "timeout": 10, "poll_interval": 0.2,
         "keepalive": 1}
 
 
