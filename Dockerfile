@@ -4,7 +4,8 @@
 #   docker run -p 8181:8181 -v "$PWD/configs/compose:/data/config" im_backend
 #
 # The bootstrap file is read from /data/config/config.yaml (Nacos, or `app_conf:` a file next to it).
-# Workers: env IM_WORKERS (default 1). Port: env IM_PORT (default 8181).
+# Workers: env IM_WORKERS (default 1). Port: env IM_PORT (default 8181). With several workers, im_backend.py
+# makes a fresh PROMETHEUS_MULTIPROC_DIR under /tmp at each start, so one /metrics scrape sums them all.
 #
 # BASE_IMAGE may be any Debian-like image with Python 3.11+ and the venv module (python:3.11-slim,
 # or a local Debian bookworm image with python3 + python3-venv; see tests/container_smoke.sh).
@@ -33,7 +34,7 @@ RUN set -eux; \
     /opt/venv/bin/python -m pip install \
         ${PIP_INDEX:+--index-url "$PIP_INDEX"} ${PIP_CA_CERT:+--cert "$PIP_CA_CERT"} \
         -r requirements-runtime.txt -c constraints.txt; \
-    /opt/venv/bin/python -c "import asyncpg, Crypto.Cipher.AES, hiredis, httptools, orjson, redis, uvicorn, uvloop, yaml"; \
+    /opt/venv/bin/python -c "import asyncpg, Crypto.Cipher.AES, hiredis, httptools, orjson, prometheus_client, redis, uvicorn, uvloop, yaml"; \
     groupadd --gid 10001 im; \
     useradd --uid 10001 --gid im --home-dir /app --no-create-home --shell /usr/sbin/nologin im; \
     mkdir -p /data/config /data/state; \

@@ -4,13 +4,14 @@ One hand-written ASGI module, read top to bottom in the order data flows:
 
   1. errors and the JSON envelope
   2. configuration (bootstrap file, application configuration, hot reload)
-  3. the appKey
+  3. authentication: appKey, signed requests (RFC 9421), rate limits
   4. storage: PostgreSQL tables and every SQL statement
   5. cache (Redis) and id generation
   6. domain operations: posts, comments, likes, background clean-up
   7. HTTP layer: parameter parsing, the route table, OpenAPI
-  8. the ASGI application and its lifespan
-  9. command line
+  8. observability: metrics, request ids, log format
+  9. the ASGI application and its lifespan
+ 10. command line
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -21,14 +22,18 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import enum
 import functools
+import hashlib
+import hmac
 import importlib.metadata
 import io
 import itertools
 import logging
+import math
 import os
 import pathlib
 import random
@@ -42,11 +47,18 @@ import threading
 import time
 import urllib.parse
 import zoneinfo
+from bisect import bisect_left
 from typing import Any, Awaitable, Callable, Iterable
 
 import asyncpg
+import http_sf
 import orjson
 import httpx
+import prometheus_client as prom
+import prometheus_client.core
+import prometheus_client.exposition
+import prometheus_client.multiprocess
+import prometheus_client.values
 import redis.asyncio as aioredis
 import redis.exceptions
 import standardwebhooks
@@ -73,6 +85,7 @@ class Err(enum.Enum):
     PARAMS_WRONG = (400, "something of params is wrong")  # parsed but inconsistent
     AUTHENTICATION = (400, "bind authentication")  # appKey or signature check failed
     # --- HTTP-level answers ---
+    UNAUTHORIZED = (401, "unauthorized")  # /metrics without its bearer token
     NOT_FOUND = (404, "not found")
     METHOD_NOT_ALLOWED = (405, "method not allowed")
     BODY_TIMEOUT = (408, "request body timeout")
@@ -144,6 +157,18 @@ SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
 
 def success(data: Any) -> bytes:
     return SUCCESS_PREFIX + orjson.dumps(data) + b"}"
+
+
+ENVELOPE_START = b'{"code":'
+
+
+def envelope_code(body: bytes, status: int) -> int:
+    """The code of an answer made by envelope()/success() (they start with it); `status` for other bodies."""
+    if body.startswith(ENVELOPE_START):
+        end = body.find(b",", 8, 20)
+        if end > 8 and body[8:end].isdigit():
+            return int(body[8:end])
+    return status
 
 
 LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
@@ -224,6 +249,29 @@ class ServerConfig:
     max_limit: int = 100  # largest page a list endpoint returns
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
+    auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Rate limits (SPEC 11.2): top-level `limits:` is the default, `svc[].limits` overrides key by key."""
+    requests_per_second: float = 0.0  # per service, across all replicas; 0 = unlimited
+    burst: int = 0  # requests allowed at once; 0 = requests_per_second (at least 1)
+    writes_per_user_per_minute: int = 0  # per (svc, user_id or author); 0 = unlimited
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # "text", or "json": one JSON object per line
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True  # false: no /metrics and no per-request accounting
+    token: str = ""  # set: GET /metrics needs "Authorization: Bearer <token>"
+
+
+METRICS_TOKEN = re.compile(r"^[\x21-\x7e]{16,256}$")  # visible ASCII, no spaces: fits a header as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +302,9 @@ class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
     name: str
     secret: str
+    auth: str = "any"  # any | appkey | signed: which credentials are accepted (SPEC 11.1)
+    previous_secrets: tuple[str, ...] = ()  # still accepted until removed: rotation without downtime
+    limits: Limits = Limits()
     webhook: Webhook | None = None
 
 
@@ -266,6 +317,8 @@ class AppConfig:
     clean: CleanConfig
     server: ServerConfig
     zone: zoneinfo.ZoneInfo
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     events: EventsConfig = EventsConfig()
 
 
@@ -300,6 +353,7 @@ def parse_app_config(text: str) -> AppConfig:
         raise ConfigError("the application configuration must be a YAML mapping")
     services: dict[str, str] = {}
     tenants: dict[str, Tenant] = {}
+    limits = _limits(raw.get("limits"), Limits(), "limits")
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -311,8 +365,10 @@ def parse_app_config(text: str) -> AppConfig:
         if name in services:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
-        tenants[name] = Tenant(name, secret, parse_webhook(name, entry.get("webhook")))
+        tenants[name] = _tenant(entry, name, secret, limits)
     server = _section(raw, "server", ServerConfig)
+    if not 1 <= server.auth_window <= 3600:
+        raise ConfigError("'server.auth_window' must be 1..3600 seconds")
     clean = _section(raw, "clean", CleanConfig)
     if min(clean.commentbatch, clean.postlikebatch, clean.commentlikebatch) < 1:
         raise ConfigError("'clean' batch sizes must be at least 1")
@@ -327,6 +383,11 @@ def parse_app_config(text: str) -> AppConfig:
                 _host_port(addr)
         except ValueError:
             raise ConfigError(f"'cache.addr' must be host:port (a list of them for a cluster), got {cache.addr!r}")
+    log_config, metrics = _section(raw, "log", LogConfig), _section(raw, "metrics", MetricsConfig)
+    if log_config.format not in ("text", "json"):
+        raise ConfigError(f"'log.format' must be text or json, got {log_config.format!r}")
+    if metrics.token and not METRICS_TOKEN.match(metrics.token):
+        raise ConfigError("'metrics.token' must be 16 to 256 visible ASCII characters without spaces")
     events = _section(raw, "events", EventsConfig)
     if not events.retry_schedule or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0
                                             for d in events.retry_schedule):
@@ -334,7 +395,38 @@ def parse_app_config(text: str) -> AppConfig:
     if min(events.max_streams, events.concurrency) < 1 or min(events.lease, events.timeout, events.keepalive,
                                                               events.poll_interval) <= 0:
         raise ConfigError("'events': max_streams, concurrency, lease, timeout, keepalive, poll_interval must be > 0")
-    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone, events)
+    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone,
+                     log_config, metrics, events)
+
+
+AUTH_MODES = ("any", "appkey", "signed")
+MAX_RATE = 1_000_000  # requests per second (or writes per minute) above which a limit is surely a typo
+
+
+def _limits(given: Any, default: Limits, where: str) -> Limits:
+    """`default` with the keys of the mapping `given` (validated) replacing its values."""
+    if given is None:
+        return default
+    parsed = _section({where: given}, where, Limits)
+    limits = dataclasses.replace(default, **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(Limits)
+                                             if given.get(f.name) is not None})
+    if max(limits.requests_per_second, limits.burst, limits.writes_per_user_per_minute) > MAX_RATE:
+        raise ConfigError(f"'{where}' values must be at most {MAX_RATE}")
+    if limits.requests_per_second and not limits.burst:
+        limits = dataclasses.replace(limits, burst=max(1, math.ceil(limits.requests_per_second)))
+    return limits
+
+
+def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
+    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits (SPEC 11.1, 11.2)."""
+    auth = str(entry.get("auth") or "any")
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"service {name!r}: 'auth' must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
+    previous = entry.get("previous_secrets") or []
+    if not isinstance(previous, list) or any(secret_problem(str(p)) for p in previous):
+        raise ConfigError(f"service {name!r}: 'previous_secrets' must be a list of 16, 24 or 32-byte secrets")
+    return Tenant(name, secret, auth, tuple(str(p) for p in previous),
+                  _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")))
 
 
 def parse_webhook(svc: str, raw: Any) -> Webhook | None:
@@ -688,7 +780,7 @@ def config_source(boot: dict) -> FileSource | NacosSource:
 
 
 # ============================================================================
-# 3. The appKey
+# 3. Authentication: appKey, signatures, rate limits
 # ============================================================================
 
 APPKEY_WINDOW = 10  # seconds either side of now
@@ -719,29 +811,447 @@ def decrypt_appkey(secret: str, appkey: str) -> int | None:
     return int(plain)
 
 
+class AuthFailure(Exception):
+    """Why a request is not authenticated: its `IM-Auth-Error` reason (SPEC 11.1)."""
+
+    REASONS = frozenset({"missing", "unknown-service", "malformed", "expired", "bad-appkey", "bad-signature",
+                         "digest-mismatch", "replayed", "appkey-not-accepted"})
+
+    def __init__(self, reason: str) -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(reason)
+        self.reason = reason
+
+
+APPKEY_SHAPE = re.compile(f"(?:[0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},{APPKEY_HEX_CHARS[1] // 2}}}")
+
+
 class AppKeyChecker:
-    """Checks (svc, appKey) against the configured secrets; remembers decryptions, never the time check."""
+    """Checks an appKey against a service's secrets; remembers decryptions, never the time check."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[str, str], tuple[str, int]] = {}  # (svc, appKey) -> (secret, timestamp)
 
-    def check(self, services: dict[str, str], svc: str | None, appkey: str | None) -> None:
-        if not svc or not appkey:
-            raise ApiError(Err.AUTHENTICATION)
-        secret = services.get(svc)
-        if secret is None:
-            raise ApiError(Err.AUTHENTICATION)
-        known = self._seen.get((svc, appkey))
-        timestamp = known[1] if known is not None and known[0] == secret else None
+    def check(self, tenant: Tenant, appkey: str) -> None:
+        accepted = (tenant.secret, *tenant.previous_secrets)
+        known = self._seen.get((tenant.name, appkey))
+        timestamp = known[1] if known is not None and known[0] in accepted else None
         if timestamp is None:
-            timestamp = decrypt_appkey(secret, appkey)
-            if timestamp is None:
-                raise ApiError(Err.AUTHENTICATION)
+            if not APPKEY_SHAPE.fullmatch(appkey):
+                raise AuthFailure("malformed")
+            for secret in accepted:
+                timestamp = decrypt_appkey(secret, appkey)
+                if timestamp is not None:
+                    break
+            else:
+                raise AuthFailure("bad-appkey")
             if len(self._seen) >= _APPKEY_CACHE_SIZE:
                 self._seen.clear()
-            self._seen[(svc, appkey)] = (secret, timestamp)
+            self._seen[(tenant.name, appkey)] = (secret, timestamp)
         if abs(time.time() - timestamp) > APPKEY_WINDOW:
-            raise ApiError(Err.AUTHENTICATION)
+            raise AuthFailure("expired")
+
+
+# --- signed requests: RFC 9421 HTTP Message Signatures, hmac-sha256, keyed with the service secret ---------
+
+SIGNATURE_ALG = "hmac-sha256"
+SIGNED_ALWAYS = frozenset({"@method", "@path", "@query"})  # every signature must cover these
+DERIVED_COMPONENTS = frozenset({"@method", "@path", "@query", "@authority"})  # the ones this server resolves
+FIELD_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")  # a covered header field (lowercase, RFC 9110 token)
+NONCE = re.compile(r"[!-~]{16,64}")  # 16 to 64 visible ASCII characters
+MAX_SIGNATURE_FIELD = 4096  # bytes of Signature-Input or Signature; longer is malformed
+AUTH_REDIS_OFF = 1.0  # seconds nonces and rate limits stay in process memory after Redis failed, before a retry
+
+
+def _field(scope: dict, name: bytes) -> str | None:
+    """A request header's value (several lines joined by ", " as RFC 9421 2.1 says), or None when absent."""
+    values = [value.decode("latin-1").strip() for key, value in scope.get("headers", ()) if key == name]
+    return ", ".join(values) if values else None
+
+
+def _component(scope: dict, name: str) -> str | None:
+    """The value of a covered component (RFC 9421 2.1, 2.2) of this request, None when it has none."""
+    if name == "@method":
+        return scope["method"]
+    if name == "@path":  # as sent: the mount prefix included, percent-encoding kept
+        raw = scope.get("raw_path")
+        path = raw.partition(b"?")[0].decode("latin-1") if raw else urllib.parse.quote(
+            scope.get("root_path", "") + scope["path"])
+        return path or "/"
+    if name == "@query":
+        return "?" + scope.get("query_string", b"").decode("latin-1")
+    if name == "@authority":
+        host = _field(scope, b"host")
+        return host.lower() if host else None
+    return _field(scope, name.encode("latin-1"))
+
+
+def _parse_sf_dictionary(text: str) -> dict:
+    """A Structured Field Dictionary (RFC 8941, via http-sf); anything unparsable raises AuthFailure."""
+    try:
+        parsed = http_sf.parse(text.encode("latin-1"), tltype="dictionary")
+    except Exception:  # untrusted input: whatever the parser refuses, and however it does, is malformed
+        raise AuthFailure("malformed") from None
+    if not isinstance(parsed, dict):
+        raise AuthFailure("malformed")
+    return parsed
+
+
+# The canonical form every RFC 9421 library sends (one signature; strings without escapes; integers), read by a
+# regular expression at a tenth of the parser's cost. It yields exactly what http-sf would (tests/test_signatures.py
+# checks that against http-sf on generated input); anything else goes to http-sf.
+_SF_KEY = r"[a-z*][a-z0-9_.*-]{0,63}"
+_SF_STRING = r'"[ !#-\[\]-~]*"'
+_CANONICAL_INPUT = re.compile(rf'({_SF_KEY})=\(((?:{_SF_STRING}(?: {_SF_STRING})*)?)\)'
+                              rf'((?:;{_SF_KEY}=(?:0|-?[1-9][0-9]{{0,14}}|{_SF_STRING}))*)')
+_CANONICAL_PARAM = re.compile(rf';({_SF_KEY})=(?:(0|-?[1-9][0-9]{{0,14}})|"([^"]*)")')
+_CANONICAL_SIGNATURE = re.compile(rf'({_SF_KEY})=:((?:[A-Za-z0-9+/]{{4}})*(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?):')
+
+
+def canonical_signature_input(text: str) -> dict | None:
+    """Signature-Input in canonical form as http-sf parses it ({label: ([(name, {})...], params)}), else None."""
+    match = _CANONICAL_INPUT.fullmatch(text)
+    if match is None:
+        return None
+    label, names, params_text = match.groups()
+    params: dict[str, Any] = {}
+    for key, number, string in _CANONICAL_PARAM.findall(params_text):
+        if key in params:  # a repeated parameter: http-sf keeps the last; leave that to it
+            return None
+        params[key] = int(number) if number else string
+    return {label: ([(name, {}) for name in re.findall(r'"([^"]*)"', names)], params)}
+
+
+def canonical_signature(text: str) -> dict | None:
+    """Signature in canonical form as http-sf parses it ({label: (bytes, {})}), else None."""
+    match = _CANONICAL_SIGNATURE.fullmatch(text)
+    return None if match is None else {match.group(1): (base64.b64decode(match.group(2)), {})}
+
+
+def _check_content_digest(scope: dict, body: bytes, covered: bool) -> None:
+    """RFC 9530: the signed Content-Digest holds the SHA-256 of exactly this body."""
+    field = _field(scope, b"content-digest")
+    if not covered or field is None:
+        raise AuthFailure("digest-mismatch")
+    try:
+        digests = canonical_signature(field) or _parse_sf_dictionary(field)
+    except AuthFailure:
+        raise AuthFailure("digest-mismatch") from None
+    sha256 = digests.get("sha-256")
+    if not (isinstance(sha256, tuple) and isinstance(sha256[0], bytes)
+            and hmac.compare_digest(sha256[0], hashlib.sha256(body).digest())):
+        raise AuthFailure("digest-mismatch")
+
+
+def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> str:
+    """Check the request's RFC 9421 signature for `tenant`: its nonce (still to be claimed), or AuthFailure.
+
+    Parsing is http-sf's; the signature base and the HMAC are built here (the http-message-signatures
+    verifier costs ~6 times as much and does not give the reasons apart)."""
+    sig_input, signature = _field(scope, b"signature-input"), _field(scope, b"signature")
+    if not sig_input or not signature or max(len(sig_input), len(signature)) > MAX_SIGNATURE_FIELD:
+        raise AuthFailure("malformed")
+    inputs, values = canonical_signature_input(sig_input), canonical_signature(signature)
+    canonical = inputs is not None  # then the signature parameters are serialised as received
+    inputs = inputs if inputs is not None else _parse_sf_dictionary(sig_input)
+    values = values if values is not None else _parse_sf_dictionary(signature)
+    mine = [(label, member) for label, member in inputs.items()
+            if isinstance(member, tuple) and isinstance(member[1], dict) and member[1].get("keyid") == tenant.name]
+    if not mine:  # signed for another service, or not for any
+        keyed = any(isinstance(m, tuple) and isinstance(m[1], dict) and isinstance(m[1].get("keyid"), str)
+                    for m in inputs.values())
+        raise AuthFailure("bad-signature" if keyed else "malformed")
+    label, (covered, params) = mine[0]
+    value = values.get(label)
+    if not isinstance(covered, list) or not isinstance(value, tuple) or not isinstance(value[0], bytes):
+        raise AuthFailure("malformed")
+    names = [item[0] for item in covered if isinstance(item, tuple) and isinstance(item[0], str) and not item[1]]
+    if len(names) != len(covered) or len(set(names)) != len(names) or not SIGNED_ALWAYS <= set(names):
+        raise AuthFailure("malformed")
+    created, nonce, expires = params.get("created"), params.get("nonce"), params.get("expires")
+    if (type(created) is not int or not isinstance(nonce, str) or not NONCE.fullmatch(nonce)
+            or params.get("alg", SIGNATURE_ALG) != SIGNATURE_ALG or expires is not None and type(expires) is not int):
+        raise AuthFailure("malformed")
+    now = time.time()
+    if abs(now - created) > window or expires is not None and expires < now:
+        raise AuthFailure("expired")
+    if body or "content-digest" in names:
+        _check_content_digest(scope, body, "content-digest" in names)
+    lines = []
+    for name in names:
+        known = name in DERIVED_COMPONENTS if name.startswith("@") else FIELD_NAME.fullmatch(name)
+        component = _component(scope, name) if known else None
+        if component is None:
+            raise AuthFailure("malformed")
+        lines.append(f'"{name}": {component}')
+    try:
+        lines.append('"@signature-params": ' + (sig_input[len(label) + 1:] if canonical else
+                                                 http_sf.ser({label: (covered, params)})[len(label) + 1:]))
+    except Exception:  # a parameter value the serialiser refuses
+        raise AuthFailure("malformed") from None
+    base = "\n".join(lines).encode("latin-1", errors="replace")
+    for secret in (tenant.secret, *tenant.previous_secrets):
+        if hmac.compare_digest(hmac.digest(secret.encode(), base, "sha256"), value[0]):
+            return nonce
+    raise AuthFailure("bad-signature")
+
+
+def sign_request(svc: str, secret: str, method: str, path: str, query: str = "", body: bytes = b"",
+                 created: int | None = None, nonce: str | None = None) -> dict[str, str]:
+    """What a client does (SPEC 11.1): the headers that sign one request. Used by `python im_backend.py sign`
+    and the benchmark; the tests sign with an independent implementation (http-message-signatures)."""
+    headers, values = {}, {"@method": method.upper(), "@path": path or "/", "@query": "?" + query}
+    if body:
+        headers["Content-Digest"] = values["content-digest"] = (
+            "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":")
+    params = "(" + " ".join(f'"{name}"' for name in values) + ")"
+    params += (f';created={int(time.time()) if created is None else created};'
+               f'nonce="{nonce or secrets.token_hex(16)}";keyid="{svc}";alg="{SIGNATURE_ALG}"')
+    base = "".join(f'"{name}": {value}\n' for name, value in values.items()) + f'"@signature-params": {params}'
+    mac = hmac.new(secret.encode(), base.encode(), hashlib.sha256).digest()
+    headers["Signature-Input"] = f"sig1={params}"
+    headers["Signature"] = f"sig1=:{base64.b64encode(mac).decode()}:"
+    return headers
+
+
+class NonceStore:
+    """Nonces seen within 2 x auth_window: in Redis (SET NX EX, one key each: cluster-safe); while Redis is
+    unreachable, in this process's memory (logged when that starts and when it ends).
+
+    The claims of the requests that are ready together go to Redis together (one script call); a few such round
+    trips may be under way at once, later claims wait for one of them to finish and then go together."""
+
+    MEMORY_MAX = 200_000  # nonces kept in memory at most (the oldest tenth goes when full)
+    IN_FLIGHT = 4  # round trips under way at once
+
+    def __init__(self) -> None:
+        self._memory: dict[str, float] = {}  # key -> monotonic expiry
+        self._redis_off_until = 0.0
+        self._degraded = False
+        self._pending: list[tuple[Cache, str, int, asyncio.Future]] = []
+        self._scheduled = False
+        self._in_flight = 0
+
+    async def _claim_in_redis(self, cache: Cache, key: str, ttl: int) -> bool:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((cache, key, ttl, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_pending)  # after the requests ready now joined
+        return await future
+
+    def _send_pending(self) -> None:
+        self._scheduled = False
+        if not self._pending or self._in_flight >= self.IN_FLIGHT:  # else the next round trip to end sends them
+            return
+        batch, self._pending = self._pending, []
+        self._in_flight += 1
+        asyncio.ensure_future(self._send(batch)).add_done_callback(self._sent)
+
+    def _sent(self, _: asyncio.Future) -> None:
+        self._in_flight -= 1
+        self._send_pending()
+
+    @staticmethod
+    async def _send(batch: list[tuple[Cache, str, int, asyncio.Future]]) -> None:
+        for cache in {id(item[0]): item[0] for item in batch}.values():  # one cache, except during a reload
+            mine = [item for item in batch if item[0] is cache]
+            try:
+                results: list[bool] | Exception = await cache.claim_nonces([(key, ttl) for _, key, ttl, _ in mine])
+            except asyncio.CancelledError:
+                for _, _, _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as exc:  # handed to each waiting request: a Redis error makes it fall back
+                results = exc
+            for i, (_, _, _, future) in enumerate(mine):
+                if not future.done():
+                    if isinstance(results, Exception):
+                        future.set_exception(results)
+                    else:
+                        future.set_result(results[i])
+
+    async def claim(self, cache: Cache, key: str, ttl: int) -> bool:
+        """True the first time `key` is seen within `ttl` seconds, False for a replay."""
+        now = time.monotonic()
+        if self._memory and self._memory.get(key, 0) > now:
+            return False
+        if now >= self._redis_off_until:
+            try:
+                fresh = await self._claim_in_redis(cache, key, ttl)
+            except REDIS_ERRORS as exc:
+                self._redis_off_until = now + AUTH_REDIS_OFF
+                if not self._degraded:
+                    self._degraded = True
+                    log.warning("Redis unreachable (%s): signature nonces are kept in this process's memory", exc)
+            else:
+                if self._degraded:
+                    self._degraded = False
+                    log.info("Redis reachable again: signature nonces are kept in Redis")
+                return fresh
+        if len(self._memory) >= self.MEMORY_MAX:
+            for old in [k for k, expiry in self._memory.items() if expiry <= now] or list(
+                    itertools.islice(self._memory, self.MEMORY_MAX // 10)):
+                del self._memory[old]
+        self._memory[key] = now + ttl
+        return True
+
+
+# --- rate limits (SPEC 11.2): GCRA in Redis (section 5's script), per-process while Redis is down ------------
+
+LEASE_SECONDS = 0.02  # a process takes up to 20 ms worth of a service's rate from Redis at once...
+LEASE_SHARE = 10  # ...and at most a tenth of its burst
+LEASE_LIFE = 1.0  # seconds before tokens taken and not used are given up
+LOCAL_SUBJECTS_MAX = 100_000  # subjects limited in memory at most while Redis is down
+
+
+def _lease_size(limits: Limits) -> int:
+    return max(1, min(limits.burst // LEASE_SHARE, int(limits.requests_per_second * LEASE_SECONDS)))
+
+
+class RateLimiter:
+    """Per service across replicas, and writes per (service, user): a GCRA bucket per subject in Redis.
+
+    A service's bucket is drawn from in leases (several tokens per round trip) so a limit high enough never
+    to refuse costs almost nothing; across replicas the limit then holds to within one lease per process."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, list[float]] = {}  # key -> [tokens left, monotonic expiry]
+        self._locks: dict[str, asyncio.Lock] = {}  # one fetch of a lease at a time per key
+        self._local: dict[str, float] = {}  # key -> theoretical arrival time (µs, monotonic) while Redis is down
+        self._redis_off_until = 0.0
+        self._degraded = False
+
+    async def check(self, req: Request, cache: Cache, tenant: Tenant, route: Route) -> tuple[str, list] | None:
+        """None when the request may go on, else (policy name, the 429's headers)."""
+        limits = tenant.limits
+        if limits.requests_per_second:
+            retry = await self._take(cache, rate_key(tenant.name), 1e6 / limits.requests_per_second,
+                                     limits.burst, _lease_size(limits))
+            if retry:
+                return "svc", _limit_headers("svc", limits.burst, limits.burst / limits.requests_per_second, retry)
+        writer = WRITERS.get(route.operation) if limits.writes_per_user_per_minute else None
+        if writer is not None:
+            user = req.arg(writer.name) if writer.where == "query" else req.form().get(writer.name)
+            if user is not None and user != "":
+                per_minute = limits.writes_per_user_per_minute
+                retry = await self._take(cache, rate_key(tenant.name, str(user)), 60e6 / per_minute, per_minute, 1)
+                if retry:
+                    return "user-writes", _limit_headers("user-writes", per_minute, 60, retry)
+        return None
+
+    async def _take(self, cache: Cache, key: str, interval: float, burst: int, lease: int) -> int:
+        """0 when a token was taken, else the microseconds until one will be free."""
+        if lease == 1:
+            return (await self._from_bucket(cache, key, interval, burst, 1))[1]
+        held = self._leases.get(key)
+        if held is not None and held[0] >= 1 and held[1] > time.monotonic():
+            held[0] -= 1
+            return 0
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            held, now = self._leases.get(key), time.monotonic()
+            if held is not None and held[0] >= 1 and held[1] > now:  # fetched while this one waited
+                held[0] -= 1
+                return 0
+            got, retry = await self._from_bucket(cache, key, interval, burst, lease)
+            if got:
+                self._leases[key] = [got - 1, now + LEASE_LIFE]
+            return retry
+
+    async def _from_bucket(self, cache: Cache, key: str, interval: float, burst: int, want: int) -> tuple[int, int]:
+        """(tokens taken, µs until one is free when none was)."""
+        now = time.monotonic()
+        if now >= self._redis_off_until:
+            try:
+                taken = await cache.take_tokens(key, interval, burst, want)
+            except REDIS_ERRORS as exc:
+                self._redis_off_until = now + AUTH_REDIS_OFF
+                if not self._degraded:
+                    self._degraded = True
+                    log.warning("Redis unreachable (%s): each process applies the rate limits on its own", exc)
+            else:
+                if self._degraded:
+                    self._degraded = False
+                    log.info("Redis reachable again: rate limits are shared through Redis")
+                return taken
+        return self._take_locally(key, interval, burst, want)
+
+    def _take_locally(self, key: str, interval: float, burst: int, want: int) -> tuple[int, int]:
+        """The same GCRA as the Redis script, on this process's clock."""
+        now = time.monotonic() * 1e6
+        tat = max(self._local.get(key, now), now)
+        free = math.floor((burst * interval - (tat - now)) / interval + 1e-9)
+        if free < 1:
+            return 0, max(1, math.ceil(tat + interval - burst * interval - now))
+        if len(self._local) >= LOCAL_SUBJECTS_MAX:
+            self._local = {k: v for k, v in self._local.items() if v > now}
+        got = min(want, free)
+        self._local[key] = tat + got * interval
+        return got, 0
+
+
+def _limit_headers(policy: str, quota: int, window: float, retry_us: int) -> list[tuple[bytes, bytes]]:
+    """Retry-After, and RateLimit-Policy / RateLimit as in draft-ietf-httpapi-ratelimit-headers-10
+    (Structured Field lists: `"name";q=<quota>;w=<window s>` and `"name";r=<remaining>;t=<seconds>`)."""
+    seconds = max(1, math.ceil(retry_us / 1e6))
+    return [(b"retry-after", str(seconds).encode()),
+            (b"ratelimit-policy", f'"{policy}";q={quota};w={max(1, math.ceil(window))}'.encode()),
+            (b"ratelimit", f'"{policy}";r=0;t={seconds}'.encode())]
+
+
+class Authenticator:
+    """Who is calling (appKey or signature, SPEC 11.1), then whether they may now (rate limits, SPEC 11.2).
+
+    on_auth_failure() and on_rate_limited() are the one place where each of those events passes (metrics)."""
+
+    def __init__(self) -> None:
+        self.appkeys = AppKeyChecker()
+        self.nonces = NonceStore()
+        self.limiter = RateLimiter()
+
+    async def check(self, req: Request, service: Service, route: Route) -> None:
+        """Raise 400 bind authentication with `IM-Auth-Error`, or 429 with the rate-limit headers."""
+        svc = req.arg("svc")
+        try:
+            tenant = await self.authenticate(req, service, svc)
+        except AuthFailure as exc:
+            self.on_auth_failure(svc, exc.reason)
+            raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.encode())]) from None
+        refused = await self.limiter.check(req, service.cache, tenant, route)
+        if refused is not None:
+            self.on_rate_limited(tenant.name, refused[0])
+            raise ApiError(Err.TOO_MANY_REQUESTS, refused[1])
+
+    async def authenticate(self, req: Request, service: Service, svc: str | None) -> Tenant:
+        if not svc:
+            raise AuthFailure("missing")
+        tenant = service.config.tenants.get(svc)
+        if tenant is None:
+            raise AuthFailure("unknown-service")
+        signed = any(key in (b"signature", b"signature-input") for key, _ in req.scope.get("headers", ()))
+        if signed and tenant.auth != "appkey":  # a signature, when there is one, is what counts
+            window = service.config.server.auth_window
+            nonce = verify_signature(req.scope, req.body, tenant, window)
+            if not await self.nonces.claim(service.cache, nonce_key(svc, nonce), 2 * window):
+                raise AuthFailure("replayed")
+            return tenant
+        appkey = req.arg("appKey")
+        if not appkey:
+            raise AuthFailure("missing")
+        if tenant.auth == "signed":
+            raise AuthFailure("appkey-not-accepted")
+        self.appkeys.check(tenant, appkey)
+        return tenant
+
+    @staticmethod
+    def on_auth_failure(svc: str | None, reason: str) -> None:
+        log.debug("authentication failed: svc %.64r, %s", svc, reason)
+        METRICS.auth_failure(svc, reason)
+
+    @staticmethod
+    def on_rate_limited(svc: str, policy: str) -> None:
+        log.debug("rate limited: svc %s, policy %s", svc, policy)
+        METRICS.ratelimited(svc)
 
 
 # ============================================================================
@@ -988,6 +1498,30 @@ if count >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
+# GCRA (SPEC 11.2), one key per limited subject, on Redis's clock: KEYS[1] holds the theoretical arrival time in
+# µs; ARGV = emission interval (µs), burst, tokens wanted. Returns {tokens taken, µs until one is free if none}.
+TAKE_TOKENS = """
+local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local free = math.floor((burst * interval - (tat - now)) / interval + 1e-9)
+if free < 1 then return {0, math.max(1, math.ceil(tat + interval - burst * interval - now))} end
+local got = math.min(want, free)
+tat = tat + got * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {got, 0}
+"""
+# SET NX EX of each key (one per nonce; ARGV[i] = its TTL): the nonce claims of many requests in one command.
+# Multi-key, so only on a single Redis; on a Redis Cluster the same SETs go in a pipeline.
+CLAIM_NONCES = """
+local fresh = {}
+for i, key in ipairs(KEYS) do
+  fresh[i] = redis.call('SET', key, '1', 'NX', 'EX', ARGV[i]) and 1 or 0
+end
+return fresh
+"""
 DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
@@ -1026,6 +1560,14 @@ def comment_info_key(svc: str, comment_id: int) -> str:
 
 def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
+
+
+def nonce_key(svc: str, nonce: str) -> str:
+    return f"svc:{svc}:nonce:{nonce}"
+
+
+def rate_key(svc: str, user: str | None = None) -> str:
+    return f"svc:{svc}:rate" if user is None else f"svc:{svc}:rate:user:{user}"
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -1099,6 +1641,8 @@ class Cache:
         self._probe: asyncio.Task | None = None
         self._failing = False  # a read failed and none has succeeded since
         self._delete_unless_hot = client.register_script(DELETE_UNLESS_HOT)
+        self._take_tokens = client.register_script(TAKE_TOKENS)
+        self._claim_nonces = None if isinstance(client, RedisCluster) else client.register_script(CLAIM_NONCES)
 
     def _read_failed(self, exc: BaseException) -> None:
         if self._reads_off_until < time.monotonic():
@@ -1134,25 +1678,37 @@ class Cache:
         await self.client.aclose()
 
     async def get(self, key: str) -> bytes | None:
+        """A cached value, or None: then the caller reads PostgreSQL (counted as a read from tier "db")."""
+        reads = METRICS.cache_reads
         if (value := self.near.get(key)) is not None:
+            reads[TIER_NEAR] += 1
             return value
         if time.monotonic() < self._reads_off_until:
+            reads[TIER_DB] += 1
             return None
         try:
             value = await self.client.get(key)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            reads[TIER_DB] += 1
             return None
         if self._failing:
             self._answered()
         if value is not None:
+            reads[TIER_REDIS] += 1
             self.near.put(key, value)
+        else:
+            reads[TIER_DB] += 1
         return value
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Cached values in key order, None for those the caller reads from PostgreSQL (counted as in get())."""
+        reads = METRICS.cache_reads
         values = [self.near.get(key) for key in keys]
         missing = [i for i, value in enumerate(values) if value is None]
+        reads[TIER_NEAR] += len(keys) - len(missing)
         if not missing or time.monotonic() < self._reads_off_until:
+            reads[TIER_DB] += len(missing)
             return values
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -1164,9 +1720,13 @@ class Cache:
                         self.near.put(keys[i], value)
         except REDIS_ERRORS as exc:
             self._read_failed(exc)
+            reads[TIER_DB] += len(missing)
             return values
         if self._failing:
             self._answered()
+        found = sum(values[i] is not None for i in missing)
+        reads[TIER_REDIS] += found
+        reads[TIER_DB] += len(missing) - found
         return values
 
     async def set_many(self, items: list[tuple[str, bytes | int, int]]) -> None:
@@ -1205,6 +1765,23 @@ class Cache:
         except REDIS_ERRORS as exc:
             log.warning("cache invalidation failed, refusing the write: %s", exc)
             raise ApiError(Err.CACHE_DEL_FAILED) from None
+
+    async def claim_nonces(self, claims: list[tuple[str, int]]) -> list[bool]:
+        """SET NX EX of each (key, ttl), in one round trip: True where the key was not there (raises the Redis
+        error: the caller falls back). One script call (a pipeline costs ~4 times as much per key in redis-py);
+        on a Redis Cluster, whose keys live on different nodes, a pipeline."""
+        if self._claim_nonces is not None:
+            fresh = await self._claim_nonces(keys=[key for key, _ in claims], args=[ttl for _, ttl in claims])
+            return [bool(done) for done in fresh]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, ttl in claims:
+                pipe.set(key, b"1", nx=True, ex=ttl)
+            return [bool(done) for done in await pipe.execute()]
+
+    async def take_tokens(self, key: str, interval: float, burst: int, want: int) -> tuple[int, int]:
+        """The GCRA script: (tokens taken, µs until one is free when none was); raises the Redis error."""
+        got, retry = await self._take_tokens(keys=[key], args=[repr(interval), burst, want])
+        return int(got), int(retry)
 
     async def next_id(self, counter: str) -> int:
         """(unix seconds << 32) | (INCR counter & 0xFFFFFFFF), as the Go version, continuing its counters."""
@@ -1560,10 +2137,13 @@ class Events:
             if delivered:
                 await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
             for row, error in zip(rows, outcomes, strict=True):
+                METRICS.webhook_delivery(svc, "delivered" if error is None else "failed")
                 if error is not None:
                     schedule = cfg.retry_schedule
                     delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
                     failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
+                    if failed:
+                        METRICS.webhook_delivery(svc, "gave_up")
                     log.log(logging.ERROR if failed else logging.WARNING, "webhook of %s: event %d %s (%s)",
                             svc, row["id"], "failed for good" if failed else f"retried in {delay:g}s", error)
 
@@ -2331,6 +2911,13 @@ ROUTES: tuple[Route, ...] = (
                                                                                  LAST_EVENT_ID)),
 )
 
+# Writes, for the per-user write limit (SPEC 11.2): the parameter naming the user who writes.
+WRITERS: dict[Callable, Param] = {
+    Service.publish_post: AUTHOR, Service.update_post: USER_ID, Service.delete_post: USER_ID,
+    Service.like_post: USER_ID, Service.publish_comment: USER_ID, Service.reply_comment: USER_ID,
+    Service.update_comment: USER_ID, Service.delete_comment: USER_ID, Service.like_comment: USER_ID,
+}
+
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}
 for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
@@ -2338,14 +2925,17 @@ for _route in ROUTES:
 
 SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
              "schema": {"type": "string", "pattern": SERVICE_NAME.pattern}, "example": "demo"}
-APPKEY_PARAM = {"name": "appKey", "in": "query", "required": True,
-                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s",
+APPKEY_PARAM = {"name": "appKey", "in": "query", "required": False,
+                "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s. "
+                               "Not needed (and refused under `auth: signed`) when the request carries an RFC 9421 "
+                               "signature instead: Signature-Input, Signature (and Content-Digest) headers",
                 "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
                                                         f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
                 "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
 ERROR_ANSWERS = {  # status: what it means (the body is always the error envelope)
     "400": "bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
-           "authentication (svc/appKey)",
+           "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
+    "429": "too many requests: over the service's or the user's rate limit (Retry-After, RateLimit-Policy, RateLimit)",
     "500": "a data error (code 10001-10018, see the code table) or an unexpected error",
     "504": "the request took longer than server.timeout",
 }
@@ -2446,7 +3036,332 @@ def openapi_document(root_path: str = "") -> dict:
 
 
 # ============================================================================
-# 8. The ASGI application and its lifespan
+# 8. Observability: metrics, request ids, log format
+# ============================================================================
+# A cached read costs 15-20 µs in all, so what happens per request must cost well under a microsecond:
+# requests and cache reads are counted in plain dicts and lists, and handed to prometheus-client in batches
+# (at each scrape and, with several workers, once a second into its multiprocess files, which one scrape sums).
+
+METRICS_PATH = "/metrics"
+METRICS_HEADERS = [(b"content-type", prom.exposition.CONTENT_TYPE_PLAIN_0_0_4.encode())]
+METRICS_FLUSH = 1.0  # seconds between hand-overs to the multiprocess files (several workers only)
+SCRAPE_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for PostgreSQL (the clean-up queue depths)
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)  # seconds
+TIER_NEAR, TIER_REDIS, TIER_DB = 0, 1, 2  # where a cache read was answered (index into Metrics.cache_reads)
+TIERS = ("near", "redis", "db")
+WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
+# Label values come from these tables only: never a raw path, an id or a name a caller made up.
+UNMATCHED = "unmatched"  # the route of a path no route has
+ROUTE_LABELS = {path: path for path in (*ROUTE_TABLE, "/healthz", "/readyz", "/openapi.json", METRICS_PATH)}
+METHOD_LABELS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}  # others: "other"
+SVC_SCOPE_KEY = "im_backend.svc"  # dispatch() leaves the request's `svc` argument here for the metrics
+
+
+class Metrics:
+    """Every series of SPEC §11.5, in one place. Label `svc` is a configured service name, "unknown" for any
+    other name, "none" when the request named none.
+
+    For producers in other sections (each costs a dict update; the counts reach Prometheus at the next flush):
+      METRICS.auth_failure(svc, reason)       im_auth_failures_total{svc,reason}
+      METRICS.ratelimited(svc)                im_ratelimited_total{svc}
+      METRICS.webhook_delivery(svc, result)   im_webhook_deliveries_total{svc,result}; result in WEBHOOK_RESULTS
+      METRICS.events_pending(svc, count)      im_events_pending{svc}: set it to the events of svc not delivered
+                                              yet (a count over the whole database: the most recent value of
+                                              any worker is shown)
+      METRICS.config_reload(result)           im_config_reloads_total{result}; result "ok" or "rejected"
+    """
+
+    def __init__(self) -> None:
+        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
+        self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue
+        prom.disable_created_metrics()  # no *_created series next to every counter and histogram
+        self.registry = prom.CollectorRegistry()
+        registry = None if self.multiprocess else self.registry  # multiprocess: read back from the files
+        self.duration = prom.Histogram(
+            "http_server_request_duration_seconds", "Time from the request reaching the application to its answer "
+            "sent", ("method", "route", "status"), buckets=DURATION_BUCKETS, registry=registry)
+        self.requests = prom.Counter("im_requests_total", "Requests answered, by envelope code",
+                                     ("svc", "route", "code"), registry=registry)
+        self.cache_reads_total = prom.Counter("im_cache_reads_total", "Cache reads by the tier that answered "
+                                              "(db: not cached, read from PostgreSQL)", ("tier",), registry=registry)
+        self.auth_failures = prom.Counter("im_auth_failures_total", "Requests refused by authentication",
+                                          ("svc", "reason"), registry=registry)
+        self.ratelimited_total = prom.Counter("im_ratelimited_total", "Requests refused by a rate limit (429)",
+                                              ("svc",), registry=registry)
+        self.webhook_deliveries = prom.Counter("im_webhook_deliveries_total", "Webhook delivery attempts by result",
+                                               ("svc", "result"), registry=registry)
+        self.config_reloads = prom.Counter("im_config_reloads_total", "Application configuration changes seen, by "
+                                           "result (per worker)", ("result",), registry=registry)
+        self.events_pending_gauge = prom.Gauge("im_events_pending", "Events not delivered yet", ("svc",),
+                                               registry=registry, multiprocess_mode="mostrecent")
+        self.pool_connections = prom.Gauge("im_db_pool_connections", "PostgreSQL pool connections by state "
+                                           "(summed over live workers)", ("state",), registry=registry,
+                                           multiprocess_mode="livesum")
+        self.scrape_time = ScrapeTimeGauges()
+        if not self.multiprocess:
+            self.registry.register(self.scrape_time)
+            for collector in (prom.ProcessCollector, prom.PlatformCollector, prom.GCCollector):
+                collector(registry=self.registry)
+        self.enabled = True  # metrics.enabled: per-request accounting and /metrics
+        self.token = b""  # metrics.token, as the whole Authorization header value to expect
+        self.services: frozenset[str] = frozenset()
+        self.cache_reads = [0, 0, 0]  # by TIER_*; only ever grows (readers may hold it across an await)
+        self._reads_flushed = [0, 0, 0]
+        self._cells: dict[tuple, list] = {}  # label values (method, route, status, code, svc) -> bucket counts..., sum
+        self._raw: dict[tuple, list] = {}  # the same cells by the request's own (method, path, ...) when bounded
+        self._counts: dict[tuple, int] = {}  # (counter, label values) -> increments not flushed yet
+
+    def configure(self, config: AppConfig) -> None:
+        self.enabled, self.services = config.metrics.enabled, frozenset(config.services)
+        self._raw = {}
+        self.token = b"Bearer " + config.metrics.token.encode() if config.metrics.token else b""
+
+    def svc_label(self, svc: str | None) -> str:
+        if svc in self.services:
+            return svc  # type: ignore[return-value]
+        return "unknown" if svc else "none"
+
+    # --- per request (the hot path) -------------------------------------------------
+
+    def record(self, method: str, path: str, status: int, body: bytes, svc: str | None, seconds: float) -> None:
+        code = status if status == 200 else envelope_code(body, status)
+        cell = self._raw.get((method, path, status, code, svc))
+        if cell is None:
+            cell = self._cell(method, path, status, code, svc)
+        cell[bisect_left(DURATION_BUCKETS, seconds)] += 1  # bucket i: seconds <= DURATION_BUCKETS[i]
+        cell[-1] += seconds
+
+    def _cell(self, method: str, path: str, status: int, code: int, svc: str | None) -> list:
+        labels = (METHOD_LABELS.get(method, "other"), ROUTE_LABELS.get(path, UNMATCHED), status, code,
+                  self.svc_label(svc))
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+        if method in METHOD_LABELS and path in ROUTE_LABELS and (svc is None or svc in self.services):
+            self._raw[(method, path, status, code, svc)] = cell  # only values from the tables: bounded
+        return cell
+
+    # --- for producers elsewhere (see the class docstring) --------------------------------
+
+    def _count(self, counter: prom.Counter, *labels: str) -> None:
+        key = (counter, labels)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def auth_failure(self, svc: str | None, reason: str) -> None:
+        self._count(self.auth_failures, self.svc_label(svc), reason)
+
+    def ratelimited(self, svc: str | None) -> None:
+        self._count(self.ratelimited_total, self.svc_label(svc))
+
+    def webhook_delivery(self, svc: str | None, result: str) -> None:
+        self._count(self.webhook_deliveries, self.svc_label(svc), result if result in WEBHOOK_RESULTS else "other")
+
+    def events_pending(self, svc: str | None, count: int) -> None:
+        self.events_pending_gauge.labels(self.svc_label(svc)).set(count)
+
+    def config_reload(self, result: str) -> None:
+        self._count(self.config_reloads, result)
+
+    # --- hand-over to prometheus-client, scrape ------------------------------------------
+
+    def flush(self, pool: asyncpg.Pool | None) -> None:
+        """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
+        cells, self._cells, self._raw = self._cells, {}, {}
+        for (method, route, status, code, svc), cell in cells.items():
+            child = self.duration.labels(method, route, str(status))
+            # a batch of observations at once: prometheus-client keeps one (non-cumulative) value per bucket
+            for bucket, count in zip(child._buckets, cell, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(cell[-1])
+            self.requests.labels(svc, route, str(code)).inc(sum(cell[:-1]))
+        counts, self._counts = self._counts, {}
+        for (counter, labels), count in counts.items():
+            counter.labels(*labels).inc(count)
+        for tier, now, before in zip(TIERS, self.cache_reads, self._reads_flushed, strict=True):
+            self.cache_reads_total.labels(tier).inc(now - before)  # every tier shown, 0 included
+        self._reads_flushed = list(self.cache_reads)
+        if pool is not None:
+            idle = pool.get_idle_size()
+            self.pool_connections.labels("idle").set(idle)
+            self.pool_connections.labels("used").set(pool.get_size() - idle)
+
+    async def run_flusher(self, app: App) -> None:
+        """With several workers: hand this worker's counts over once a second, so any worker's scrape sees them."""
+        while True:
+            await asyncio.sleep(METRICS_FLUSH)
+            service = app.service
+            try:
+                self.flush(service.pool if service else None)
+            except Exception:  # never lose the flusher to one bad hand-over; the counts stay in the files
+                log.exception("metrics flush failed")
+
+    def stopped(self, pool: asyncpg.Pool | None) -> None:
+        """At shut-down: the last counts out; with several workers this worker's gauges leave the sums."""
+        self.flush(pool)
+        if self.multiprocess:
+            prom.multiprocess.mark_process_dead(os.getpid())
+
+    async def page(self, scope: dict, service: Service | None) -> tuple[int, bytes]:
+        """GET /metrics: the Prometheus text format (all workers' counts with several workers)."""
+        if not self.enabled:
+            raise ApiError(Err.NOT_FOUND)
+        if self.token:
+            given = b""
+            for name, value in scope.get("headers", ()):
+                if name == b"authorization":
+                    given = value
+            if not secrets.compare_digest(given, self.token):
+                raise ApiError(Err.UNAUTHORIZED, [(b"www-authenticate", b'Bearer realm="metrics"')])
+        self.flush(service.pool if service else None)
+        depths: dict[str, int] = {}
+        if service is not None:
+            try:
+                async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
+                    depths = await service.cleanup_depth()
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("metrics: clean-up queue depth unavailable: %r", exc)
+            try:
+                async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
+                    for svc, counts in (await service.background.events.counts()).items():
+                        self.events_pending(svc, counts["backlog"])
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("metrics: events pending unavailable: %r", exc)
+        self.scrape_time.cleanup_depths = depths
+        registry = self.registry
+        if self.multiprocess:
+            forget_dead_workers()
+            registry = prom.CollectorRegistry()
+            prom.multiprocess.MultiProcessCollector(registry)
+            registry.register(self.scrape_time)
+        return 200, prom.generate_latest(registry)
+
+
+def forget_dead_workers() -> None:
+    """Live-summed gauges of workers that died without shutting down (killed; uvicorn starts another) leave
+    the sums; their counters stay, as counts that happened."""
+    for path in pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                prom.multiprocess.mark_process_dead(int(pid))
+            except PermissionError:  # alive, someone else's
+                pass
+
+
+class ScrapeTimeGauges:
+    """Values read from PostgreSQL when scraped: the same for every worker, so no worker sums them."""
+
+    def __init__(self) -> None:
+        self.cleanup_depths: dict[str, int] = {}
+
+    def collect(self) -> Iterable[prom.Metric]:
+        family = prom.core.GaugeMetricFamily("im_cleanup_queue_depth", "Clean-up jobs waiting (rows of the "
+                                             "durable queue) per service", labels=("svc",))
+        for svc, depth in sorted(self.cleanup_depths.items()):
+            family.add_metric((svc,), depth)
+        yield family
+
+
+METRICS = Metrics()
+
+# --- request ids ---------------------------------------------------------------------------------------------
+
+REQUEST_ID_HEADER = b"x-request-id"
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # a caller's id we echo; anything else: a new one
+REQUEST_ID: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("im_backend_request_id", default=None)
+_request_counter = itertools.count(1)
+_request_id_prefix = [secrets.token_hex(6).encode() + b"-"]  # per process: ids are "<prefix>-0x<counter>"
+os.register_at_fork(after_in_child=lambda: _request_id_prefix.__setitem__(0, secrets.token_hex(6).encode() + b"-"))
+
+
+def request_id(scope: dict) -> bytes:
+    """The caller's X-Request-ID when it is sane (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique one."""
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER:
+            if SANE_REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return _request_id_prefix[0] + hex(next(_request_counter)).encode()
+
+
+# --- log format ------------------------------------------------------------------------------------------------
+
+LOGGERS_FORMATTED = ("", "im_backend", "uvicorn", "uvicorn.error", "uvicorn.access")  # their handlers
+
+
+def current_request_id() -> str:
+    rid = REQUEST_ID.get()
+    return rid.decode("ascii") if rid else ""
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record `request_id`: the id of the request being served ("" outside requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id()
+        return True
+
+
+class RequestIdFormatter(logging.Formatter):
+    """Text lines as the handler's own formatter makes them, plus " request_id=..." during a request."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        rid = getattr(record, "request_id", "") or current_request_id()
+        if not rid:
+            return line
+        first, newline, rest = line.partition("\n")  # before a traceback, if any
+        return f"{first} request_id={rid}{newline}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    """log.format: json: one JSON object per line (time, level, logger, message, request_id, exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        rid = getattr(record, "request_id", "") or current_request_id()
+        if rid:
+            entry["request_id"] = rid
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+_REQUEST_ID_FILTER = RequestIdFilter()
+_own_formatters: dict[logging.Handler, logging.Formatter | None] = {}  # handler -> the formatter it came with
+
+
+def apply_log_format(fmt: str) -> None:
+    """Set log.format on the handlers of our logger, uvicorn's and the root logger (again at each reload)."""
+    for name in LOGGERS_FORMATTED:
+        for handler in logging.getLogger(name).handlers:
+            if handler not in _own_formatters:
+                _own_formatters[handler] = handler.formatter
+                handler.addFilter(_REQUEST_ID_FILTER)
+            own = _own_formatters[handler]
+            if isinstance(own, JsonFormatter):  # JSON from the start (python im_backend.py): text is ours
+                own = logging.Formatter(LOG_FORMAT)
+            handler.setFormatter(JsonFormatter() if fmt == "json" else RequestIdFormatter(own))
+
+
+def configure_observability(config: AppConfig) -> None:
+    METRICS.configure(config)
+    apply_log_format(config.log.format)
+
+
+# ============================================================================
+# 9. The ASGI application and its lifespan
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -2472,10 +3387,11 @@ class App:
         self.bootstrap_path = bootstrap_path
         self.service: Service | None = None
         self.background = Background()
-        self.appkeys = AppKeyChecker()
+        self.auth = Authenticator()
         self.deadlines = Deadlines()
         self.source: Any = None
         self._cleanup_task: asyncio.Task | None = None
+        self._metrics_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
         self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
         self._reload_lock = asyncio.Lock()
@@ -2485,12 +3401,14 @@ class App:
 
     async def startup(self) -> None:
         _ensure_logging()
+        _redact_access_log()
         path = self.bootstrap_path or os.environ.get("IM_CONF") or DEFAULT_BOOTSTRAP
         boot = read_bootstrap(path)
         self.source = config_source(boot)
         text = await self.source.start(self.reload)
         try:
             config = parse_app_config(text)
+            configure_observability(config)
             pool = await self._connect_db(config.db, wait=config.server.startup_wait)
         except BaseException:
             await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
@@ -2501,6 +3419,8 @@ class App:
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
         self.background.events.start(self.service)
         self._end_streams_on_signals()
+        if METRICS.multiprocess:
+            self._metrics_task = asyncio.create_task(METRICS.run_flusher(self))
         if self._pending_text is not None:
             await self.reload(self._pending_text)
         log.info("im_backend ready: configuration from %s, services %s, PostgreSQL %s:%s/%s, Redis %s",
@@ -2565,6 +3485,9 @@ class App:
                 await self._cleanup_task
         await self.deadlines.stop()
         await self.background.events.stop()
+        if self._metrics_task:
+            self._metrics_task.cancel()
+        METRICS.stopped(self.service.pool if self.service else None)
         if self.service:
             await self.background.drain()
             await self.service.pool.close()
@@ -2579,6 +3502,7 @@ class App:
                 config = parse_app_config(text)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
+                METRICS.config_reload("rejected")
                 return
             old = self.service
             if old is None:  # arrived while starting: applied once start-up is done
@@ -2592,6 +3516,7 @@ class App:
                     cache = open_cache(config.cache)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
+                METRICS.config_reload("rejected")
                 return
             if pool is old.pool:  # only services new to this database need their tables
                 ready = old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
@@ -2601,6 +3526,8 @@ class App:
             self.service = new
             self.background.events.sync(new)
             self.source.save_last_good(text)
+            configure_observability(config)
+            METRICS.config_reload("ok")
             if self._cleanup_task:
                 self._cleanup_task.cancel()
                 self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
@@ -2668,9 +3595,13 @@ class App:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
+        started, rid = time.perf_counter(), request_id(scope)
+        rid_token = REQUEST_ID.set(rid)  # every log line about this request carries the id (uvicorn's access line too)
         headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
+            if path == METRICS_PATH and status == 200:
+                headers = METRICS_HEADERS
         except ApiError as exc:  # answered before a route ran (404, 405) or with headers of its own
             status, body = http_status(exc.code), error_envelope(exc.err)
             if exc.headers:
@@ -2678,10 +3609,18 @@ class App:
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
             status, body = 500, error_envelope(Err.INTERNAL)
-        if isinstance(body, EventStream):
-            return await self.stream_events(body, receive, send)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if isinstance(body, EventStream):  # written out until it ends; counted when it opens
+            if METRICS.enabled:
+                METRICS.record(scope["method"], path, 200, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+            try:
+                return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
+            finally:
+                REQUEST_ID.reset(rid_token)
+        await send({"type": "http.response.start", "status": status, "headers": headers + [(b"x-request-id", rid)]})
         await send({"type": "http.response.body", "body": body})
+        if METRICS.enabled:
+            METRICS.record(scope["method"], path, status, body, scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+        REQUEST_ID.reset(rid_token)  # for hosts that call us in a task of theirs
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
         """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""
@@ -2693,6 +3632,8 @@ class App:
             await self._ensure_started()
         if path == "/readyz":
             return await self.readiness()
+        if path == METRICS_PATH:
+            return await METRICS.page(scope, self.service)
         methods = ROUTE_TABLE.get(path)
         if methods is None:
             raise ApiError(Err.NOT_FOUND)
@@ -2705,7 +3646,8 @@ class App:
         try:
             body = await read_body(scope, receive, service.config.server.body_limit)
             req = Request(scope, body)
-            self.appkeys.check(service.config.services, req.arg("svc"), req.arg("appKey"))
+            scope[SVC_SCOPE_KEY] = req.arg("svc")
+            await self.auth.check(req, service, route)
             args = extract(req, route.params)
             data = await route.operation(service, req.arg("svc"), **args)
         except ApiError as exc:
@@ -2726,7 +3668,8 @@ class App:
             return 200, SUCCESS_PREFIX + data + b"}"
         return 200, success(data)
 
-    async def stream_events(self, stream: EventStream, receive: Callable, send: Callable) -> None:
+    async def stream_events(self, stream: EventStream, receive: Callable, send: Callable,
+                            headers: list[tuple[bytes, bytes]]) -> None:
         """Write an event stream until it ends (shut-down, a client that falls behind) or the client leaves."""
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -2736,7 +3679,7 @@ class App:
         events = self.background.events
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
             await send({"type": "http.response.body", "body": b": stream\n\n", "more_body": True})
             async for frame in events.follow(stream):
                 if watcher.done():
@@ -2881,6 +3824,28 @@ def _ensure_logging() -> None:
         log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
 
 
+APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
+
+
+class RedactAppKeys(logging.Filter):
+    """Access log lines show `appKey=...` (SPEC 11.1): a logged appKey opens the service to whoever reads it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(APPKEY_IN_LOG.sub(r"\1...", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = APPKEY_IN_LOG.sub(r"\1...", record.msg)
+        return True
+
+
+def _redact_access_log() -> None:
+    """Installed at start-up, so it holds under `uvicorn im_backend:app` as under `python im_backend.py`."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAppKeys) for f in access.filters):
+        access.addFilter(RedactAppKeys())
+
+
 def create_app(bootstrap_path: str | os.PathLike | None = None) -> App:
     """An application reading the bootstrap file at `bootstrap_path` (default: $IM_CONF, configs/config.yaml)."""
     return App(bootstrap_path)
@@ -2890,7 +3855,7 @@ app = create_app()
 
 
 # ============================================================================
-# 9. Command line
+# 10. Command line
 # ============================================================================
 
 GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -2911,34 +3876,73 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--svc", help="service name, its secret read from the configuration")
     key.add_argument("--secret", help="the secret itself")
     key.add_argument("-conf", "--conf", dest="key_conf", help="bootstrap configuration file")
+    sign = sub.add_parser("sign", help="print a curl command for a request signed as SPEC 11.1 says (RFC 9421)")
+    sign.add_argument("url", help="the whole URL, svc= in its query: 'http://127.0.0.1:8181/api/v1/posts/getlist?svc=cc'")
+    sign.add_argument("-X", "--method", help="default: GET, or POST with --data")
+    sign.add_argument("-d", "--data", help="the body, sent as is (signed with a Content-Digest)")
+    sign.add_argument("--content-type", help="default with --data: JSON when it looks like JSON, else a form")
+    sign.add_argument("--secret", help="the secret itself (default: from the configuration)")
+    sign.add_argument("-conf", "--conf", dest="key_conf", help="bootstrap configuration file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
 
     if args.command == "appkey":
         return print_appkey(args.secret, args.svc, args.key_conf or args.conf)
+    if args.command == "sign":
+        return print_signed_curl(args, args.key_conf or args.conf)
 
+    local = None
     try:  # fail early, with the reason, before uvicorn starts
         boot = read_bootstrap(args.conf)
         if boot.get("app_conf"):
-            parse_app_config(app_conf_path(boot).read_text())
+            local = parse_app_config(app_conf_path(boot).read_text())
     except (ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP_FAILED
     os.environ["IM_CONF"] = str(pathlib.Path(args.conf).resolve())
     import uvicorn
+    import uvicorn.config
 
+    log_config = uvicorn.config.LOGGING_CONFIG
+    if local is not None and local.log.format == "json":  # JSON from uvicorn's first line on
+        apply_log_format("json")
+        log_config = dict(log_config, formatters={name: {"()": "im_backend.JsonFormatter"}
+                                                  for name in log_config["formatters"]})
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False)
-    if args.workers <= 1:
-        serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
-        return 0
-    with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
-        failed = pathlib.Path(state) / "startup-failed"
-        os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
-        serve()
-        return EXIT_STARTUP_FAILED if failed.exists() else 0
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
+    metrics_dir = prepare_metrics_dir(args.workers)
+    try:
+        if args.workers <= 1:
+            serve()  # a failed start-up exits with EXIT_STARTUP_FAILED (uvicorn's own code) from in here
+            return 0
+        with tempfile.TemporaryDirectory(prefix="im-backend-") as state:
+            failed = pathlib.Path(state) / "startup-failed"
+            os.environ[STARTUP_FAILED_FILE_ENV] = str(failed)  # inherited by the worker processes
+            serve()
+            return EXIT_STARTUP_FAILED if failed.exists() else 0
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def prepare_metrics_dir(workers: int) -> str | None:
+    """Several workers: a fresh $PROMETHEUS_MULTIPROC_DIR, so one scrape sums them all (the workers inherit it).
+
+    An operator's directory is emptied of metric files from an earlier run; else a temporary one is made,
+    returned here to be removed on exit."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for old in pathlib.Path(given).glob("*.db"):
+            old.unlink()
+        return None
+    if workers <= 1:
+        return None
+    made = tempfile.mkdtemp(prefix="im_backend_metrics_")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
@@ -2946,22 +3950,59 @@ def print_appkey(secret: str | None, svc: str | None, conf: str) -> int:
         if not svc:
             print("give --svc NAME (secret from the configuration) or --secret SECRET", file=sys.stderr)
             return 2
-        try:
-            boot = read_bootstrap(conf)
-            if not boot.get("app_conf"):
-                raise ConfigError("the bootstrap file points at Nacos; pass --secret")
-            services = parse_app_config(app_conf_path(boot).read_text()).services
-        except (ConfigError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        secret = _configured_secret(svc, conf)
+        if secret is None:
             return 2
-        if svc not in services:
-            print(f"error: no service {svc!r} in the configuration", file=sys.stderr)
-            return 2
-        secret = services[svc]
     elif problem := secret_problem(secret):
         print(f"error: the secret {problem}", file=sys.stderr)
         return 2
     print(encrypt_appkey(secret))
+    return 0
+
+
+def _configured_secret(svc: str, conf: str) -> str | None:
+    """The secret of `svc` from a local application configuration; None (with the reason printed) otherwise."""
+    try:
+        boot = read_bootstrap(conf)
+        if not boot.get("app_conf"):
+            raise ConfigError("the bootstrap file points at Nacos; pass --secret")
+        services = parse_app_config(app_conf_path(boot).read_text()).services
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if svc not in services:
+        print(f"error: no service {svc!r} in the configuration", file=sys.stderr)
+        return None
+    return services[svc]
+
+
+def print_signed_curl(args: argparse.Namespace, conf: str) -> int:
+    """A ready curl command for one signed request (valid for auth_window seconds, and once: it has a nonce)."""
+    import shlex
+
+    url = urllib.parse.urlsplit(args.url)
+    svc = urllib.parse.parse_qs(url.query).get("svc", [None])[-1]
+    if not url.scheme or not svc:
+        print("error: give the whole URL, with svc=NAME in its query", file=sys.stderr)
+        return 2
+    if args.secret and (problem := secret_problem(args.secret)):
+        print(f"error: the secret {problem}", file=sys.stderr)
+        return 2
+    secret = args.secret or _configured_secret(svc, conf)
+    if secret is None:
+        return 2
+    body = (args.data or "").encode()
+    method = (args.method or ("POST" if body else "GET")).upper()
+    headers = sign_request(svc, secret, method, url.path, url.query, body)
+    if body:
+        headers["Content-Type"] = args.content_type or (
+            "application/json" if body.lstrip()[:1] in (b"{", b"[") else "application/x-www-form-urlencoded")
+    command = ["curl", "-sS", "-X", method, args.url]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    if body:
+        command += ["--data-binary", body.decode()]
+    print(shlex.join(command))
     return 0
 
 

@@ -165,12 +165,12 @@ class Server:
         tmp.write_text(config)
         os.replace(tmp, self.directory / "app.yaml")
 
-    def start(self, wait: bool = True, **env_vars: str) -> "Server":
+    def start(self, wait: bool = True, access_log: bool = False, **env_vars: str) -> "Server":
         env = dict(os.environ, IM_CONF=str(self.boot), **env_vars)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "info", "--no-access-log"],
+                 "--log-level", "info", *(() if access_log else ("--no-access-log",))],
                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()

@@ -1,0 +1,188 @@
+"""Rate limits (SPEC 11.2): GCRA in Redis shared by every process, writes per (service, user), 429 with
+Retry-After / RateLimit-Policy / RateLimit, nothing written when refused, local limiting while Redis is down,
+limits changed by hot reload; and the validation of the new configuration keys."""
+from __future__ import annotations
+
+import asyncio
+
+import http_sf
+import httpx
+import pytest
+
+import im_backend
+from conftest import Api, RedisProcess, Server, app_config, eventually, svc_name, table_counts
+
+SECRET = "W7K8pJ3aQv2LcXgH"
+SLOW = {"requests_per_second": 0.02, "burst": 5}  # 5 at once, then one per 50 s: no refill during a test
+
+
+def entry(label: str, **limits) -> dict:
+    return {"name": svc_name(label), "secret": SECRET, **({"limits": limits} if limits else {})}
+
+
+def tenants() -> list[dict]:
+    return [entry("rl_burst", **SLOW), entry("rl_shared", **SLOW), entry("rl_users", writes_per_user_per_minute=3),
+            entry("rl_free"), entry("rl_reload")]
+
+
+def config(backing: dict, entries: list[dict], **sections) -> dict:
+    cfg = app_config(backing, {}, **sections)
+    cfg["svc"] = entries
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def servers(workdir, backing):
+    first = Server(workdir / "rl-1", config(backing, tenants())).start()
+    second = Server(workdir / "rl-2", config(backing, tenants())).start()
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+async def call(url: str, label: str, method: str, path: str, params: dict | None = None, **kwargs) -> httpx.Response:
+    query = {"svc": svc_name(label), "appKey": im_backend.encrypt_appkey(SECRET), **(params or {})}
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.request(method, url + "/api/v1/posts" + path, params=query, **kwargs)
+
+
+def assert_limited(response: httpx.Response, policy: str, quota: int, window: int) -> None:
+    assert response.status_code == 429, (response.status_code, response.text)
+    assert response.json() == {"code": 429, "msg": "too many requests", "data": None}
+    retry = int(response.headers["retry-after"])
+    assert retry >= 1
+    policies = http_sf.parse(response.headers["ratelimit-policy"].encode(), tltype="list")
+    assert policies == [(policy, {"q": quota, "w": window})], policies
+    state = http_sf.parse(response.headers["ratelimit"].encode(), tltype="list")
+    assert state == [(policy, {"r": 0, "t": retry})], state
+
+
+async def test_a_burst_over_the_limit_gets_429_and_writes_nothing(servers, db):
+    url, svc = servers[0].url, svc_name("rl_burst")
+    statuses = []
+    for i in range(9):
+        response = await call(url, "rl_burst", "POST", "/publish", data={"author": f"a{i}", "content": "burst"})
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert_limited(response, "svc", 5, 250)
+    assert statuses == [200] * 5 + [429] * 4, statuses
+    assert (await table_counts(db, svc))["post_info"] == 5
+    assert (await call(url, "rl_burst", "GET", "/getlist")).status_code == 429  # reads count too
+    async with httpx.AsyncClient(timeout=30) as client:  # each 429 counted once, for its service
+        metrics = (await client.get(url + "/metrics")).text
+    assert f'im_ratelimited_total{{svc="{svc}"}} 5.0' in metrics, metrics
+
+
+async def test_two_processes_share_one_limit(servers):
+    statuses = []
+    for i in range(10):
+        response = await call(servers[i % 2].url, "rl_shared", "GET", "/getlist")
+        statuses.append(response.status_code)
+    assert sorted(statuses) == [200] * 5 + [429] * 5, statuses
+    assert statuses[:5] == [200] * 5
+
+
+async def test_writes_are_limited_per_user(servers, db):
+    first, second = servers
+    svc = svc_name("rl_users")
+    ok = await call(first.url, "rl_users", "POST", "/publish", data={"author": "setup", "content": "x"})
+    post_id = ok.json()["data"]["post_id"]
+    for i in range(2):  # u1: 3 writes in a minute, on two processes and two kinds of write
+        response = await call(servers[i].url, "rl_users", "POST", "/comments/publish",
+                              {"post_id": post_id, "user_id": "u1"}, data={"content": "c"})
+        assert response.status_code == 200, response.text
+    assert (await call(second.url, "rl_users", "PUT", "/like", {"post_id": post_id, "user_id": "u1"},
+                       json={"like": True})).status_code == 200
+    before = await table_counts(db, svc)
+    refused = await call(first.url, "rl_users", "POST", "/comments/publish", {"post_id": post_id, "user_id": "u1"},
+                         data={"content": "c"})
+    assert_limited(refused, "user-writes", 3, 60)
+    assert_limited(await call(second.url, "rl_users", "POST", "/publish", data={"author": "u1", "content": "x"}),
+                   "user-writes", 3, 60)
+    assert await table_counts(db, svc) == before  # nothing written
+    for user in ("u2", "u3"):  # other users are not affected
+        assert (await call(first.url, "rl_users", "POST", "/comments/publish", {"post_id": post_id, "user_id": user},
+                           data={"content": "c"})).status_code == 200
+    assert (await call(first.url, "rl_users", "GET", "/getinfo", {"post_id": post_id})).status_code == 200  # reads
+
+
+async def test_unlimited_service_never_refused(servers):
+    results = await asyncio.gather(*(call(servers[i % 2].url, "rl_free", "GET", "/getlist") for i in range(30)))
+    assert {r.status_code for r in results} == {200}
+
+
+async def test_limits_change_by_hot_reload(servers):
+    first = servers[0]
+    for _ in range(8):
+        assert (await call(first.url, "rl_reload", "GET", "/getlist")).status_code == 200
+    entries = tenants()
+    entries[4] = entry("rl_reload", requests_per_second=0.02, burst=2)
+    first.write_config(dict(first.config, svc=entries))
+
+    async def limited() -> bool:
+        return (await call(first.url, "rl_reload", "GET", "/getlist")).status_code == 429
+
+    assert await eventually(limited, timeout=15)
+    entries[4] = entry("rl_reload")
+    first.write_config(dict(first.config, svc=entries))
+
+    async def free() -> bool:
+        return (await call(first.url, "rl_reload", "GET", "/getlist")).status_code == 200
+
+    assert await eventually(free, timeout=15)
+
+
+async def test_redis_down_each_process_limits_on_its_own(workdir, backing):
+    redis_server = RedisProcess(workdir / "rl-redis", password="rl-secret")
+    cache = {"addr": redis_server.addr, "password": redis_server.password}
+    server = Server(workdir / "rl-redis-down", config(dict(backing, cache=cache),
+                                                      [entry("rl_down", requests_per_second=0.02, burst=3)])).start()
+    try:
+        api = Api(httpx.AsyncClient(base_url=server.url, timeout=30), svc_name("rl_down"), SECRET)
+        redis_server.stop()
+        statuses = [(await api.call("GET", "/getlist"))[0] for _ in range(6)]
+        assert statuses == [200] * 3 + [429] * 3, statuses
+        await api.client.aclose()
+        log = server.log()
+        assert log.count("each process applies the rate limits on its own") == 1, log
+        assert "Traceback" not in log
+    finally:
+        server.stop()
+        redis_server.stop()
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+BASE = "svc:\n  - {name: a, secret: W7K8pJ3aQv2LcXgH%s}\n"
+
+
+def parse(svc_extra: str = "", top: str = "") -> im_backend.AppConfig:
+    return im_backend.parse_app_config(BASE % svc_extra + top)
+
+
+def test_limits_default_and_override():
+    config = parse(", limits: {burst: 7}", "limits: {requests_per_second: 10, writes_per_user_per_minute: 4}\n")
+    assert config.tenants["a"].limits == im_backend.Limits(10.0, 7, 4)
+    assert parse("", "limits: {requests_per_second: 2.5}\n").tenants["a"].limits.burst == 3  # default: the rate
+    assert parse().tenants["a"].limits == im_backend.Limits()
+    assert parse().tenants["a"].auth == "any"
+    rotated = parse(", auth: signed, previous_secrets: [Ab9xQ2mZ7kLp4sT1uV6wY3e8]")
+    assert (rotated.tenants["a"].auth, rotated.tenants["a"].previous_secrets) == ("signed", ("Ab9xQ2mZ7kLp4sT1uV6wY3e8",))
+
+
+@pytest.mark.parametrize("svc_extra, top", [
+    (", auth: sometimes", ""),
+    (", auth: [signed]", ""),
+    (", previous_secrets: short", ""),
+    (", previous_secrets: [tooshort]", ""),
+    (", limits: {burst: -1}", ""),
+    (", limits: {requests_per_second: fast}", ""),
+    (", limits: [1, 2]", ""),
+    ("", "limits: {writes_per_user_per_minute: 99999999}\n"),
+    ("", "limits: 5\n"),
+    ("", "server: {auth_window: 0}\n"),
+    ("", "server: {auth_window: 100000}\n"),
+])
+def test_bad_auth_and_limit_values_reject_the_configuration(svc_extra, top):
+    with pytest.raises(im_backend.ConfigError):
+        parse(svc_extra, top)
