@@ -151,6 +151,9 @@ async def test_webhook_retried_with_backoff_until_delivered(hooks, hook_client, 
     assert await eventually(lambda: _delivered_row(db, svc), timeout=20)
     row = (await stored(db, svc))[0]
     assert row["attempts"] == 3 and row["delivered_at"] is not None and row["failed_at"] is None
+    scrape = (await hook_client.get("/metrics")).text  # each attempt counted by its result
+    for result, count in (("delivered", 1), ("failed", 2)):
+        assert f'im_webhook_deliveries_total{{result="{result}",svc="{svc}"}} {count}.0' in scrape, scrape[-3000:]
 
 
 async def test_dead_endpoint_fails_after_max_age_and_is_counted(hooks, hook_client, db):
