@@ -12,6 +12,7 @@ One hand-written ASGI module, read top to bottom in the order data flows:
   8. observability: metrics, request ids, log format
   9. the ASGI application and its lifespan
  10. command line
+ 9b. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -28,6 +29,7 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import http
 import hmac
 import importlib.metadata
 import io
@@ -38,9 +40,11 @@ import os
 import pathlib
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -63,6 +67,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import standardwebhooks
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 import yaml
@@ -89,6 +94,7 @@ class Err(enum.Enum):
     NOT_FOUND = (404, "not found")
     METHOD_NOT_ALLOWED = (405, "method not allowed")
     BODY_TIMEOUT = (408, "request body timeout")
+    HEADER_TIMEOUT = (408, "request header timeout")  # part of a request head came, then nothing
     BODY_TOO_LARGE = (413, "request body too large")
     HEADERS_TOO_LARGE = (431, "request header fields too large")
     TOO_MANY_REQUESTS = (429, "too many requests")
@@ -218,6 +224,7 @@ class DbConfig:
     dbname: str = "postgres"
     min_conns: int = 2
     max_conns: int = 10
+    pool_wait: float = 5.0  # seconds a request waits for a free connection, then answers its error code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +239,8 @@ class CacheConfig:
     commentlike_expire: int = 300
     near_ttl: float = 0.5  # seconds a process may serve an entry from its own memory (0: never)
     near_size: int = 10000  # entries kept in that memory at most
+    pool_size: int = 256  # Redis connections per process (per node with a cluster)
+    pool_wait: float = 2.0  # seconds a request waits for a free one (then reads fall back, writes answer their code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +259,12 @@ class ServerConfig:
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
     auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
+    # Enforced by GuardedHttpProtocol (section 9b), per process:
+    header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
+    max_headers: int = 100  # header fields per request; more → 431 and closed
+    header_timeout: float = 10.0  # seconds for a request's head to arrive (from connect / the previous answer)
+    body_timeout: float = 10.0  # seconds a request body may stop arriving; longer → 408 and closed
+    max_connections: int = 0  # open connections; beyond → 503 + Retry-After, closed (0: from the fd limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,6 +382,9 @@ def parse_app_config(text: str) -> AppConfig:
         services[name] = secret
         tenants[name] = _tenant(entry, name, secret, limits)
     server = _section(raw, "server", ServerConfig)
+    if server.header_limit < 1024 or server.max_headers < 1 or min(server.header_timeout, server.body_timeout) <= 0:
+        raise ConfigError("'server.header_limit' must be at least 1024, 'max_headers' at least 1 and "
+                          "'header_timeout', 'body_timeout' above 0")
     if not 1 <= server.auth_window <= 3600:
         raise ConfigError("'server.auth_window' must be 1..3600 seconds")
     clean = _section(raw, "clean", CleanConfig)
@@ -1525,7 +1543,6 @@ return fresh
 DOUBLE_DELETE_DELAY = 1.0  # seconds
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
-REDIS_MAX_CONNECTIONS = 256  # per process (per node on a cluster)
 REDIS_RETRIES = 1  # immediate retries of a command that met a broken connection (see open_redis)
 REDIS_READS_OFF = 1.0  # seconds reads skip Redis after a failed read (a down Redis costs requests nothing)
 REDIS_PROBE_INTERVAL = 0.1  # seconds between pings, while reads are off, to turn them back on once Redis answers
@@ -1582,15 +1599,19 @@ def open_redis(cfg: CacheConfig) -> aioredis.Redis | RedisCluster:
     # beyond the restart). No back-off, because a request must learn at once that Redis is down, to serve from
     # PostgreSQL or refuse the write; Cache turns reads off meanwhile and back on once Redis answers again.
     common: dict[str, Any] = dict(password=cfg.password or None, socket_timeout=REDIS_SOCKET_TIMEOUT,
-                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, max_connections=REDIS_MAX_CONNECTIONS,
+                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, max_connections=cfg.pool_size,
                                   retry=Retry(NoBackoff(), REDIS_RETRIES))
     if cfg.cluster:
         nodes = [ClusterNode(*_host_port(addr)) for addr in cfg.addr.split(",") if addr.strip()]
         return RedisCluster(startup_nodes=nodes, **common)
+    # All connections busy (a burst): wait up to pool_wait for one instead of failing with "Too many connections".
     if cfg.addr.startswith("unix://") or cfg.addr.startswith("/"):
-        return aioredis.Redis(unix_socket_path=cfg.addr.removeprefix("unix://"), db=cfg.db, **common)
-    host, port = _host_port(cfg.addr)
-    return aioredis.Redis(host=host, port=port, db=cfg.db, **common)
+        where: dict[str, Any] = dict(connection_class=UnixDomainSocketConnection, path=cfg.addr.removeprefix("unix://"))
+    else:
+        host, port = _host_port(cfg.addr)
+        where = dict(host=host, port=port)
+    pool = aioredis.BlockingConnectionPool(db=cfg.db, timeout=cfg.pool_wait, **where, **common)
+    return aioredis.Redis.from_pool(pool)
 
 
 def with_jitter(ttl: int) -> int:
@@ -2215,13 +2236,15 @@ class Service:
         """A connection for service svc; database errors become the given code (missing table: 10001)."""
         if svc not in self.ready:
             raise ApiError(Err.TABLE_CREATE_FAILED)
+        pool = self.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
+        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else self.config.db.pool_wait
         try:
-            async with self.pool.acquire() as conn:
+            async with pool.acquire(timeout=wait) as conn:
                 yield conn
         except asyncpg.UndefinedTableError:
             log.error("a table of service %r is missing", svc)
             raise ApiError(Err.TABLE_MISSING) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
             log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
 
@@ -3408,6 +3431,7 @@ class App:
         text = await self.source.start(self.reload)
         try:
             config = parse_app_config(text)
+            SERVER_LIMITS.apply(config)
             configure_observability(config)
             pool = await self._connect_db(config.db, wait=config.server.startup_wait)
         except BaseException:
@@ -3485,6 +3509,7 @@ class App:
                 await self._cleanup_task
         await self.deadlines.stop()
         await self.background.events.stop()
+        Acceptor.stop()
         if self._metrics_task:
             self._metrics_task.cancel()
         METRICS.stopped(self.service.pool if self.service else None)
@@ -3525,6 +3550,7 @@ class App:
             new = Service(config, pool, cache, ready, old.background)
             self.service = new
             self.background.events.sync(new)
+            SERVER_LIMITS.apply(config)
             self.source.save_last_good(text)
             configure_observability(config)
             METRICS.config_reload("ok")
@@ -3855,6 +3881,404 @@ app = create_app()
 
 
 # ============================================================================
+# 9b. The HTTP server protocol
+# ============================================================================
+# uvicorn's httptools protocol (the fast one) limits nothing before a request reaches the app: a request head
+# may be any size (httptools keeps growing its buffer), a connection may send its head one byte at a time
+# forever, and every connection is accepted. GuardedHttpProtocol is that protocol plus:
+#   - a request head larger than server.header_limit bytes or with more than server.max_headers fields:
+#     431 and close, without reading (let alone buffering) the rest;
+#   - the head must arrive within server.header_timeout of the connection opening or of the previous answer,
+#     and a body must keep arriving (no pause longer than server.body_timeout): else 408 and close (a connection
+#     that sent nothing is just closed);
+#   - an answer given before the request body was fully received (413, 504, 408) closes the connection;
+#   - beyond server.max_connections open connections in this process, a new connection is answered 503 with
+#     Retry-After and closed at once, instead of waiting in line;
+#   - new connections are accepted in batches (Acceptor): uvloop accepts one per turn of its event loop, so under
+#     load a burst of new connections waited seconds in the kernel's accept queue.
+# Select it with `uvicorn im_backend:app --http im_backend:GuardedHttpProtocol`; `python im_backend.py` and the
+# container do. uvicorn creates protocols from its own Config, before our application has read its
+# configuration; so the protocol reads the module-level SERVER_LIMITS, which App.startup and App.reload fill from
+# `server:` (and which hot-reload with it). Each worker process has its own.
+
+from uvicorn.protocols.http import httptools_impl as _uvicorn_httptools  # noqa: E402  (pinned: requirements)
+
+UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was written against
+FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
+RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
+ACCEPT_BATCH = 256  # connections Acceptor takes from the accept queue per wake-up
+LINGER = 2.0  # seconds the rest of a body is read (and dropped) after an early answer, so that it arrives
+
+
+def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
+    """server.max_connections when not configured: the soft RLIMIT_NOFILE less the pools and a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - db.max_conns - cache.pool_size - FD_RESERVE)
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    """What GuardedHttpProtocol enforces in this process (see above for why this is module-level state)."""
+    header_limit: int = ServerConfig.header_limit
+    max_headers: int = ServerConfig.max_headers
+    header_timeout: float = ServerConfig.header_timeout
+    body_timeout: float = ServerConfig.body_timeout
+    max_connections: int = dataclasses.field(default_factory=lambda: default_max_connections(DbConfig(), CacheConfig()))
+
+    def apply(self, config: AppConfig) -> None:
+        server = config.server
+        self.header_limit, self.max_headers = server.header_limit, server.max_headers
+        self.header_timeout, self.body_timeout = server.header_timeout, server.body_timeout
+        self.max_connections = server.max_connections or default_max_connections(config.db, config.cache)
+
+
+SERVER_LIMITS = ServerLimits()
+
+
+def _raw_answer(err: Err, *headers: bytes) -> bytes:
+    """A complete HTTP/1.1 answer carrying err's envelope, that closes the connection."""
+    body = error_envelope(err)
+    head = [b"HTTP/1.1 %d %s" % (err.code, http.HTTPStatus(err.code).phrase.encode()),
+            b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close", *headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+RAW_ANSWERS = {err: _raw_answer(err) for err in (Err.HEADERS_TOO_LARGE, Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT)}
+
+
+async def over_capacity(scope: dict, receive: Callable, send: Callable) -> None:
+    """The ASGI app of a connection opened beyond server.max_connections: 503, come back in a second."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": JSON_HEADERS + [(b"retry-after", RETRY_AFTER), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": error_envelope(Err.UNAVAILABLE)})
+
+
+class UvicornSeam:
+    """Every use GuardedHttpProtocol makes of uvicorn internals (attributes of httptools_impl.HttpToolsProtocol
+    and of its RequestResponseCycle that are not a documented interface), in one place. Written against uvicorn
+    UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py checks the pin): re-read
+    httptools_impl.py and these methods when upgrading uvicorn."""
+
+    @staticmethod
+    def check_version() -> None:
+        import uvicorn
+        if uvicorn.__version__ != UVICORN_SEAM_VERSION:
+            log.warning("GuardedHttpProtocol was written against uvicorn %s, this is %s: check UvicornSeam",
+                        UVICORN_SEAM_VERSION, uvicorn.__version__)
+
+    @staticmethod
+    def protocol_factory(proto: _uvicorn_httptools.HttpToolsProtocol) -> Callable[[], asyncio.Protocol]:
+        # What uvicorn's Server.startup() passes to loop.create_server(): the protocol class on the same state.
+        return functools.partial(type(proto), config=proto.config, server_state=proto.server_state,
+                                 app_state=proto.app_state)
+
+    @staticmethod
+    def open_connections(proto: _uvicorn_httptools.HttpToolsProtocol) -> int:
+        # server_state.connections: the process's open HTTP connections (uvicorn keeps it for shut-down).
+        return len(proto.connections)
+
+    @staticmethod
+    def serve_with(proto: _uvicorn_httptools.HttpToolsProtocol, app: Callable) -> None:
+        # on_headers_complete() runs `self.app` for each request of the connection: answer them with `app`.
+        proto.app = app
+
+    @staticmethod
+    def cycle(proto: _uvicorn_httptools.HttpToolsProtocol) -> Any:
+        # The RequestResponseCycle of the latest request whose head was parsed (None before the first).
+        return proto.cycle
+
+    @staticmethod
+    def busy(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
+        # A request is being answered or waits its turn (HTTP pipelining: proto.pipeline holds the parsed ones).
+        return bool(proto.pipeline) or proto.cycle is not None and not proto.cycle.response_complete
+
+    @staticmethod
+    def hold_keep_alive(cycle: Any) -> bool:
+        # cycle.keep_alive decides whether the answer says "connection: close" and closes after it. Turn it off
+        # while the body is still arriving; release_keep_alive() restores it once the body is complete.
+        keep, cycle.keep_alive = cycle.keep_alive, False
+        return keep
+
+    @staticmethod
+    def close_by(cycle: Any, close: Callable[[], None]) -> None:
+        # The cycle closes the connection with self.transport.close() when its answer is complete and keep-alive
+        # is off: make that close() the given one (the rest of the transport as it is).
+        cycle.transport = _CloseBy(cycle.transport, close)
+
+    @staticmethod
+    def release_keep_alive(cycle: Any, keep: bool) -> None:
+        if not cycle.response_started:  # an answer already on its way has told the client "close"
+            cycle.keep_alive = keep
+
+    @staticmethod
+    def body_complete(proto: _uvicorn_httptools.HttpToolsProtocol) -> bool:
+        # on_message_complete() sets cycle.more_body = False once the whole request body has been parsed.
+        cycle = proto.cycle
+        return cycle is None or not cycle.more_body  # None: the first request was a protocol upgrade
+
+    @staticmethod
+    def answering(cycle: Any) -> bool:
+        # The app has begun an answer to this request (nothing else may be written on the connection).
+        return cycle.response_started
+
+    @staticmethod
+    def answered(cycle: Any) -> bool:
+        return cycle.response_complete
+
+    @staticmethod
+    def abandon(cycle: Any) -> None:
+        # What connection_lost() does to a cycle, done now: the app's receive() returns http.disconnect and its
+        # send() writes nothing (we answer, or close, in its place).
+        cycle.disconnected = True
+        cycle.message_event.set()
+
+
+class Acceptor:
+    """Accepts new connections in batches, beside the event loop's own accept.
+
+    uvloop (libuv >= 1.45) accepts one connection per turn of its loop. A turn under load takes tens of
+    milliseconds, so a burst of a thousand new connections waited seconds in the kernel's accept queue, and
+    every newcomer behind them (measured: a fresh connection waited up to 16.8 s while open ones were served
+    in 87 ms). This reader, on a duplicate of the listening socket, takes up to ACCEPT_BATCH connections per
+    wake-up and hands each to the loop exactly as uvicorn does (loop.connect_accepted_socket with uvicorn's
+    protocol factory); the cap (503) then applies to them at once. Installed by the first connection of the
+    process (the listening socket is found among the process's descriptors: Linux /proc); stopped when uvicorn
+    shuts the connections down or the app stops."""
+
+    active: Acceptor | None = None
+    tried = False
+
+    def __init__(self, sock: Any, factory: Callable[[], asyncio.Protocol], ssl: Any) -> None:
+        self.sock, self.factory, self.ssl = sock, factory, ssl
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    @classmethod
+    def install(cls, proto: GuardedHttpProtocol) -> None:
+        cls.tried = True
+        conn = proto.transport.get_extra_info("socket")
+        if conn is None or conn.family not in (socket.AF_INET, socket.AF_INET6) or not os.path.isdir("/proc/self/fd"):
+            return
+        port = conn.getsockname()[1]
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.fromfd(int(name), conn.family, socket.SOCK_STREAM)
+            except (OSError, ValueError):
+                continue
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
+                    sock.setblocking(False)
+                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), proto.config.ssl)
+                    return
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors (or the like): pause a second, as asyncio's accept does
+                log.warning("accept failed: %s", exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(1.0, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
+                    self.sock.fileno(), self._accept))
+                return
+            conn.setblocking(False)
+            self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl))
+
+    @classmethod
+    def stop(cls) -> None:
+        acceptor, cls.active = cls.active, None
+        if acceptor is not None and acceptor.sock.fileno() >= 0:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                acceptor.loop.remove_reader(acceptor.sock.fileno())
+            acceptor.sock.close()
+
+
+class _CloseBy:
+    """A transport whose close() is another function (see UvicornSeam.close_by)."""
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self._transport, self.close = transport, close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+# what a connection waits for: a request head, the rest of a body, the app's answer, the end of an unwanted body
+_HEAD, _BODY, _APP, _LINGER = 0, 1, 2, 3
+_ANSWERED = (_HEAD, _APP)  # phases in which an answer completing means: the next request's head is due
+UvicornSeam.check_version()
+
+
+_HttpTools = _uvicorn_httptools.HttpToolsProtocol
+
+
+class GuardedHttpProtocol(_HttpTools):
+    """uvicorn's httptools protocol with header limits, read timeouts and a connection cap (see above).
+
+    One timer per connection, armed at most once per timeout period: it fires at `_deadline` or later, and
+    re-arms itself when the deadline has moved on in the meantime (cheaper than a new timer per read). A passed
+    deadline is enforced one tick later, after the loop has polled the sockets: an overloaded loop runs timers
+    late, and the request may be waiting unread (not the client's fault)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._head_bytes = 0  # bytes of the request head received so far
+        self._head_done = False  # set when a head is complete (for _oversized_head)
+        self._keep_alive: bool | None = None  # the keep-alive of a request whose body is arriving, held off
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._overdue = False  # the deadline has passed once: enforced at the next tick, after pending reads
+        self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
+
+    # --- connection and timer ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if UvicornSeam.open_connections(self) > SERVER_LIMITS.max_connections:
+            UvicornSeam.serve_with(self, over_capacity)
+        if not Acceptor.tried:
+            Acceptor.install(self)
+        self._expect_head()
+
+    def shutdown(self) -> None:
+        """uvicorn shuts the server down: it stopped listening, and so does the Acceptor."""
+        Acceptor.stop()
+        super().shutdown()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expect_head(self) -> None:
+        self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _APP or self.transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
+            self._overdue = False  # the app's own timeout (504) rules while it works on a request
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._overdue = False
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        elif not self._overdue:  # first let the loop read what may be waiting (a busy loop runs timers late)
+            self._overdue = True
+            self._timer = self.loop.call_at(now + 0.01, self._on_timer)
+        elif self._phase == _LINGER:
+            self.transport.close()
+        elif self._phase == _BODY:
+            self._refuse(Err.BODY_TIMEOUT)
+        elif self._head_bytes:
+            self._refuse(Err.HEADER_TIMEOUT)
+        else:  # nothing of a next request came: a silent close, as uvicorn's keep-alive timeout does
+            self.transport.close()
+
+    def _refuse(self, err: Err) -> None:
+        """Answer err (unless another answer is due on this connection first) and close: nothing more is read."""
+        cycle = UvicornSeam.cycle(self)
+        if self._phase == _BODY:  # err is the answer to the request whose body is arriving
+            answer = not UvicornSeam.answering(cycle)
+        else:  # err is about the next request's head: answer it only if no earlier request is still unanswered
+            answer = cycle is None or UvicornSeam.answered(cycle)
+        if cycle is not None and not UvicornSeam.answered(cycle):
+            UvicornSeam.abandon(cycle)
+        if answer:
+            self.transport.write(RAW_ANSWERS[err])
+        self.transport.close()
+
+    # --- reading ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase != _BODY:  # bytes of a request head
+            if self._phase == _LINGER:
+                return
+            room = SERVER_LIMITS.header_limit - self._head_bytes
+            if len(data) > room:
+                return self._oversized_head(data, room)
+            self._head_bytes += len(data)
+        _HttpTools.data_received(self, data)  # (not super(): this runs per request; super() costs a little)
+        if self._phase == _BODY:  # a head was parsed (now or before): is its body all in?
+            if UvicornSeam.body_complete(self):
+                self._phase = _APP
+                if self._keep_alive is not None:  # held by _body_pending()
+                    UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
+                    self._keep_alive = None
+            else:  # rare: most bodies arrive with their head
+                self._body_pending()
+
+    def _body_pending(self) -> None:
+        """The body must keep arriving; an answer given before it is all in closes the connection."""
+        if self.transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
+            self._phase = _APP
+            return
+        if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
+            cycle = UvicornSeam.cycle(self)
+            self._keep_alive = UvicornSeam.hold_keep_alive(cycle)
+            UvicornSeam.close_by(cycle, self._close_after_early_answer)
+        self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _close_after_early_answer(self) -> None:
+        """An answer (413, 504...) went out before the request body was all in. Closing at once, with the client
+        still sending, would make the kernel reset the connection, and the client could lose the answer: so
+        half-close (the client reads the answer, then the end), drop what still comes for up to LINGER seconds,
+        then close."""
+        if self._phase != _BODY or self.transport.is_closing() or not self.transport.can_write_eof():
+            return self.transport.close()
+        self.transport.write_eof()
+        self._phase, self._deadline = _LINGER, self.loop.time() + LINGER
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _oversized_head(self, data: bytes, room: int) -> None:
+        """More bytes than a head may have: parse only those that fit; unless the head ends there, answer 431."""
+        self._head_done = False
+        if room > 0:
+            self._head_bytes += room
+            super().data_received(data[:room])
+        if self.transport.is_closing():  # the parser refused it already
+            return
+        if not self._head_done:
+            return self._refuse(Err.HEADERS_TOO_LARGE)
+        self.data_received(data[room:])  # the head ended in time; the rest is its body or a next request
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser rejects; ours when it was we who stopped the parser."""
+        if self._refusal is None:
+            return super().send_400_response(msg)
+        self._refuse(self._refusal)
+
+    # --- parser callbacks -------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > SERVER_LIMITS.max_headers:
+            self._refusal = Err.HEADERS_TOO_LARGE
+            raise ValueError("too many header fields")  # stops the parser: see send_400_response
+        _HttpTools.on_headers_complete(self)
+        self._phase, self._head_bytes, self._head_done = _BODY, 0, True
+
+    def on_response_complete(self) -> None:
+        _HttpTools.on_response_complete(self)
+        if self._phase in _ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
+            self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+
+# ============================================================================
 # 10. Command line
 # ============================================================================
 
@@ -3910,7 +4334,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   for name in log_config["formatters"]})
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto", http="auto",
+        log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto",
+        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 9b)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
     metrics_dir = prepare_metrics_dir(args.workers)
     try:

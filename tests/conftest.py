@@ -139,11 +139,16 @@ def app_config(backing: dict, services: dict[str, str], **sections: dict) -> dic
     return config
 
 
-class Server:
-    """One IM-Backend process: `IM_CONF=boot.yaml uvicorn im_backend:app`, as operators run it."""
+PROTOCOL = "im_backend:GuardedHttpProtocol"  # the --http the README tells operators to use
 
-    def __init__(self, directory: pathlib.Path, config: dict) -> None:
+
+class Server:
+    """One IM-Backend process: `IM_CONF=boot.yaml uvicorn im_backend:app --http PROTOCOL`, as operators run it
+    (http=None: plain `uvicorn im_backend:app`)."""
+
+    def __init__(self, directory: pathlib.Path, config: dict, http: str | None = PROTOCOL) -> None:
         self.directory = directory
+        self.http = http
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -170,7 +175,8 @@ class Server:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "info", *(() if access_log else ("--no-access-log",))],
+                 "--log-level", "info", *(() if access_log else ("--no-access-log",)),
+                 *(("--http", self.http) if self.http else ())],
                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()

@@ -315,7 +315,7 @@ async def test_reload_moves_to_another_database_and_redis(make_server, workdir, 
             async def moved_over():
                 await api.publish("probe", "x")  # answered throughout the switch
                 return (await api.call("GET", "/getinfo", {"post_id": before}))[1]["code"] == 10006
-            assert await eventually(moved_over, timeout=40)  # generous: reconnecting on a loaded machine
+            assert await eventually(moved_over, timeout=40), srv.log()[-3000:]  # generous: a loaded machine
             after = await api.publish("bob", "in the second database")
             assert (await api.ok("GET", "/getinfo", {"post_id": after}))["post"]["author"] == "bob"
         assert int(other_redis.cli("get", f"post_id:{svc}").strip()) >= 1  # ids now come from the new Redis
