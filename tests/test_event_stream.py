@@ -232,3 +232,18 @@ async def test_stream_mounted_under_a_prefix(pair, workdir):
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+async def test_an_idle_stream_outlives_the_read_timeouts(workdir, backing):
+    """The protocol's header and body timeouts are for requests arriving, not for a long answer going out."""
+    svc = svc_name("sseidle")
+    config = app_config(backing, {svc: SECRET}, events=dict(FAST, keepalive=5),
+                        server={"header_timeout": 1, "body_timeout": 1})
+    srv = Server(workdir / "sse-idle", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client, Stream(srv.url, svc) as stream:
+            await asyncio.sleep(3)  # idle (no keep-alive yet) for three times the timeouts
+            post = await Api(client, svc, SECRET).publish()
+            assert summary(await stream.take(1)) == [("post.published", post)]
+    finally:
+        srv.stop()
