@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -1299,6 +1300,9 @@ CREATE TABLE IF NOT EXISTS {comment_like} (
     PRIMARY KEY (comment_id, user_id));
 CREATE TABLE IF NOT EXISTS {like_counts} (
     kind TEXT NOT NULL, target_id BIGINT NOT NULL, likes BIGINT NOT NULL, PRIMARY KEY (kind, target_id));
+CREATE TABLE IF NOT EXISTS {counter_slots} (
+    kind TEXT NOT NULL, target_id BIGINT NOT NULL, slot SMALLINT NOT NULL, n BIGINT NOT NULL,
+    PRIMARY KEY (kind, target_id, slot));
 CREATE TABLE IF NOT EXISTS {cleanup} (
     id BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, target_id BIGINT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now());
@@ -1306,6 +1310,7 @@ CREATE INDEX IF NOT EXISTS {post_created_idx} ON {post} (created_at DESC, id DES
 CREATE INDEX IF NOT EXISTS {comment_roots_idx} ON {comment} (post_id, root_id, created_at, id);
 CREATE INDEX IF NOT EXISTS {comment_thread_idx} ON {comment} (root_id, created_at, id);
 CREATE INDEX IF NOT EXISTS {comment_father_idx} ON {comment} (father_id);
+CREATE INDEX IF NOT EXISTS {post_author_idx} ON {post} (author, created_at DESC, id DESC);
 CREATE TABLE IF NOT EXISTS {events} (
     id BIGSERIAL PRIMARY KEY, xid XID8 NOT NULL DEFAULT pg_current_xact_id(), type TEXT NOT NULL,
     post_id BIGINT, data JSONB NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -1325,27 +1330,68 @@ POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COAL
 POST_DELETE = "DELETE FROM {post} WHERE id = $1"
 POST_LIST = "SELECT id, created_at FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
 
-# Like counts live in {like_counts}, maintained in the transaction of each like, so reading one costs the same
-# at ten likes or ten million. A missing counter (a new target, or likes written by the Go version) is made by
-# counting once, under FOR UPDATE on the target: that waits for likes in flight, which hold FOR KEY SHARE on it.
-# FOR KEY SHARE also keeps the target from being deleted until the like commits, so clean-up sees the like.
+# Counts live in {like_counts} (a base per target) plus {counter_slots} (the changes since, spread over up to
+# COUNTER_SLOTS rows per target, so concurrent writers of one hot target do not queue on one row): a count is the
+# base plus the sum of its slots. Kinds: 'post' and 'comment' (likes), 'comments' (every comment and reply of a
+# post), 'children' (replies of a root comment). Each change adds to one slot, chosen at random, in the
+# transaction of the change itself. A missing base (a new target, or rows written by the Go version) is made in
+# one statement as count(*) of the rows minus the slots: every transaction changes rows and slots by the same
+# amount, so that difference is the same in every snapshot and needs no lock. Reading costs the same at ten likes
+# or ten million. FOR KEY SHARE keeps a like's target from being deleted until the like commits, so clean-up sees
+# the like.
+COUNTER_SLOTS = 64  # slot rows per counted target at most (summed on read; fewer: hot likes queue)
 POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                    ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
                            SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
-                   bump AS (UPDATE {like_counts} SET likes = likes + 1
-                            WHERE kind = 'post' AND target_id = $1 AND EXISTS (SELECT 1 FROM ins))
+                   bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, 1 FROM ins
+                            ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
                    SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM ins) AS changed"""
 POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                      del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2
                              RETURNING 1),
-                     bump AS (UPDATE {like_counts} SET likes = likes - 1
-                              WHERE kind = 'post' AND target_id = $1 AND EXISTS (SELECT 1 FROM del))
+                     bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, -1 FROM del
+                              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n - 1)
                      SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM del) AS changed"""
-POST_LIKES_READ = "SELECT likes FROM {like_counts} WHERE kind = 'post' AND target_id = $1"
-POST_LOCK = "SELECT id FROM {post} WHERE id = $1 FOR UPDATE"
-POST_LIKES_INIT = """INSERT INTO {like_counts} (kind, target_id, likes)
-                     SELECT 'post', $1, count(*) FROM {post_like} WHERE post_id = $1
-                     ON CONFLICT (kind, target_id) DO UPDATE SET likes = EXCLUDED.likes RETURNING likes"""
+
+
+def _counter(kind: str, target: str) -> str:
+    """SQL: the count of (kind, target) from its counter; NULL while it has no base."""
+    return (f"(SELECT b.likes + COALESCE((SELECT sum(s.n) FROM {{counter_slots}} s WHERE s.kind = '{kind}' "
+            f"AND s.target_id = {target}), 0)::bigint FROM {{like_counts}} b "
+            f"WHERE b.kind = '{kind}' AND b.target_id = {target})")
+
+
+def _counter_init(kind: str, targets: str, rows: str) -> str:
+    """SQL: make the missing bases of (kind, targets $1) from count(*) of the rows (see above)."""
+    return (f"INSERT INTO {{like_counts}} (kind, target_id, likes) SELECT '{kind}', t.id, ({rows}) - COALESCE("
+            f"(SELECT sum(s.n) FROM {{counter_slots}} s WHERE s.kind = '{kind}' AND s.target_id = t.id), 0) "
+            f"FROM {targets} t WHERE t.id = ANY($1::bigint[]) ON CONFLICT (kind, target_id) DO NOTHING")
+
+
+POST_LIKES_READ = f"SELECT {_counter('post', '$1')}"
+POST_LIKES_INIT = _counter_init("post", "{post}", "SELECT count(*) FROM {post_like} l WHERE l.post_id = t.id")
+COMMENT_COUNT_INIT = _counter_init("comments", "{post}", "SELECT count(*) FROM {comment} r WHERE r.post_id = t.id")
+COUNTS_READ = """SELECT b.target_id, b.likes + COALESCE((SELECT sum(s.n) FROM {counter_slots} s
+                 WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)::bigint
+                 FROM {like_counts} b WHERE b.kind = $1 AND b.target_id = ANY($2::bigint[])"""
+# Changes of counts in a write's transaction: kinds $1, targets $2, one slot $3, amounts $4.
+COUNTS_ADD = """INSERT INTO {counter_slots} AS s (kind, target_id, slot, n)
+                SELECT kind, target_id, $3, n
+                FROM unnest($1::text[], $2::bigint[], $4::bigint[]) AS u (kind, target_id, n)
+                ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + EXCLUDED.n"""
+# Posts with their counts and whether user $2 (NULL: nobody) likes them.
+# Posts with their counts (NULL while a counter has no base) and whether user $2 (NULL: nobody) likes them.
+POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_at,
+    {_counter('post', 'p.id')} AS like_count, {_counter('comments', 'p.id')} AS comment_count,
+    $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{post_like}} v WHERE v.post_id = p.id AND v.user_id = $2) AS liked
+    FROM {{post}} p WHERE p.id = ANY($1::bigint[])"""
+POSTS_LIKED = "SELECT post_id FROM {post_like} WHERE post_id = ANY($1::bigint[]) AND user_id = $2"
+COMMENTS_LIKED = "SELECT comment_id FROM {comment_like} WHERE comment_id = ANY($1::bigint[]) AND user_id = $2"
+# Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
+POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2)
+                     ORDER BY created_at DESC, id DESC LIMIT $3"""
+POST_LIST_BY_AUTHOR = """SELECT id, created_at FROM {post} WHERE author = $4 AND (created_at, id) < ($1, $2)
+                         ORDER BY created_at DESC, id DESC LIMIT $3"""
 
 COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
@@ -1355,12 +1401,32 @@ COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comme
 COMMENT_OWNER = "SELECT user_id FROM {comment} WHERE id = $1 FOR UPDATE"
 COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
                     updated_at = now() WHERE id = $1 RETURNING post_id"""
-COMMENT_ROOTS_PAGE = f"""SELECT {COMMENT_COLUMNS},
-                            (SELECT count(*) FROM {{comment}} r WHERE r.root_id = c.id) AS child_num
-                         FROM {{comment}} c WHERE post_id = $1 AND root_id = 0 AND created_at > $2
-                         ORDER BY created_at, id LIMIT $3"""
-COMMENT_REPLIES_PAGE = f"""SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comment}}
-                           WHERE root_id = $1 AND created_at > $2 ORDER BY created_at, id LIMIT $3"""
+
+
+def _comment_page(where: str, top: bool) -> str:
+    """SQL: a page of comments with child_num, like_count (NULL while a counter has no base) and whether user $4
+    (NULL: nobody) likes each. By time: created_at > $2, oldest first, limit $3. Top: most liked first, ties newest
+    first, after the keyset (like_count $5, created_at $2, id $6) when $5 is not NULL, limit $3; its like_count is
+    counted from the rows where there is no base, as the order needs every count."""
+    children = _counter("children", "c.id") if "root_id = 0" in where else "NULL::bigint"
+    likes = _counter("comment", "c.id")
+    if top:
+        likes = f"COALESCE({likes}, (SELECT count(*) FROM {{comment_like}} l WHERE l.comment_id = c.id))"
+    rows = f"""SELECT {COMMENT_COLUMNS}, {children} AS child_num, {likes} AS like_count,
+        $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{comment_like}} v WHERE v.comment_id = c.id
+                                         AND v.user_id = $4) AS liked
+        FROM {{comment}} c WHERE {where}"""
+    if not top:
+        return f"{rows} AND created_at > $2 ORDER BY created_at, id LIMIT $3"
+    return f"""WITH page AS ({rows}) SELECT * FROM page
+               WHERE $5::bigint IS NULL OR (like_count, created_at, id) < ($5, $2::timestamptz, $6::bigint)
+               ORDER BY like_count DESC, created_at DESC, id DESC LIMIT $3"""
+
+
+COMMENT_ROOTS_PAGE = _comment_page("post_id = $1 AND root_id = 0", top=False)
+COMMENT_REPLIES_PAGE = _comment_page("root_id = $1", top=False)
+COMMENT_ROOTS_TOP = _comment_page("post_id = $1 AND root_id = 0", top=True)
+COMMENT_REPLIES_TOP = _comment_page("root_id = $1", top=True)
 # A root comment takes its whole thread; a reply takes every reply whose father chain reaches it.
 COMMENT_DELETE_TREE = """
 WITH RECURSIVE doomed AS (
@@ -1369,28 +1435,26 @@ WITH RECURSIVE doomed AS (
     SELECT c.id, c.root_id FROM {comment} c JOIN doomed d
       ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
 )
-DELETE FROM {comment} WHERE id IN (SELECT id FROM doomed) RETURNING id, post_id"""
+DELETE FROM {comment} WHERE id IN (SELECT id FROM doomed) RETURNING id, root_id, post_id"""
 COMMENT_LIKE_SET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
                       ins AS (INSERT INTO {comment_like} (comment_id, user_id, post_id, created_at)
                               SELECT id, $2, post_id, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
-                      bump AS (UPDATE {like_counts} SET likes = likes + 1
-                               WHERE kind = 'comment' AND target_id = $1 AND EXISTS (SELECT 1 FROM ins))
+                      bump AS (INSERT INTO {counter_slots} AS s SELECT 'comment', $1, $3, 1 FROM ins
+                               ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
                       SELECT post_id, EXISTS (SELECT 1 FROM ins) AS changed FROM target"""
 COMMENT_LIKE_UNSET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
                         del AS (DELETE FROM {comment_like}
                                 WHERE comment_id IN (SELECT id FROM target) AND user_id = $2 RETURNING 1),
-                        bump AS (UPDATE {like_counts} SET likes = likes - 1
-                                 WHERE kind = 'comment' AND target_id = $1 AND EXISTS (SELECT 1 FROM del))
+                        bump AS (INSERT INTO {counter_slots} AS s SELECT 'comment', $1, $3, -1 FROM del
+                                 ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n - 1)
                         SELECT post_id, EXISTS (SELECT 1 FROM del) AS changed FROM target"""
-COMMENT_LIKES_READ = """SELECT target_id, likes FROM {like_counts}
-                        WHERE kind = 'comment' AND target_id = ANY($1::bigint[])"""
-COMMENTS_LOCK = "SELECT id FROM {comment} WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
-COMMENT_LIKES_INIT = """INSERT INTO {like_counts} (kind, target_id, likes)
-                        SELECT 'comment', c.id, (SELECT count(*) FROM {comment_like} WHERE comment_id = c.id)
-                        FROM unnest($1::bigint[]) AS c (id)
-                        ON CONFLICT (kind, target_id) DO UPDATE SET likes = EXCLUDED.likes
-                        RETURNING target_id, likes"""
-LIKE_COUNTS_DROP = "DELETE FROM {like_counts} WHERE kind = $1 AND target_id = ANY($2::bigint[])"
+COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
+                                   "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
+CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id")
+COUNTER_INIT = {"post": POST_LIKES_INIT, "comment": COMMENT_LIKES_INIT, "comments": COMMENT_COUNT_INIT,
+                "children": CHILD_COUNT_INIT}
+LIKE_COUNTS_DROP = """WITH slots AS (DELETE FROM {counter_slots} WHERE kind = $1 AND target_id = ANY($2::bigint[]))
+                      DELETE FROM {like_counts} WHERE kind = $1 AND target_id = ANY($2::bigint[])"""
 
 # The durable clean-up queue (section 6 of this file explains the kinds).
 CLEANUP_ENQUEUE = "INSERT INTO {cleanup} (kind, target_id) SELECT $1, unnest($2::bigint[])"
@@ -1465,6 +1529,7 @@ def sql(svc: str, statement: str) -> str:
         "comment_roots_idx": f"{svc}_post_comment_info_post_root_idx",
         "comment_thread_idx": f"{svc}_post_comment_info_root_idx",
         "comment_father_idx": f"{svc}_post_comment_info_father_idx",
+        "counter_slots": f"{svc}_counter_slots", "post_author_idx": f"{svc}_post_info_author_idx",
         "events": f"{svc}_events", "events_stream_idx": f"{svc}_events_stream_idx",
         "events_due_idx": f"{svc}_events_due_idx", "events_failed_idx": f"{svc}_events_failed_idx",
     }
@@ -1541,6 +1606,7 @@ end
 return fresh
 """
 DOUBLE_DELETE_DELAY = 1.0  # seconds
+LATER_BATCH = 0.1  # seconds: second deletes due this close together go in one pipeline
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 REDIS_SOCKET_TIMEOUT = 2.0  # seconds to connect to Redis, and to wait for one answer
 REDIS_RETRIES = 1  # immediate retries of a command that met a broken connection (see open_redis)
@@ -1577,6 +1643,17 @@ def comment_info_key(svc: str, comment_id: int) -> str:
 
 def comment_like_key(svc: str, comment_id: int) -> str:
     return f"svc:{svc}:comment:{comment_id}:like"
+
+
+def feed_page_key(svc: str, generation: int, *what: Any) -> str:
+    """A feed read (comments page, post list, posts with counts) kept in the near cache only. `generation` is
+    the process's write generation of svc (NearCache.bump), so a write never leaves its own process a stale page."""
+    return f"svc:{svc}:feed:{generation}:{what!r}"
+
+
+def feed_liked_key(svc: str, generation: int, viewer: str, page_key: str) -> str:
+    """Which items of a cached feed read `viewer` likes (near cache only, like the page)."""
+    return f"svc:{svc}:feed:{generation}:liked:{(viewer, page_key)!r}"
 
 
 def nonce_key(svc: str, nonce: str) -> str:
@@ -1629,6 +1706,14 @@ class NearCache:
     def __init__(self, ttl: float, size: int) -> None:
         self.ttl, self.size = ttl, size
         self._entries: dict[str, tuple[float, bytes]] = {}
+        self._generations: dict[str, int] = {}  # per service: bumped by each write of this process
+
+    def generation(self, svc: str) -> int:
+        return self._generations.get(svc, 0)
+
+    def bump(self, svc: str) -> None:
+        """A write to svc: the feed pages cached before it are never served again by this process."""
+        self._generations[svc] = self._generations.get(svc, 0) + 1
 
     def get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -2195,6 +2280,37 @@ class Events:
         return counts
 
 
+@dataclasses.dataclass(frozen=True)
+class Keyset:
+    """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
+    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
+    moment: dt.datetime
+    id: int
+    count: int = 0
+
+    EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    MAX_LEN = 120  # characters of an encoded cursor at most
+
+    def encode(self) -> str:
+        micros = (self.moment - self.EPOCH) // dt.timedelta(microseconds=1)
+        text = f"{self.order}:{self.count}:{micros}:{self.id}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, raw: str) -> "Keyset":
+        """ValueError (or OverflowError) unless raw is a cursor that encode() could have made."""
+        if len(raw) > cls.MAX_LEN or not raw.isascii():
+            raise ValueError("cursor too long")
+        order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
+        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
+                                                  for x in (count, micros, ident)):
+            raise ValueError("not a cursor")
+        value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
+        if not (0 <= value.count <= MAX_ID and -1 <= value.id <= MAX_ID):
+            raise ValueError("cursor out of range")
+        return value
+
+
 class Service:
     """The domain operations, bound to one configuration; a reload builds a new one and swaps it in whole."""
 
@@ -2205,20 +2321,53 @@ class Service:
         self.cache = cache
         self.ready = ready  # services whose tables exist
         self.background = background
+        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
 
     # --- helpers ---------------------------------------------------------------
 
     def invalidate_later(self, keys: list[str]) -> None:
-        """Second half of the delayed double delete: catches a read that refilled the cache mid-write."""
-        async def later() -> None:
-            await asyncio.sleep(DOUBLE_DELETE_DELAY)
+        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
+        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
+        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
+        if len(self._later) == 1:
+            self.background.spawn(self._invalidate_due())
+
+    async def _invalidate_due(self) -> None:
+        while self._later:
+            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
+            due, until = set(), time.monotonic() + LATER_BATCH
+            while self._later and self._later[0][0] <= until:
+                due.update(self._later.popleft()[1])
             with contextlib.suppress(ApiError):
-                await self.cache.invalidate(keys)
-        self.background.spawn(later())
+                await self.cache.invalidate(sorted(due))
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
         return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
+
+    @staticmethod
+    async def _count_change(conn: asyncpg.Connection, svc: str, changes: list[tuple[str, int, int]]) -> None:
+        """Add to counts, in the transaction of the change: one slot at random; sorted, so every transaction
+        takes its counter rows in one order (no deadlocks)."""
+        changes = sorted(changes)
+        await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
+                           random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
+
+    @staticmethod
+    async def _settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
+                             counts: tuple[tuple[str, str], ...]) -> None:
+        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
+        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
+        items = list(items)
+        for kind, field in counts:
+            missing = sorted({item["id"] for item in items
+                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
+            if missing:
+                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
+                for item in items:
+                    if item["id"] in missing:
+                        item[field] = found.get(item["id"], 0)
 
     def render_time(self, moment: dt.datetime | None) -> str:
         if moment is None:  # the Go version's columns allow it
@@ -2265,8 +2414,14 @@ class Service:
                                                           "content": content, "extra": extra})
         return {"post_id": post_id}
 
-    async def get_post(self, svc: str, post_id: int) -> bytes:
+    async def get_post(self, svc: str, post_id: int, counts: bool | None = None,
+                       viewer: str | None = None) -> bytes | dict:
         """Read a post (answered as ready-made JSON, straight from the cache when it is there)."""
+        if counts or viewer is not None:  # with like_count, comment_count (and liked): from PostgreSQL
+            post = (await self.posts_full(svc, [post_id], viewer))[0]
+            if post is None:
+                raise ApiError(Err.FIND_FAILED)
+            return {"post": post}
         key = post_info_key(svc, post_id)
         cached = await self.cache.get(key)
         if cached is None:
@@ -2308,17 +2463,84 @@ class Service:
             await conn.execute(sql(svc, POST_DELETE), post_id)
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comments", [post_id])
             await self.emit(conn, svc, "post.deleted", {"post_id": post_id, "user_id": user_id})
         log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
         self.background.cleanup_wakeup.set()
         self.invalidate_later(keys)
 
-    async def list_posts(self, svc: str, cursor: dt.datetime | None, limit: int | None) -> dict:
+    async def list_posts(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int | None,
+                         expand: bool | None = None, author: str | None = None, viewer: str | None = None) -> dict:
         """Ids of the posts created before cursor, newest first."""
+        if expand or author is not None or isinstance(cursor, Keyset):
+            return await self.list_posts_keyset(svc, cursor, self.page_size(limit), expand, author, viewer)
         cursor = cursor or dt.datetime.now(dt.timezone.utc)
         async with self.db(svc, Err.FIND_FAILED) as conn:
             rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
         return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
+
+    async def list_posts_keyset(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int,
+                                expand: bool | None, author: str | None, viewer: str | None) -> dict:
+        """getlist with author= or expand=1: keyset pages on (created_at, id) with an opaque next_cursor."""
+        if isinstance(cursor, Keyset):
+            if cursor.order != "time":
+                raise bad_param("not a cursor of getlist")
+            moment, after = cursor.moment, cursor.id
+        else:  # (created_at, id) < (t, -1) is created_at < t
+            moment, after = cursor or dt.datetime.now(dt.timezone.utc), -1
+        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
+        page = self.cache.near.get(key)
+        if page is None:
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if author is None:
+                    rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
+                else:
+                    rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
+            page = ([row["id"] for row in rows],
+                    Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
+            self.cache.near.put(key, page)
+        result: dict[str, Any] = {"post_list": page[0], "next_cursor": page[1]}
+        if expand:
+            result["posts"] = await self.posts_full(svc, page[0], viewer)
+        return result
+
+    def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
+        post = self.post_json(svc, row)
+        post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
+        if viewer is not None:
+            post["liked"] = row["liked"]
+        return post
+
+    async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None) -> list[dict | None]:
+        """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
+        if not post_ids:
+            return []
+        near, generation, unique = self.cache.near, self.cache.near.generation(svc), sorted(set(post_ids))
+        key = feed_page_key(svc, generation, "posts", unique)
+        found, liked = near.get(key), None
+        if viewer is not None and found is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if found is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if found is None:
+                    rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
+                    found = {row["id"]: self.post_full_json(svc, row, None) for row in rows}
+                    await self._settle_counts(conn, svc, found.values(), (("post", "like_count"),
+                                                                          ("comments", "comment_count")))
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, found)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, POSTS_LIKED), list(found), viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        if viewer is None:
+            return [found.get(post_id) for post_id in post_ids]
+        return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
+                for post_id in post_ids]
+
+    async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
+        """Read up to 100 posts at once, with their counts; null for unknown ids."""
+        return {"posts": await self.posts_full(svc, post_ids, viewer)}
 
     # --- comments ----------------------------------------------------------------
 
@@ -2350,6 +2572,7 @@ class Service:
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
+            await self._count_change(conn, svc, [("comments", post_id, 1)])
             await self.emit(conn, svc, "comment.published", {"comment_id": comment_id, "post_id": post_id,
                                                              "user_id": user_id, "content": content, "extra": extra})
         return {"comment_id": comment_id}
@@ -2367,6 +2590,7 @@ class Service:
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
+            await self._count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
             await self.emit(conn, svc, "comment.replied", {
                 "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
                 "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
@@ -2396,6 +2620,7 @@ class Service:
             deleted = [row["id"] for row in rows]
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
+            await self._count_removed_comments(conn, svc, rows)
             await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
                                                            "user_id": user_id, "deleted_ids": deleted})
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
@@ -2406,17 +2631,62 @@ class Service:
             await self.cache.invalidate(keys)
         self.invalidate_later(keys)
 
-    async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | None,
-                            limit: int | None) -> dict:
+    async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
+        """Deleted comments leave comment_count and child_num in the delete's transaction."""
+        deleted = {row["id"] for row in rows}
+        changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None)
+        changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted)
+        await self._count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
+
+    async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
+                            limit: int | None, viewer: str | None = None, sort: str | None = None) -> dict:
         """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
-        cursor = cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-        limit = self.page_size(limit)
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            if root_comment_id == 0:
-                rows = await conn.fetch(sql(svc, COMMENT_ROOTS_PAGE), post_id, cursor, limit)
-            else:
-                rows = await conn.fetch(sql(svc, COMMENT_REPLIES_PAGE), root_comment_id, cursor, limit)
-        return {"comments": [self.comment_json(svc, row) for row in rows], "next_cursor": next_cursor(rows)}
+        limit, top, target = self.page_size(limit), sort == "top", post_id if root_comment_id == 0 else root_comment_id
+        if top:
+            if cursor is not None and not (isinstance(cursor, Keyset) and cursor.order == "top"):
+                raise bad_param("sort=top pages with the next_cursor of sort=top")
+            statement = COMMENT_ROOTS_TOP if root_comment_id == 0 else COMMENT_REPLIES_TOP
+            args: tuple = ((cursor.moment, limit, viewer, cursor.count, cursor.id) if cursor else
+                           (None, limit, viewer, None, None))
+        else:
+            if isinstance(cursor, Keyset):
+                raise bad_param("a cursor of sort=top")
+            statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
+            args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
+        near, generation = self.cache.near, self.cache.near.generation(svc)
+        key = feed_page_key(svc, generation, "comments", post_id, root_comment_id, top, cursor, limit)
+        page, liked = near.get(key), None
+        if viewer is not None and page is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if page is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if page is None:
+                    rows = await conn.fetch(sql(svc, statement), target, *args)
+                    page = self._comment_page(svc, rows, top)
+                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"),
+                                                                   ("children", "child_num")))
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, page)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, COMMENTS_LIKED),
+                                                                     [c["id"] for c in page[0]], viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
+        return {"comments": comments, "next_cursor": page[1]}
+
+    def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
+        """(comments with like_count, next_cursor) of a page's rows."""
+        comments = []
+        for row in rows:
+            comment = self.comment_json(svc, row)
+            comment["like_count"] = row["like_count"]
+            comments.append(comment)
+        if not top or not rows:
+            return comments, next_cursor(rows)
+        last = rows[-1]
+        return comments, Keyset("top", last["created_at"], last["id"], last["like_count"]).encode()
 
     # --- likes -------------------------------------------------------------------
 
@@ -2425,7 +2695,8 @@ class Service:
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
-            exists, changed = await conn.fetchrow(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id)
+            exists, changed = await conn.fetchrow(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id,
+                                                  random.randrange(COUNTER_SLOTS))
             if changed:
                 await self.emit(conn, svc, "post.liked" if like else "post.unliked", {"post_id": post_id,
                                                                                       "user_id": user_id})
@@ -2440,7 +2711,8 @@ class Service:
         invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
             statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
-            owner_post, changed = await conn.fetchrow(sql(svc, statement), comment_id, user_id) or (None, False)
+            owner_post, changed = await conn.fetchrow(sql(svc, statement), comment_id, user_id,
+                                                      random.randrange(COUNTER_SLOTS)) or (None, False)
             if owner_post is None:
                 raise ApiError(Err.FIND_FAILED)
             if owner_post != post_id:  # roll the like back: the comment is not on that post
@@ -2459,10 +2731,9 @@ class Service:
             return {"like": int(cached)}
         async with self.db(svc, Err.COUNT_FAILED) as conn:
             count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id)
-            if count is None:
-                async with conn.transaction():
-                    exists = await conn.fetchval(sql(svc, POST_LOCK), post_id)
-                    count = await conn.fetchval(sql(svc, POST_LIKES_INIT), post_id) if exists else 0
+            if count is None:  # no base yet: made from the rows, once (none for an unknown post)
+                await conn.execute(sql(svc, POST_LIKES_INIT), [post_id])
+                count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id) or 0
         await self.cache.set_many([(key, count, self.config.cache.postlike_expire)])
         return {"like": count}
 
@@ -2478,12 +2749,11 @@ class Service:
         missing = sorted({cid for cid in comment_ids if cid not in counts})
         if missing:
             async with self.db(svc, Err.COUNT_FAILED) as conn:
-                found = dict(await conn.fetch(sql(svc, COMMENT_LIKES_READ), missing))
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), "comment", missing))
                 uncounted = [cid for cid in missing if cid not in found]
-                if uncounted:
-                    async with conn.transaction():
-                        existing = [r["id"] for r in await conn.fetch(sql(svc, COMMENTS_LOCK), uncounted)]
-                        found.update(await conn.fetch(sql(svc, COMMENT_LIKES_INIT), existing))
+                if uncounted:  # no base yet: made from the rows, once (none for unknown ids)
+                    await conn.execute(sql(svc, COMMENT_LIKES_INIT), uncounted)
+                    found.update(await conn.fetch(sql(svc, COUNTS_READ), "comment", uncounted))
             ttl = self.config.cache.commentlike_expire
             await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
             counts.update((cid, found.get(cid, 0)) for cid in missing)
@@ -2515,6 +2785,8 @@ class Service:
         if done_keys:
             with contextlib.suppress(ApiError):
                 await self.cache.invalidate(done_keys)
+        if removed:
+            self.cache.near.bump(svc)
         return removed
 
     async def _clean_post_batch(self, conn: asyncpg.Connection, svc: str, job: asyncpg.Record) -> tuple[int, list]:
@@ -2523,6 +2795,7 @@ class Service:
         comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id, batch.commentbatch)]
         await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
         await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", comments)
         likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
         done_keys = [comment_info_key(svc, cid) for cid in comments]
         if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
@@ -2636,13 +2909,19 @@ def json_object(raw: str | bytes, what: str) -> dict:
 def parse_query(raw: bytes) -> dict[str, list[str]]:
     """The query string, as urllib's parse_qs with blank values kept, without its cost on plain pairs."""
     query: dict[str, list[str]] = {}
-    for pair in raw.decode("latin-1").split("&"):
+    text = raw.decode("latin-1")
+    plain = "%" not in text and "+" not in text  # hot path: one scan of the whole string, not two per pair
+    for pair in text.split("&"):
         if not pair:
             continue
         name, _, value = pair.partition("=")
-        if "%" in pair or "+" in pair:
+        if not plain:
             name, value = urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value)
-        query.setdefault(name, []).append(value)
+        values = query.get(name)
+        if values is None:  # no throw-away list per pair, as setdefault(name, []) would make
+            query[name] = [value]
+        else:
+            values.append(value)
     return query
 
 
@@ -2779,6 +3058,46 @@ def as_types(raw: Any) -> frozenset[str]:
     return types
 
 
+def as_page_cursor(raw: Any) -> dt.datetime | Keyset:
+    """A time as as_cursor() takes it, or a next_cursor handed out by a keyset page."""
+    if isinstance(raw, str) and raw[:1].isdigit():  # a time; encoded cursors start with a letter
+        return as_cursor(raw)
+    try:
+        return Keyset.decode(raw)
+    except (ValueError, OverflowError, TypeError, AttributeError):
+        raise bad_param(f"bad cursor {raw!r}") from None
+
+
+def as_flag(raw: Any) -> bool:
+    if raw in ("0", "1", "true", "false"):
+        return raw in ("1", "true")
+    raise bad_param(f"expected 0 or 1: {raw!r}")
+
+
+def as_sort(raw: Any) -> str:
+    if raw in ("time", "top"):
+        return raw
+    raise bad_param(f"sort must be time or top: {raw!r}")
+
+
+def as_ids_mode(raw: Any) -> str:
+    if raw in ("string", "number"):
+        return raw
+    raise bad_param(f"ids must be string or number: {raw!r}")
+
+
+MAX_BATCH = 100  # post ids per getbatch at most
+
+
+def as_post_ids(raw: Any) -> list[int]:
+    """1..MAX_BATCH ids: a JSON array, or (query) comma-separated / repeated."""
+    if isinstance(raw, str):
+        raw = [part for part in raw.split(",") if part.strip()]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
+        raise bad_param(f"post_ids must be a list of 1 to {MAX_BATCH} ids")
+    return [as_id(item.strip() if isinstance(item, str) else item) for item in raw]
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     name: str
@@ -2792,6 +3111,7 @@ class Param:
     json_schema: dict | None = None  # in a JSON body, when it differs from `schema`
     form_schema: dict | None = None  # in a form body (where every value is a string), when it differs
     query_style: dict | None = None  # OpenAPI serialisation keywords of a query parameter (style, explode)
+    added: bool = False  # a version-2 parameter: passed to the operation only when given
 
 
 # --- OpenAPI schemas that say exactly what the parameter kinds above accept ---
@@ -2833,6 +3153,34 @@ EXTRA_OPT = Param("extra", "body", as_extra, required=False,
                   form_schema=JSON_OBJECT_TEXT, example={"image": "a.png"})
 LIKE = Param("like", "json", as_like, description="true: like; false: take the like back (both idempotent)",
              schema={"type": "boolean"}, example=True)
+KEYSET_CURSOR_SCHEMA = {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]*$", "maxLength": Keyset.MAX_LEN,
+                        "description": "a next_cursor of a keyset page (sort=top, author=, expand=1)"}
+PAGE_CURSOR = dataclasses.replace(
+    CURSOR, parse=as_page_cursor, schema={"anyOf": [CURSOR.schema, KEYSET_CURSOR_SCHEMA]},
+    description=CURSOR.description + "; pages of sort=top, author= and expand=1 hand out opaque ones")
+FLAG_SCHEMA = {"type": "string", "enum": ["0", "1", "true", "false"]}
+VIEWER = Param("viewer", "query", as_name, required=False, added=True, schema=NAME_SCHEMA, example="bob",
+               description="a user_id: each post/comment returned gains `liked` (whether that user likes it)")
+COUNTS = Param("counts", "query", as_flag, required=False, added=True, schema=FLAG_SCHEMA, example="1",
+               description="1: the post gains like_count and comment_count")
+EXPAND = Param("expand", "query", as_flag, required=False, added=True, schema=FLAG_SCHEMA, example="1",
+               description="1: add `posts` (with counts) in the order of post_list; next_cursor becomes a keyset one")
+AUTHOR_FILTER = Param("author", "query", as_name, required=False, added=True, schema=NAME_SCHEMA, example="alice",
+                      description="only this author's posts (keyset paging)")
+SORT = Param("sort", "query", as_sort, required=False, added=True, schema={"type": "string", "enum": ["time", "top"]},
+             example="time", description="time (default: oldest first) or top (most liked first, ties newest "
+                                         "first; page on with its next_cursor)")
+POST_IDS_IN = Param("post_ids", "any", as_post_ids, example=[EXAMPLE_ID, EXAMPLE_ID + 3],
+                    description=f"1 to {MAX_BATCH} post ids: a JSON array in a JSON body, comma-separated in the "
+                                "query (which also takes the parameter repeated)",
+                    schema={"type": "array", "items": ID_SCHEMA, "minItems": 1, "maxItems": MAX_BATCH},
+                    form_schema={"type": "string", "pattern": f"^[0-9]{{1,{ID_MAX_DIGITS}}}"
+                                                              f"(,[0-9]{{1,{ID_MAX_DIGITS}}}){{0,{MAX_BATCH - 1}}}$"},
+                    query_style={"style": "form", "explode": False})
+# Accepted by every route (parsed by the dispatcher, not passed to the operation).
+IDS_MODE = Param("ids", "query", as_ids_mode, required=False, schema={"type": "string", "enum": ["string", "number"]},
+                 example="number", description="string: every id inside `data` is a decimal string (ids exceed "
+                                               "2^53, which JavaScript's JSON.parse cannot hold)")
 POST_ID_OPT = dataclasses.replace(POST_ID, required=False, description="only the events of this post")
 TYPES_OPT = Param("types", "query", as_types, required=False, description="only these event types, comma-separated",
                   schema={"type": "string"}, example="comment.replied,post.liked")
@@ -2844,6 +3192,29 @@ COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
                     schema={"type": "array", "items": ID_SCHEMA, "maxItems": COMMENT_IDS_MAX},
                     form_schema=ID_LIST_TEXT, query_style={"style": "form", "explode": False},
                     example=[EXAMPLE_ID + 1, EXAMPLE_ID + 2])
+
+
+ID_KEYS = frozenset({"id", "post_id", "comment_id", "root_id", "father_id"})  # values that are ids
+ID_LIST_KEYS = frozenset({"post_list"})  # lists of ids
+
+
+def ids_as_strings(data: Any) -> Any:
+    """ids=string: a copy of `data` with every id as a decimal string (walked only when asked for; the
+    caller's `extra` objects are left as they are)."""
+    if isinstance(data, list):
+        return [ids_as_strings(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        if key in ID_KEYS and type(value) is int:
+            value = str(value)
+        elif key in ID_LIST_KEYS and isinstance(value, list):
+            value = [str(v) if type(v) is int else v for v in value]
+        elif key != "extra" and isinstance(value, (dict, list)):
+            value = ids_as_strings(value)
+        out[key] = value
+    return out
 
 
 def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
@@ -2861,7 +3232,8 @@ def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
         if raw is None or raw == "":
             if param.required:
                 raise bad_param(f"missing {param.name}")
-            values[param.name] = None
+            if not param.added:
+                values[param.name] = None
         else:
             values[param.name] = param.parse(raw)
     return values
@@ -2877,7 +3249,7 @@ class Route:
 
 
 PREFIX = "/api/v1/posts"
-ID_OUT = {"type": "integer", "format": "int64"}
+ID_OUT = {"type": ["integer", "string"], "format": "int64", "description": "a decimal string with ids=string"}
 POST_SCHEMA = {"$ref": "#/components/schemas/Post"}
 COMMENT_SCHEMA = {"$ref": "#/components/schemas/Comment"}
 
@@ -2885,6 +3257,11 @@ COMMENT_SCHEMA = {"$ref": "#/components/schemas/Comment"}
 def _obj(**props: Any) -> dict:
     """An object schema whose properties are all always present."""
     return {"type": "object", "properties": props, "required": list(props)}
+
+
+def _with_optional(schema: dict, **props: Any) -> dict:
+    """An object schema with more properties that are present only in some answers."""
+    return dict(schema, properties=dict(schema["properties"], **props))
 
 
 ROOT_COMMENT_ID = Param("root_comment_id", "query", as_id, schema=NONZERO_ID_SCHEMA, example=EXAMPLE_ID + 1,
@@ -2905,6 +3282,10 @@ LIKE_COUNT = _obj(like={"type": "integer", "minimum": 0, "description": "0 for a
 LIKE_COUNTS = {"anyOf": [_obj(likes={"type": "array", "items": {"type": "integer", "minimum": 0},
                                      "description": "in the order of comment_ids; 0 for an unknown id"}),
                          {"type": "null", "description": "no comment_ids given"}]}
+POST_PAGE = dict(POST_IDS, properties=dict(POST_IDS["properties"], posts={
+    "type": "array", "items": POST_SCHEMA, "description": "with expand=1: the posts of post_list, in its order"}))
+POST_BATCH = _obj(posts={"type": "array", "items": {"anyOf": [POST_SCHEMA, {"type": "null"}]},
+                         "description": "in the order of post_ids; null for an unknown id"})
 
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
@@ -2912,13 +3293,15 @@ EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` typ
 ROUTES: tuple[Route, ...] = (
     #     method    path                 operation                data          parameters
     Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
-    Route("GET",    "/getinfo",          Service.get_post,        A_POST,       (POST_ID,)),
+    Route("GET",    "/getinfo",          Service.get_post,        A_POST,       (POST_ID, COUNTS, VIEWER)),
     Route("PUT",    "/update",           Service.update_post,     None,         (POST_ID, USER_ID, CONTENT_OPT,
                                                                                  EXTRA_OPT, TITLE_OPT)),
     Route("DELETE", "/delete",           Service.delete_post,     None,         (POST_ID, USER_ID)),
     Route("PUT",    "/like",             Service.like_post,       None,         (POST_ID, USER_ID, LIKE)),
     Route("GET",    "/getlike",          Service.post_likes,      LIKE_COUNT,   (POST_ID,)),
-    Route("GET",    "/getlist",          Service.list_posts,      POST_IDS,     (CURSOR, LIMIT)),
+    Route("GET",    "/getlist",          Service.list_posts,      POST_PAGE,    (PAGE_CURSOR, LIMIT, EXPAND,
+                                                                                 AUTHOR_FILTER, VIEWER)),
+    Route("GET",    "/getbatch",         Service.get_batch,       POST_BATCH,   (POST_IDS_IN, VIEWER)),
     Route("POST",   "/comments/publish", Service.publish_comment, NEW_COMMENT,  (POST_ID, USER_ID, CONTENT, EXTRA_OPT)),
     Route("POST",   "/comments/reply",   Service.reply_comment,   NEW_COMMENT,  (POST_ID, ROOT_COMMENT_ID,
                                                                                  FATHER_COMMENT_ID, USER_ID, CONTENT,
@@ -2926,8 +3309,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
                                                                                  EXTRA_OPT)),
     Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
-    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, CURSOR,
-                                                                                 LIMIT)),
+    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, PAGE_CURSOR,
+                                                                                 LIMIT, VIEWER, SORT)),
     Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
     Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
     Route("GET",    "/events",           Service.event_stream,    EVENT_STREAM, (POST_ID_OPT, TYPES_OPT,
@@ -2991,7 +3374,7 @@ def openapi_document(root_path: str = "") -> dict:
     for route in ROUTES:
         query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
                   "description": p.description, "example": p.example, **(p.query_style or {})}
-                 for p in route.params if p.where in ("query", "any", "header")]
+                 for p in route.params + (IDS_MODE,) if p.where in ("query", "any", "header")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         success_data = route.data or {"type": "null"}
         answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
@@ -3042,9 +3425,15 @@ def openapi_document(root_path: str = "") -> dict:
                                       msg={"type": "string", "description": "success, or the error message"},
                                       data={"description": "the answer; null for an error"}),
                                  description="every answer"),
-                "Post": _obj(id=ID_OUT, title=string, content=string, author=string, time=time_text, svc=string,
-                             extra=extra_out),
-                "Comment": _obj(id=ID_OUT, user_id=string, content=string,
+                "Post": _with_optional(
+                    _obj(id=ID_OUT, title=string, content=string, author=string, time=time_text, svc=string,
+                         extra=extra_out),
+                    like_count={"type": "integer", "minimum": 0, "description": "getbatch, getlist&expand=1, and "
+                                                                                "getinfo with counts=1 or viewer"},
+                    comment_count={"type": "integer", "minimum": 0,
+                                   "description": "every comment and reply on the post; as like_count"},
+                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the post"}),
+                "Comment": _with_optional(_obj(id=ID_OUT, user_id=string, content=string,
                                 root_id=dict(ID_OUT, description="0 for a root comment"),
                                 father_id=dict(ID_OUT, description="0 for a root comment"),
                                 target_user_id=dict(nullable_string, description="the father's user_id"),
@@ -3052,7 +3441,8 @@ def openapi_document(root_path: str = "") -> dict:
                                 child_num={"type": ["integer", "null"],
                                            "description": "replies in the thread (root comments in a page); "
                                                           "else null"},
-                                extra=extra_out),
+                                extra=extra_out, like_count={"type": "integer", "minimum": 0}),
+                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the comment"}),
             },
         },
     }
@@ -3642,7 +4032,10 @@ class App:
                 return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
             finally:
                 REQUEST_ID.reset(rid_token)
-        await send({"type": "http.response.start", "status": status, "headers": headers + [(b"x-request-id", rid)]})
+        # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
+        # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 §6.1).
+        headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         if METRICS.enabled:
             METRICS.record(scope["method"], path, status, body, scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
@@ -3666,7 +4059,7 @@ class App:
         route = methods.get(scope["method"])
         if route is None:  # RFC 9110: a 405 lists the methods the resource has
             raise ApiError(Err.METHOD_NOT_ALLOWED, [(b"allow", ", ".join(sorted(methods)).encode())])
-        service, task = self.service, asyncio.current_task()
+        service, task, written = self.service, asyncio.current_task(), None
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
         try:
@@ -3675,7 +4068,12 @@ class App:
             scope[SVC_SCOPE_KEY] = req.arg("svc")
             await self.auth.check(req, service, route)
             args = extract(req, route.params)
+            ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
+            if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
+                written = req.arg("svc")
             data = await route.operation(service, req.arg("svc"), **args)
+            if ids_mode == "string" and not isinstance(data, EventStream):
+                data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
         except ApiError as exc:
             if exc.headers:
                 raise
@@ -3688,6 +4086,8 @@ class App:
             return 504, error_envelope(Err.TIMEOUT)
         finally:
             self.deadlines.finish(task)
+            if written is not None:
+                service.cache.near.bump(written)
         if isinstance(data, EventStream):
             return 200, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
@@ -3806,10 +4206,22 @@ class Deadlines:
 
 
 async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to be larger than the limit."""
-    for name, value in scope.get("headers", []):
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ApiError(Err.BODY_TOO_LARGE)
+    """The whole body, or 413 as soon as it is known to be larger than the limit.
+
+    Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
+    has no body (RFC 9112 §6.3), so b"" is returned without awaiting receive() — most requests are such GETs,
+    and the await costs a few µs of a cached read. Any other request (a GET with a body such as comments/getlike
+    with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read as before."""
+    bodiless = scope.get("http_version") in ("1.1", "1.0")
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise ApiError(Err.BODY_TOO_LARGE)
+            bodiless = bodiless and value == b"0"
+        elif name == b"transfer-encoding":
+            bodiless = False
+    if bodiless:
+        return b""
     chunks, size = [], 0
     while True:
         message = await receive()

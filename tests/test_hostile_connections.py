@@ -21,7 +21,7 @@ from conftest import ROOT, Server, app_config, eventually, free_port, svc_name
 SECRET = "W7K8pJ3aQv2LcXgH"
 SVC = svc_name("hostile")
 REQUEST_TIMEOUT = 10.0  # seconds any single exchange in these tests may take at most (a bound, not a measure)
-END = b"\r\n0\r\n\r\n"  # the end of a chunked answer (the app's answers are chunked)
+END = b"\r\n0\r\n\r\n"  # the end of a chunked answer
 
 
 def _raise_fd_limit(want: int = 8192) -> None:
@@ -54,6 +54,16 @@ def parse_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
             body, rest = body + rest[:size], rest[size + 2:]
         return status, headers, body
     return status, headers, rest[:int(headers.get("content-length", len(rest)))]
+
+
+async def read_one_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer on a kept-alive connection: by Content-Length (the app sends one), else chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return head + await reader.readexactly(int(value))
+    return head + await reader.readuntil(END)
 
 
 async def read_to_eof(reader: asyncio.StreamReader, timeout: float = REQUEST_TIMEOUT) -> tuple[bytes, bool]:
@@ -256,7 +266,7 @@ async def test_keep_alive_requests_and_pipelining_still_work(guarded):
         for _ in range(3):  # one connection, pauses shorter than the header timeout
             writer.write(get("/healthz", close=False))
             await writer.drain()
-            assert (await asyncio.wait_for(reader.readuntil(END), REQUEST_TIMEOUT)).startswith(b"HTTP/1.1 200")
+            assert (await asyncio.wait_for(read_one_answer(reader), REQUEST_TIMEOUT)).startswith(b"HTTP/1.1 200")
             await asyncio.sleep(0.6)
         writer.write(get("/healthz", close=False) + get("/healthz", close=False) + get("/healthz"))
         await writer.drain()
@@ -317,7 +327,7 @@ async def test_beyond_the_connection_cap_a_new_connection_gets_503(tight):
             reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
             writer.write(get("/healthz", close=False))
             await writer.drain()
-            await asyncio.wait_for(reader.readuntil(END), REQUEST_TIMEOUT)
+            await asyncio.wait_for(read_one_answer(reader), REQUEST_TIMEOUT)
             held.append(writer)
         raw, closed = await exchange(tight.port, get("/healthz", close=False))
         status, headers, body = envelope(raw)

@@ -1,7 +1,7 @@
 """Likes of posts and comments: idempotent set/unset, counts, caching rules, concurrency."""
 import asyncio
 
-from conftest import expect, redis_client, table_counts
+from conftest import expect, redis_client, stored_count, table_counts
 
 
 async def test_like_post_idempotent(api):
@@ -124,11 +124,9 @@ async def test_like_counter_matches_the_rows_under_concurrent_likes_and_unlikes(
     await asyncio.gather(*calls[::2])
     await asyncio.gather(*calls[1::2])
     rows = await db.fetchval(f'SELECT count(*) FROM "{api.svc}_post_like" WHERE post_id = $1', post_id)
-    counter = await db.fetchval(f"SELECT likes FROM \"{api.svc}_like_counts\" WHERE kind = 'post' AND target_id = $1",
-                                post_id)
+    counter = await stored_count(db, api.svc, "post", post_id)  # base + slots
     comment_rows = await db.fetchval(f'SELECT count(*) FROM "{api.svc}_comment_like" WHERE comment_id = $1', cid)
-    comment_counter = await db.fetchval(
-        f"SELECT likes FROM \"{api.svc}_like_counts\" WHERE kind = 'comment' AND target_id = $1", cid)
+    comment_counter = await stored_count(db, api.svc, "comment", cid)
     assert 0 < rows == counter and 0 < comment_rows == comment_counter
     assert (await api.ok("GET", "/getlike", {"post_id": post_id}))["like"] == rows
     assert (await api.ok("GET", "/comments/getlike", {"comment_ids": str(cid)}))["likes"] == [comment_rows]
