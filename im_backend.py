@@ -44,9 +44,11 @@ import re
 import resource
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import zoneinfo
@@ -56,6 +58,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import asyncpg
 import http_sf
 import orjson
+import httpx
 import prometheus_client as prom
 import prometheus_client.core
 import prometheus_client.exposition
@@ -63,6 +66,7 @@ import prometheus_client.multiprocess
 import prometheus_client.values
 import redis.asyncio as aioredis
 import redis.exceptions
+import standardwebhooks
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
@@ -194,6 +198,8 @@ async def keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 # ============================================================================
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "post.unliked", "comment.published",
+               "comment.replied", "comment.updated", "comment.deleted", "comment.liked", "comment.unliked")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
 CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
@@ -285,6 +291,29 @@ METRICS_TOKEN = re.compile(r"^[\x21-\x7e]{16,256}$")  # visible ASCII, no spaces
 
 
 @dataclasses.dataclass(frozen=True)
+class EventsConfig:
+    """`events:` (SPEC 11.4): the live stream, webhook delivery and how long events are kept. Seconds."""
+    max_streams: int = 1000  # open event streams per process; beyond: 503
+    keepalive: float = 15.0  # a comment line on an idle stream this often
+    retention_hours: float = 72.0  # delivered (or never to be delivered) events are removed after this
+    retry_schedule: tuple = (5, 30, 120, 600, 3600)  # back-off after each failed attempt; the last repeats
+    max_age: float = 86400.0  # an event still undelivered this long after it happened is marked failed
+    lease: float = 60.0  # a claimed event is retried by anyone after this if its claimer vanished
+    timeout: float = 10.0  # a webhook answer must come within this
+    concurrency: int = 16  # deliveries in flight per webhook endpoint
+    poll_interval: float = 1.0  # look for due retries (and for missed notifications) this often
+    cleanup_interval: float = 600.0  # retention runs this often
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """`svc[].webhook`: where the events of one service are POSTed, signed per Standard Webhooks."""
+    url: str
+    secret: str  # whsec_<base64>
+    events: frozenset[str]  # the event types sent
+
+
+@dataclasses.dataclass(frozen=True)
 class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
     name: str
@@ -292,6 +321,7 @@ class Tenant:
     auth: str = "any"  # any | appkey | signed: which credentials are accepted (SPEC 11.1)
     previous_secrets: tuple[str, ...] = ()  # still accepted until removed: rotation without downtime
     limits: Limits = Limits()
+    webhook: Webhook | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +335,7 @@ class AppConfig:
     zone: zoneinfo.ZoneInfo
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    events: EventsConfig = EventsConfig()
 
 
 def _section(raw: dict, name: str, cls: type) -> Any:
@@ -376,8 +407,15 @@ def parse_app_config(text: str) -> AppConfig:
         raise ConfigError(f"'log.format' must be text or json, got {log_config.format!r}")
     if metrics.token and not METRICS_TOKEN.match(metrics.token):
         raise ConfigError("'metrics.token' must be 16 to 256 visible ASCII characters without spaces")
+    events = _section(raw, "events", EventsConfig)
+    if not events.retry_schedule or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0
+                                            for d in events.retry_schedule):
+        raise ConfigError("'events.retry_schedule' must be a list of positive numbers of seconds")
+    if min(events.max_streams, events.concurrency) < 1 or min(events.lease, events.timeout, events.keepalive,
+                                                              events.poll_interval) <= 0:
+        raise ConfigError("'events': max_streams, concurrency, lease, timeout, keepalive, poll_interval must be > 0")
     return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone,
-                     log_config, metrics)
+                     log_config, metrics, events)
 
 
 AUTH_MODES = ("any", "appkey", "signed")
@@ -407,7 +445,30 @@ def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
     if not isinstance(previous, list) or any(secret_problem(str(p)) for p in previous):
         raise ConfigError(f"service {name!r}: 'previous_secrets' must be a list of 16, 24 or 32-byte secrets")
     return Tenant(name, secret, auth, tuple(str(p) for p in previous),
-                  _limits(entry.get("limits"), limits, f"svc[{name}].limits"))
+                  _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")))
+
+
+def parse_webhook(svc: str, raw: Any) -> Webhook | None:
+    """`webhook: {url, secret: whsec_<base64>, events: [...]}` of one service (None when absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the webhook of service {svc!r} must be a mapping")
+    url, secret, events = raw.get("url"), raw.get("secret"), raw.get("events")
+    parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"the webhook url of service {svc!r} must be an http(s) URL, got {url!r}")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if isinstance(secret, str) else b""
+    except ValueError:
+        key = b""
+    if not isinstance(secret, str) or not secret.startswith("whsec_") or not 16 <= len(key) <= 64:
+        raise ConfigError(f"the webhook secret of service {svc!r} must be whsec_ and 16-64 bytes in base64")
+    if events is None:
+        events = EVENT_TYPES
+    if not isinstance(events, list | tuple) or not events or not set(events) <= set(EVENT_TYPES):
+        raise ConfigError(f"the webhook events of service {svc!r} must be a non-empty list of {EVENT_TYPES}")
+    return Webhook(url, secret, frozenset(events))
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
@@ -1264,6 +1325,14 @@ CREATE INDEX IF NOT EXISTS {comment_roots_idx} ON {comment} (post_id, root_id, c
 CREATE INDEX IF NOT EXISTS {comment_thread_idx} ON {comment} (root_id, created_at, id);
 CREATE INDEX IF NOT EXISTS {comment_father_idx} ON {comment} (father_id);
 CREATE INDEX IF NOT EXISTS {post_author_idx} ON {post} (author, created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS {events} (
+    id BIGSERIAL PRIMARY KEY, xid XID8 NOT NULL DEFAULT pg_current_xact_id(), type TEXT NOT NULL,
+    post_id BIGINT, data JSONB NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    next_attempt_at TIMESTAMPTZ, attempts INT NOT NULL DEFAULT 0, delivered_at TIMESTAMPTZ,
+    failed_at TIMESTAMPTZ, last_error TEXT);
+CREATE INDEX IF NOT EXISTS {events_stream_idx} ON {events} (xid, id);
+CREATE INDEX IF NOT EXISTS {events_due_idx} ON {events} (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {events_failed_idx} ON {events} (failed_at) WHERE failed_at IS NOT NULL;
 """
 
 POST_INSERT = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at)
@@ -1290,13 +1359,13 @@ POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY S
                            SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
                    bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, 1 FROM ins
                             ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
-                   SELECT EXISTS (SELECT 1 FROM target)"""
+                   SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM ins) AS changed"""
 POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
                      del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2
                              RETURNING 1),
                      bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, -1 FROM del
                               ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n - 1)
-                     SELECT EXISTS (SELECT 1 FROM target)"""
+                     SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM del) AS changed"""
 
 
 def _counter(kind: str, target: str) -> str:
@@ -1345,7 +1414,9 @@ COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, targ
 COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comment}} WHERE id = $1"
 COMMENT_OWNER = "SELECT user_id FROM {comment} WHERE id = $1 FOR UPDATE"
 COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
-                    updated_at = now() WHERE id = $1"""
+                    updated_at = now() WHERE id = $1 RETURNING post_id"""
+
+
 def _comment_page(where: str, top: bool) -> str:
     """SQL: a page of comments with child_num, like_count (NULL while a counter has no base) and whether user $4
     (NULL: nobody) likes each. By time: created_at > $2, oldest first, limit $3. Top: most liked first, ties newest
@@ -1384,13 +1455,13 @@ COMMENT_LIKE_SET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id
                               SELECT id, $2, post_id, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
                       bump AS (INSERT INTO {counter_slots} AS s SELECT 'comment', $1, $3, 1 FROM ins
                                ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
-                      SELECT post_id FROM target"""
+                      SELECT post_id, EXISTS (SELECT 1 FROM ins) AS changed FROM target"""
 COMMENT_LIKE_UNSET = """WITH target AS (SELECT id, post_id FROM {comment} WHERE id = $1 FOR KEY SHARE),
                         del AS (DELETE FROM {comment_like}
                                 WHERE comment_id IN (SELECT id FROM target) AND user_id = $2 RETURNING 1),
                         bump AS (INSERT INTO {counter_slots} AS s SELECT 'comment', $1, $3, -1 FROM del
                                  ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n - 1)
-                        SELECT post_id FROM target"""
+                        SELECT post_id, EXISTS (SELECT 1 FROM del) AS changed FROM target"""
 COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
                                    "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
 CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id")
@@ -1416,6 +1487,47 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
                           WHERE comment_id = ANY($1::bigint[]) LIMIT $2)"""
 
 
+# The outbox ({events}, SPEC 11.4): one row per change, written in the change's transaction; the NOTIFY is sent
+# at commit, to every process LISTENing. Streams hand out rows in (xid, id) order and only below the oldest
+# transaction still in flight: ids are taken at insert, not at commit, but once every transaction older than
+# xmin has ended, no row below it can still appear, so a resume point never skips a late commit.
+EVENTS_CHANNEL = "im_backend_events"  # NOTIFY payload: the service name
+EVENT_INSERT = """WITH ev AS (INSERT INTO {events} (type, post_id, data, next_attempt_at)
+                              VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END))
+                  SELECT pg_notify($5, $6)"""
+EVENT_COLUMNS = "id, xid::text::numeric AS xid, type, post_id, data, created_at"
+EVENTS_HEAD = f"""SELECT xid::text::numeric AS xid, id FROM {{events}}
+                  WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid DESC, id DESC LIMIT 1"""
+EVENT_POSITION = "SELECT xid::text::numeric AS xid, id FROM {events} WHERE id = $1"
+EVENT_FIRST_AFTER = """SELECT xid::text::numeric AS xid, id FROM {events} WHERE id > $1
+                       ORDER BY xid, id LIMIT 1"""
+# rows after a position, the ones that may be handed out first (ready), then at most one that may not yet
+EVENTS_AFTER = f"""SELECT {EVENT_COLUMNS}, xid < pg_snapshot_xmin(pg_current_snapshot()) AS ready
+                   FROM {{events}} WHERE (xid, id) > ($1::text::xid8, $2) ORDER BY xid, id LIMIT $3"""
+# webhook delivery: claim due rows with a lease (next_attempt_at moves past it), so no transaction stays open
+# across the HTTP call and a claimer that vanishes leaves them to whoever comes after the lease
+EVENTS_CLAIM = f"""WITH due AS (SELECT id FROM {{events}} WHERE next_attempt_at <= now()
+                                ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                   UPDATE {{events}} e SET next_attempt_at = now() + make_interval(secs => $2),
+                                         attempts = attempts + 1
+                   FROM due WHERE e.id = due.id
+                   RETURNING e.id, e.xid::text::numeric AS xid, e.type, e.post_id, e.data, e.created_at, e.attempts"""
+EVENTS_DELIVERED = """UPDATE {events} SET next_attempt_at = NULL, delivered_at = now(), last_error = NULL
+                      WHERE id = ANY($1::bigint[])"""
+EVENT_RETRY = """UPDATE {events} SET last_error = $2,
+                   next_attempt_at = CASE WHEN now() + make_interval(secs => $3) > created_at + make_interval(secs => $4)
+                                          THEN NULL ELSE now() + make_interval(secs => $3) END,
+                   failed_at = CASE WHEN now() + make_interval(secs => $3) > created_at + make_interval(secs => $4)
+                                    THEN now() END
+                 WHERE id = $1 RETURNING failed_at IS NOT NULL"""
+EVENTS_RELEASE = "UPDATE {events} SET next_attempt_at = now() WHERE id = ANY($1::bigint[]) AND next_attempt_at > now()"
+EVENTS_COUNTS = """SELECT (SELECT count(*) FROM {events} WHERE next_attempt_at IS NOT NULL) AS backlog,
+                          (SELECT count(*) FROM {events} WHERE failed_at IS NOT NULL) AS failed"""
+# retention: delivered and never-to-be-delivered rows by age, failed ones by the age of their failure
+EVENTS_EXPIRE = """DELETE FROM {events} WHERE id IN (SELECT id FROM {events}
+                   WHERE next_attempt_at IS NULL AND COALESCE(failed_at, created_at) < $1 ORDER BY id LIMIT $2)"""
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -1432,6 +1544,8 @@ def sql(svc: str, statement: str) -> str:
         "comment_thread_idx": f"{svc}_post_comment_info_root_idx",
         "comment_father_idx": f"{svc}_post_comment_info_father_idx",
         "counter_slots": f"{svc}_counter_slots", "post_author_idx": f"{svc}_post_info_author_idx",
+        "events": f"{svc}_events", "events_stream_idx": f"{svc}_events_stream_idx",
+        "events_due_idx": f"{svc}_events_due_idx", "events_failed_idx": f"{svc}_events_failed_idx",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -1818,6 +1932,7 @@ class Background:
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task] = set()
         self.cleanup_wakeup = asyncio.Event()
+        self.events = Events()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -1827,6 +1942,356 @@ class Background:
     async def drain(self) -> None:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + DRAIN_GRACE)
+
+
+# --- events (SPEC 11.4): the outbox, webhook delivery, live streams -----------------------------------------
+
+Position = tuple[int, int]  # (xid, id): the order in which streams hand out events
+WEBHOOK_CONNECTIONS = 100  # the process's connection pool for webhook deliveries, all endpoints together
+
+
+def event_json(svc: str, row: asyncpg.Record) -> bytes:
+    """An event as sent everywhere: {"id": str, "type", "svc", "time": RFC 3339 UTC, "data": {...}}."""
+    moment = row["created_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return orjson.dumps({"id": str(row["id"]), "type": row["type"], "svc": svc, "time": moment,
+                         "data": row["data"]})
+
+
+def _position(row: asyncpg.Record | None) -> Position | None:
+    return None if row is None else (int(row["xid"]), row["id"])
+
+
+@functools.lru_cache(maxsize=64)
+def _webhook_signer(secret: str) -> standardwebhooks.Webhook:
+    return standardwebhooks.Webhook(secret)
+
+
+class EventStream:
+    """One open live stream: an operation returns it, the HTTP layer writes it out (Events.follow)."""
+
+    def __init__(self, svc: str, post_id: int | None, types: frozenset[str] | None, position: Position,
+                 replay: bool) -> None:
+        self.svc, self.post_id, self.types = svc, post_id, types
+        self.position = position  # of the last event handed to this stream (or skipped by its filters)
+        self.replay = replay  # read the stored events after `position` before going live
+        self.queue: asyncio.Queue[list | None] = asyncio.Queue()  # batches from the hub; None: end
+
+    def wants(self, kind: str, post_id: int | None) -> bool:
+        return (self.types is None or kind in self.types) and (self.post_id is None or self.post_id == post_id)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+
+class _Hub:
+    """The streams of one service in this process, and the one reader of its outbox that feeds them all."""
+
+    def __init__(self, cursor: Position) -> None:
+        self.cursor = cursor
+        self.streams: set[EventStream] = set()
+        self.wake = asyncio.Event()
+
+
+class Events:
+    """Outlives configuration reloads: the LISTEN connection, the stream hubs, one webhook worker per service
+    with a webhook, and retention. `service` is the current Service (App swaps it on reload)."""
+
+    REPLAY_PAGE = 500  # events read per query while a stream catches up
+    HUB_PAGE = 1000  # events read per query by a hub
+    STREAM_BACKLOG = 1000  # batches a stream may fall behind before it is closed (the client resumes)
+    RETENTION_BATCH = 1000  # rows deleted per statement
+    HELD_RETRY = 0.25  # seconds at most between reads while a transaction in flight holds events back
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self.hubs: dict[str, _Hub] = {}
+        self.streams: set[EventStream] = set()  # open in this process
+        self.stopping = False
+        self.workers: dict[str, asyncio.Task] = {}  # svc -> webhook worker
+        self.wakeups: dict[str, asyncio.Event] = {}  # svc -> wakes its webhook worker
+        self.tasks: set[asyncio.Task] = set()
+        self.http: httpx.AsyncClient | None = None
+
+    # --- life cycle ----------------------------------------------------------
+
+    def start(self, service: Service) -> None:
+        self.service, self.stopping = service, False
+        self._spawn(self._listen())
+        self._spawn(self._retention())
+        self.sync(service)
+
+    def sync(self, service: Service) -> None:
+        """After a (re)load: a webhook worker for each service that has a webhook, none for the others."""
+        self.service = service
+        wanted = {svc for svc, tenant in service.config.tenants.items() if tenant.webhook and svc in service.ready}
+        for svc in set(self.workers) - wanted:
+            self.workers.pop(svc).cancel()
+        for svc in wanted - set(self.workers):
+            self.wakeups.setdefault(svc, asyncio.Event())
+            self.workers[svc] = self._spawn(self._deliver(svc))
+
+    def end_streams(self) -> None:
+        """Shut-down: every stream ends cleanly now, and no new one opens."""
+        self.stopping = True
+        for stream in self.streams:
+            stream.end()
+
+    async def stop(self) -> None:
+        self.end_streams()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self.workers.clear()
+        self.hubs.clear()  # their readers are gone; a later start makes new ones
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- notifications: a dedicated connection LISTENs; any commit with events wakes hubs and workers -----
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, svc: str) -> None:
+        for hub in self.hubs.values():  # any commit may be the one that held back another service's events
+            hub.wake.set()
+        if (wakeup := self.wakeups.get(svc)) is not None:
+            wakeup.set()
+
+    async def _listen(self) -> None:
+        while True:
+            service = self.service
+            assert service is not None
+            cfg, conn = service.config.db, None
+            try:
+                conn = await asyncio.wait_for(asyncpg.connect(
+                    host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None,
+                    database=cfg.dbname), 10)
+                await conn.add_listener(EVENTS_CHANNEL, self._notified)
+                self._wake_all()  # anything committed while nobody listened
+                while not conn.is_closed() and self.service is not None and self.service.config.db == cfg:
+                    await asyncio.sleep(1.0)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("events: cannot LISTEN (%r); polling until it works again", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
+
+    def _wake_all(self) -> None:
+        for event in [hub.wake for hub in self.hubs.values()] + list(self.wakeups.values()):
+            event.set()
+
+    # --- live streams --------------------------------------------------------
+
+    async def open_stream(self, service: Service, svc: str, post_id: int | None, types: frozenset[str] | None,
+                          last_event_id: int | None) -> EventStream:
+        if self.stopping or len(self.streams) >= service.config.events.max_streams:
+            raise ApiError(Err.UNAVAILABLE)
+        async with service.db(svc, Err.FIND_FAILED) as conn:
+            head = _position(await conn.fetchrow(sql(svc, EVENTS_HEAD))) or (0, 0)
+            start = None
+            if last_event_id is not None:
+                start = _position(await conn.fetchrow(sql(svc, EVENT_POSITION), last_event_id))
+                if start is None:  # removed by retention (or never stored): from the next stored one on
+                    first = _position(await conn.fetchrow(sql(svc, EVENT_FIRST_AFTER), last_event_id))
+                    start = (first[0], first[1] - 1) if first else head
+        if self.stopping or len(self.streams) >= service.config.events.max_streams:
+            raise ApiError(Err.UNAVAILABLE)
+        hub = self.hubs.get(svc)
+        if hub is None:
+            hub = self.hubs[svc] = _Hub(head)
+            self._spawn(self._feed(svc, hub))
+        stream = EventStream(svc, post_id, types, hub.cursor if start is None else start, start is not None)
+        hub.streams.add(stream)
+        self.streams.add(stream)
+        return stream
+
+    def close_stream(self, stream: EventStream) -> None:
+        self.streams.discard(stream)
+        hub = self.hubs.get(stream.svc)
+        if hub is not None and stream in hub.streams:
+            hub.streams.discard(stream)
+            hub.wake.set()  # a hub left without streams ends
+
+    async def _read_after(self, svc: str, position: Position, limit: int) -> tuple[list, bool]:
+        """The events after `position` that may be handed out, as (position, type, post_id, frame); and whether
+        more are stored that may not be handed out yet (a transaction older than them is still in flight)."""
+        service = self.service
+        assert service is not None
+        async with service.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, EVENTS_AFTER), str(position[0]), position[1], limit)
+        ready = []
+        for row in rows:
+            if not row["ready"]:
+                return ready, True
+            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (row["id"], row["type"].encode(), event_json(svc, row))
+            ready.append(((int(row["xid"]), row["id"]), row["type"], row["post_id"], frame))
+        return ready, False
+
+    async def _feed(self, svc: str, hub: _Hub) -> None:
+        """Read the outbox of svc when woken (or on a timer) and hand every new event to every stream."""
+        delay = 0.02
+        while True:
+            hub.wake.clear()
+            if not hub.streams:
+                if self.hubs.get(svc) is hub:
+                    del self.hubs[svc]
+                return
+            try:
+                batch, held = await self._read_after(svc, hub.cursor, self.HUB_PAGE)
+            except ApiError:
+                batch, held = [], True
+            except Exception:  # never leave the streams without a reader
+                log.exception("events: reading the outbox of %s failed", svc)
+                batch, held = [], True
+            if batch:
+                hub.cursor = batch[-1][0]
+                for stream in list(hub.streams):
+                    if stream.queue.qsize() >= self.STREAM_BACKLOG:
+                        log.warning("events: a stream of %s fell too far behind; closing it", svc)
+                        while not stream.queue.empty():  # drop what it could not read: it resumes from its last id
+                            stream.queue.get_nowait()
+                        stream.end()
+                    else:
+                        stream.queue.put_nowait(batch)
+            if len(batch) == self.HUB_PAGE:
+                continue
+            assert self.service is not None
+            poll = self.service.config.events.poll_interval
+            delay = min(delay * 2, poll, self.HELD_RETRY) if held else poll  # soon again while a commit is due
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hub.wake.wait(), delay)
+            if not held:
+                delay = 0.02
+
+    async def follow(self, stream: EventStream):
+        """The frames of one stream: stored events after its position first (on resume), then live ones, and a
+        keep-alive comment when idle; ends on shut-down, on disconnect, or when it falls too far behind."""
+        if stream.replay:
+            while True:
+                batch, held = await self._read_after(stream.svc, stream.position, self.REPLAY_PAGE)
+                for position, kind, post_id, frame in batch:
+                    stream.position = position
+                    if stream.wants(kind, post_id):
+                        yield frame
+                if held or len(batch) < self.REPLAY_PAGE:
+                    break
+        assert self.service is not None
+        while True:
+            try:
+                batch = await asyncio.wait_for(stream.queue.get(), self.service.config.events.keepalive)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if batch is None:
+                return
+            for position, kind, post_id, frame in batch:
+                if position > stream.position:
+                    stream.position = position
+                    if stream.wants(kind, post_id):
+                        yield frame
+
+    # --- webhooks ------------------------------------------------------------
+
+    async def _deliver(self, svc: str) -> None:
+        """The webhook worker of one service: claim due events, POST them concurrently, record the outcome."""
+        wakeup = self.wakeups[svc]
+        while True:
+            service = self.service
+            assert service is not None
+            tenant = service.config.tenants.get(svc)
+            if tenant is None or tenant.webhook is None:
+                return
+            cfg, claimed = service.config.events, []
+            wakeup.clear()
+            try:
+                async with service.db(svc, Err.FIND_FAILED) as conn:
+                    claimed = await conn.fetch(sql(svc, EVENTS_CLAIM), cfg.concurrency, cfg.lease)
+                if claimed:
+                    outcomes = await asyncio.gather(*(self._post(svc, tenant.webhook, cfg, row) for row in claimed))
+                    await self._record(service, svc, cfg, claimed, outcomes)
+                    claimed = []
+                    continue
+            except ApiError:
+                pass  # the database error was logged; the lease brings the events back
+            except Exception:  # never leave a service without a sender
+                log.exception("events: the webhook sender of %s failed; the lease brings its events back", svc)
+            except asyncio.CancelledError:
+                if claimed:  # shut-down or webhook removed: hand them back at once, for a replica or a restart
+                    with contextlib.suppress(Exception):
+                        async with service.db(svc, Err.UPDATE_FAILED) as conn:
+                            await asyncio.wait_for(conn.execute(
+                                sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), 2)
+                raise
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), cfg.poll_interval)
+
+    async def _post(self, svc: str, hook: Webhook, cfg: EventsConfig, row: asyncpg.Record) -> str | None:
+        """POST one event; None when delivered, else what went wrong."""
+        if row["type"] not in hook.events:
+            return None  # no longer subscribed: nothing to send
+        if self.http is None:
+            self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS,
+                                                              max_keepalive_connections=WEBHOOK_CONNECTIONS // 4))
+        body = event_json(svc, row).decode()
+        msg_id, now = f"{svc}_{row['id']}", dt.datetime.now(dt.timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": msg_id,
+                   "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": _webhook_signer(hook.secret).sign(msg_id, now, body)}
+        try:
+            response = await self.http.post(hook.url, content=body.encode(), headers=headers, timeout=cfg.timeout)
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+
+    async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
+        delivered = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
+        async with service.db(svc, Err.UPDATE_FAILED) as conn:
+            if delivered:
+                await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
+            for row, error in zip(rows, outcomes, strict=True):
+                METRICS.webhook_delivery(svc, "delivered" if error is None else "failed")
+                if error is not None:
+                    schedule = cfg.retry_schedule
+                    delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
+                    failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
+                    if failed:
+                        METRICS.webhook_delivery(svc, "gave_up")
+                    log.log(logging.ERROR if failed else logging.WARNING, "webhook of %s: event %d %s (%s)",
+                            svc, row["id"], "failed for good" if failed else f"retried in {delay:g}s", error)
+
+    # --- retention and counts ------------------------------------------------
+
+    async def _retention(self) -> None:
+        while True:
+            service = self.service
+            assert service is not None
+            cfg = service.config.events
+            cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=cfg.retention_hours)
+            for svc in sorted(service.ready):
+                with contextlib.suppress(ApiError, asyncio.TimeoutError):
+                    async with service.db(svc, Err.DELETE_FAILED) as conn:
+                        while _count(await conn.execute(sql(svc, EVENTS_EXPIRE), cutoff,
+                                                        self.RETENTION_BATCH)) == self.RETENTION_BATCH:
+                            pass
+            await asyncio.sleep(cfg.cleanup_interval)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Per service: events waiting for their webhook (backlog) and events that failed for good."""
+        service, counts = self.service, {}
+        assert service is not None
+        async with service.pool.acquire() as conn:
+            for svc in sorted(service.ready):
+                with contextlib.suppress(asyncpg.PostgresError):
+                    counts[svc] = dict(await conn.fetchrow(sql(svc, EVENTS_COUNTS)))
+        return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1923,6 +2388,12 @@ class Service:
             return ""
         return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
 
+    async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
+        """Record the event of a change in the change's own transaction (SPEC 11.4)."""
+        tenant = self.config.tenants.get(svc)
+        to_deliver = tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
+        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, to_deliver, EVENTS_CHANNEL, svc)
+
     @contextlib.asynccontextmanager
     async def db(self, svc: str, failure: Err):
         """A connection for service svc; database errors become the given code (missing table: 10001)."""
@@ -1951,8 +2422,10 @@ class Service:
                            extra: dict | None) -> dict:
         """Publish a post."""
         post_id = await self.cache.next_id(post_id_counter_key(svc))
-        async with self.db(svc, Err.CREATE_FAILED) as conn:
+        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
+            await self.emit(conn, svc, "post.published", {"post_id": post_id, "author": author, "title": title or "",
+                                                          "content": content, "extra": extra})
         return {"post_id": post_id}
 
     async def get_post(self, svc: str, post_id: int, counts: bool | None = None,
@@ -1984,6 +2457,8 @@ class Service:
         async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
+            await self.emit(conn, svc, "post.updated", {"post_id": post_id, "user_id": user_id,
+                                                        **_given(content=content, title=title, extra=extra)})
         self.invalidate_later([key])
 
     @staticmethod
@@ -2003,6 +2478,7 @@ class Service:
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comments", [post_id])
+            await self.emit(conn, svc, "post.deleted", {"post_id": post_id, "user_id": user_id})
         log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
         self.background.cleanup_wakeup.set()
         self.invalidate_later(keys)
@@ -2111,6 +2587,8 @@ class Service:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
             await self._count_change(conn, svc, [("comments", post_id, 1)])
+            await self.emit(conn, svc, "comment.published", {"comment_id": comment_id, "post_id": post_id,
+                                                             "user_id": user_id, "content": content, "extra": extra})
         return {"comment_id": comment_id}
 
     async def reply_comment(self, svc: str, post_id: int, root_comment_id: int, father_comment_id: int,
@@ -2127,6 +2605,10 @@ class Service:
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
             await self._count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
+            await self.emit(conn, svc, "comment.replied", {
+                "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
+                "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
+                "content": content, "extra": extra})
         return {"comment_id": comment_id}
 
     async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
@@ -2138,7 +2620,9 @@ class Service:
         await self.cache.invalidate([key])
         async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
             self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
-            await conn.execute(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
+            post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
+            await self.emit(conn, svc, "comment.updated", {"comment_id": comment_id, "post_id": post_id,
+                                                           "user_id": user_id, **_given(content=content, extra=extra)})
         self.invalidate_later([key])
 
     async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
@@ -2151,6 +2635,8 @@ class Service:
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
             await self._count_removed_comments(conn, svc, rows)
+            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
+                                                           "user_id": user_id, "deleted_ids": deleted})
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
@@ -2222,9 +2708,12 @@ class Service:
         """Like or unlike a post (idempotent)."""
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
-        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn:
-            exists = await conn.fetchval(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id,
-                                         random.randrange(COUNTER_SLOTS))
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
+            exists, changed = await conn.fetchrow(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id,
+                                                  random.randrange(COUNTER_SLOTS))
+            if changed:
+                await self.emit(conn, svc, "post.liked" if like else "post.unliked", {"post_id": post_id,
+                                                                                      "user_id": user_id})
         if not exists:
             raise ApiError(Err.FIND_FAILED)
         if invalidated:
@@ -2236,11 +2725,15 @@ class Service:
         invalidated = await self.cache.invalidate_unless_hot(key)
         async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
             statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
-            owner_post = await conn.fetchval(sql(svc, statement), comment_id, user_id, random.randrange(COUNTER_SLOTS))
+            owner_post, changed = await conn.fetchrow(sql(svc, statement), comment_id, user_id,
+                                                      random.randrange(COUNTER_SLOTS)) or (None, False)
             if owner_post is None:
                 raise ApiError(Err.FIND_FAILED)
             if owner_post != post_id:  # roll the like back: the comment is not on that post
                 raise ApiError(Err.PARAMS_WRONG)
+            if changed:
+                await self.emit(conn, svc, "comment.liked" if like else "comment.unliked",
+                                {"comment_id": comment_id, "post_id": post_id, "user_id": user_id})
         if invalidated:
             self.invalidate_later([key])
 
@@ -2279,6 +2772,13 @@ class Service:
             await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
             counts.update((cid, found.get(cid, 0)) for cid in missing)
         return {"likes": [counts[cid] for cid in comment_ids]}
+
+    # --- events ------------------------------------------------------------------
+
+    async def event_stream(self, svc: str, post_id: int | None, types: frozenset[str] | None,
+                           last_event_id: int | None) -> EventStream:
+        """Follow the service's events live (Server-Sent Events); resume after Last-Event-ID."""
+        return await self.background.events.open_stream(self, svc, post_id, types, last_event_id)
 
     # --- background clean-up -------------------------------------------------------
     # Deleting a post enqueues ('post', post_id): its comments are removed commentbatch at a time, each batch
@@ -2358,6 +2858,11 @@ class Service:
             wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
+
+
+def _given(**fields: Any) -> dict:
+    """The fields of an update that were given (an event lists only what changed)."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def next_cursor(rows: list[asyncpg.Record]) -> str | None:
@@ -2559,6 +3064,14 @@ def as_id_list(raw: Any) -> list[int]:
     return [as_id(item.strip() if isinstance(item, str) else item) for item in raw]
 
 
+def as_types(raw: Any) -> frozenset[str]:
+    """Event types, comma-separated."""
+    types = frozenset(part.strip() for part in str(raw).split(",") if part.strip())
+    if not types or not types <= set(EVENT_TYPES):
+        raise bad_param(f"unknown event types in {raw!r}")
+    return types
+
+
 def as_page_cursor(raw: Any) -> dt.datetime | Keyset:
     """A time as as_cursor() takes it, or a next_cursor handed out by a keyset page."""
     if isinstance(raw, str) and raw[:1].isdigit():  # a time; encoded cursors start with a letter
@@ -2602,7 +3115,8 @@ def as_post_ids(raw: Any) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class Param:
     name: str
-    where: str  # "query", "body" (form or JSON object), "json" (JSON body only), "any" (body, else query)
+    where: str  # "query", "body" (form or JSON object), "json" (JSON body only), "any" (body, else query),
+    #             "header" (the header of that name with dashes for underscores, else the query)
     parse: Callable[[Any], Any]
     required: bool = True
     description: str = ""
@@ -2681,6 +3195,11 @@ POST_IDS_IN = Param("post_ids", "any", as_post_ids, example=[EXAMPLE_ID, EXAMPLE
 IDS_MODE = Param("ids", "query", as_ids_mode, required=False, schema={"type": "string", "enum": ["string", "number"]},
                  example="number", description="string: every id inside `data` is a decimal string (ids exceed "
                                                "2^53, which JavaScript's JSON.parse cannot hold)")
+POST_ID_OPT = dataclasses.replace(POST_ID, required=False, description="only the events of this post")
+TYPES_OPT = Param("types", "query", as_types, required=False, description="only these event types, comma-separated",
+                  schema={"type": "string"}, example="comment.replied,post.liked")
+LAST_EVENT_ID = Param("last_event_id", "header", as_id, required=False, schema={"type": "string"},
+                      description="resume after this event (the Last-Event-ID header, or this query parameter)")
 COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
                     description=f"at most {COMMENT_IDS_MAX} comment ids: a JSON array in a JSON body, comma-separated "
                                 "in a form or in the query (the query also takes the parameter repeated)",
@@ -2718,6 +3237,8 @@ def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
     for param in params:
         if param.where == "query":
             raw = req.arg(param.name)
+        elif param.where == "header":
+            raw = req.header(param.name.replace("_", "-").encode()) or req.arg(param.name)
         else:
             raw = req.form().get(param.name)
             if raw is None and param.where == "any" and req.query.get(param.name):
@@ -2780,6 +3301,9 @@ POST_PAGE = dict(POST_IDS, properties=dict(POST_IDS["properties"], posts={
 POST_BATCH = _obj(posts={"type": "array", "items": {"anyOf": [POST_SCHEMA, {"type": "null"}]},
                          "description": "in the order of post_ids; null for an unknown id"})
 
+EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
+                               "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
 ROUTES: tuple[Route, ...] = (
     #     method    path                 operation                data          parameters
     Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
@@ -2803,6 +3327,8 @@ ROUTES: tuple[Route, ...] = (
                                                                                  LIMIT, VIEWER, SORT)),
     Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
     Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
+    Route("GET",    "/events",           Service.event_stream,    EVENT_STREAM, (POST_ID_OPT, TYPES_OPT,
+                                                                                 LAST_EVENT_ID)),
 )
 
 # Writes, for the per-user write limit (SPEC 11.2): the parameter naming the user who writes.
@@ -2862,7 +3388,7 @@ def openapi_document(root_path: str = "") -> dict:
     for route in ROUTES:
         query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
                   "description": p.description, "example": p.example, **(p.query_style or {})}
-                 for p in route.params + (IDS_MODE,) if p.where in ("query", "any")]
+                 for p in route.params + (IDS_MODE,) if p.where in ("query", "any", "header")]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         success_data = route.data or {"type": "null"}
         answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
@@ -2874,6 +3400,8 @@ def openapi_document(root_path: str = "") -> dict:
                     "allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
                 **{status: {"description": text, "content": {"application/json": {"schema": {
                     "$ref": "#/components/schemas/Envelope"}}}} for status, text in answers.items()}}}
+        if route.data is EVENT_STREAM:
+            op["responses"]["200"] = EVENT_STREAM
         if body:
             content = {"application/json": {"schema": _body_schema(body, "json"),
                                             "example": _body_example(body, "json")}}
@@ -3121,6 +3649,12 @@ class Metrics:
                     depths = await service.cleanup_depth()
             except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("metrics: clean-up queue depth unavailable: %r", exc)
+            try:
+                async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
+                    for svc, counts in (await service.background.events.counts()).items():
+                        self.events_pending(svc, counts["backlog"])
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("metrics: events pending unavailable: %r", exc)
         self.scrape_time.cleanup_depths = depths
         registry = self.registry
         if self.multiprocess:
@@ -3258,6 +3792,8 @@ def configure_observability(config: AppConfig) -> None:
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Exit status of a process that could not start (bad configuration, PostgreSQL unreachable or refusing, Nacos
 # unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
@@ -3309,6 +3845,8 @@ class App:
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
+        self.background.events.start(self.service)
+        self._end_streams_on_signals()
         if METRICS.multiprocess:
             self._metrics_task = asyncio.create_task(METRICS.run_flusher(self))
         if self._pending_text is not None:
@@ -3349,7 +3887,24 @@ class App:
         assert self.service is not None
         await self.service.run_cleanup()
 
+    def _end_streams_on_signals(self) -> None:
+        """uvicorn waits for open responses before the lifespan shut-down: end event streams on its signals."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if not callable(previous) or getattr(previous, "ends_streams", False):
+                continue  # the default action ends the process anyway; or ours is in place already
+
+            def handler(signum: int, frame: Any, previous: Callable = previous) -> None:
+                loop.call_soon_threadsafe(self.background.events.end_streams)
+                previous(signum, frame)
+            handler.ends_streams = True  # type: ignore[attr-defined]
+            signal.signal(sig, handler)
+
     async def shutdown(self) -> None:
+        self.background.events.end_streams()
         if self.source:
             await self.source.stop()
         if self._cleanup_task:
@@ -3357,6 +3912,7 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
         await self.deadlines.stop()
+        await self.background.events.stop()
         Acceptor.stop()
         if self._metrics_task:
             self._metrics_task.cancel()
@@ -3397,6 +3953,7 @@ class App:
                 ready = await ensure_tables(pool, config.services)
             new = Service(config, pool, cache, ready, old.background)
             self.service = new
+            self.background.events.sync(new)
             SERVER_LIMITS.apply(config)
             self.source.save_last_good(text)
             configure_observability(config)
@@ -3482,6 +4039,13 @@ class App:
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
             status, body = 500, error_envelope(Err.INTERNAL)
+        if isinstance(body, EventStream):  # written out until it ends; counted when it opens
+            if METRICS.enabled:
+                METRICS.record(scope["method"], path, 200, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+            try:
+                return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
+            finally:
+                REQUEST_ID.reset(rid_token)
         # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
         # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 §6.1).
         headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
@@ -3522,7 +4086,7 @@ class App:
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
                 written = svc
             data = await route.operation(service, svc, **args)
-            if ids_mode == "string":
+            if ids_mode == "string" and not isinstance(data, EventStream):
                 data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
         except ApiError as exc:
             if exc.headers:
@@ -3538,9 +4102,40 @@ class App:
             self.deadlines.finish(task)
             if written is not None:
                 service.cache.near.bump(written)
+        if isinstance(data, EventStream):
+            return 200, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
             return 200, SUCCESS_PREFIX + data + b"}"
         return 200, success(data)
+
+    async def stream_events(self, stream: EventStream, receive: Callable, send: Callable,
+                            headers: list[tuple[bytes, bytes]]) -> None:
+        """Write an event stream until it ends (shut-down, a client that falls behind) or the client leaves."""
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            stream.end()
+
+        events = self.background.events
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+            await send({"type": "http.response.body", "body": b": stream\n\n", "more_body": True})
+            async for frame in events.follow(stream):
+                if watcher.done():
+                    break
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except ApiError:  # the database went away while catching up: end the stream; the client resumes
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:
+            pass  # the client is gone
+        except Exception:  # headers are out: end the stream, the client resumes
+            log.exception("event stream of %s failed", stream.svc)
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            events.close_stream(stream)
 
     def openapi(self, root_path: str) -> bytes:
         """The document for the path the app is mounted at, built once per root_path."""
@@ -3575,6 +4170,12 @@ class App:
             except Exception as exc:
                 log.warning("readiness: cannot read the clean-up queues: %r", exc)
                 checks["cleanup_queue"] = f"error: {exc!r}"
+            try:
+                async with asyncio.timeout(READY_CHECK_TIMEOUT):
+                    checks["events"] = await self.background.events.counts()
+            except Exception as exc:
+                log.warning("readiness: cannot read the event counts: %r", exc)
+                checks["events"] = f"error: {exc!r}"
         code = 200 if ok else 503
         return code, envelope(code, "success" if ok else "not ready", checks)
 

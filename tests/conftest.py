@@ -419,6 +419,79 @@ def redis_cluster(workdir: pathlib.Path) -> dict:
             node.stop()
 
 
+class Receiver:
+    """A webhook receiver: a real HTTP/1.1 server on 127.0.0.1 (stdlib, one thread per connection) that checks
+    every request with the `standardwebhooks` library, as a caller would, and answers per `plan`:
+    the n-th request gets plan[n] (an HTTP status, or None: hang until stop()), later ones `default`."""
+
+    def __init__(self, secret: str, plan: list[int | None] | None = None, default: int | None = 200,
+                 delay: float = 0.0) -> None:
+        import http.server
+        import threading
+
+        import standardwebhooks
+
+        self.webhook = standardwebhooks.Webhook(secret)
+        self.plan, self.default, self.delay = list(plan or []), default, delay
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []  # {"id", "event", "time", "status", "answered"}
+        self.unverified = 0
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                try:
+                    event = receiver.webhook.verify(body, dict(self.headers.items()))
+                except Exception:
+                    event = None
+                with receiver.lock:
+                    n = len(receiver.requests)
+                    status = receiver.plan[n] if n < len(receiver.plan) else receiver.default
+                    record = {"id": self.headers.get("webhook-id"), "event": event, "time": time.monotonic(),
+                              "status": status, "answered": False}
+                    receiver.requests.append(record)
+                    receiver.unverified += event is None
+                if status is None:
+                    receiver.release.wait(120)
+                    status = 503
+                elif receiver.delay:
+                    time.sleep(receiver.delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                finally:
+                    record["answered"] = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[dict]:
+        """The verified events answered with 2xx, in arrival order (duplicates included)."""
+        with self.lock:
+            return [r["event"] for r in self.requests if r["event"] and r["status"] and 200 <= r["status"] < 300]
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def webhook_secret() -> str:
+    import base64
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
 async def stored_count(conn: asyncpg.Connection, svc: str, kind: str, target_id: int) -> int | None:
     """A count as stored: the base in {svc}_like_counts plus its slots in {svc}_counter_slots (None: no base)."""
     return await conn.fetchval(

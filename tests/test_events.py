@@ -1,0 +1,289 @@
+"""Events (SPEC 11.4): one outbox row per committed change, signed webhooks delivered at least once with back-off,
+and the live stream with resume. Receivers are real HTTP servers on 127.0.0.1 (conftest.Receiver)."""
+import asyncio
+import contextlib
+import json
+import signal
+
+import httpx
+import httpx_sse
+import pytest
+import pytest_asyncio
+
+from conftest import (Api, Receiver, RedisProcess, Server, app_config, eventually, expect, svc_name,
+                      webhook_secret)
+
+SECRET = "W7K8pJ3aQv2LcXgH"
+# a test-sized schedule; lease above timeout, so a slow answer on a busy machine is not sent twice
+FAST = {"retry_schedule": [0.3, 0.6], "max_age": 4, "lease": 6, "timeout": 5, "poll_interval": 0.2,
+        "keepalive": 1, "max_streams": 50}
+
+
+def tenant(name: str, receiver_url: str | None = None, secret: str | None = None, events=None) -> dict:
+    entry = {"name": name, "secret": SECRET}
+    if receiver_url:
+        entry["webhook"] = {"url": receiver_url, "secret": secret}
+        if events:
+            entry["webhook"]["events"] = events
+    return entry
+
+
+async def outbox(db, svc: str) -> list:
+    rows = await db.fetch(f'SELECT id, type, data FROM "{svc}_events" ORDER BY id')
+    return [(row["type"], json.loads(row["data"])) for row in rows]
+
+
+async def stored(db, svc: str, column: str = "*"):
+    return await db.fetch(f'SELECT * FROM "{svc}_events" ORDER BY id')
+
+
+@pytest.fixture(scope="module")
+def hooks(workdir, backing):
+    """One server, several services, each with a receiver of its own behaviour."""
+    secret = webhook_secret()
+    receivers = {
+        "ev": Receiver(secret),
+        "retry": Receiver(secret, plan=[500, 500, 200]),
+        "hang": Receiver(secret, default=None),
+        "fast": Receiver(secret),
+    }
+    names = {label: svc_name("e" + label) for label in ("ev", "retry", "hang", "fast", "dead", "nohook")}
+    entries = [tenant(names[label], r.url, secret) for label, r in receivers.items()]
+    entries.append(tenant(names["dead"], "http://127.0.0.1:9/closed", secret))  # nothing listens there
+    entries.append(tenant(names["nohook"]))
+    config = app_config(backing, {}, events=FAST)
+    config["svc"] = entries
+    srv = Server(workdir / "events-server", config).start()
+    yield srv, names, receivers
+    srv.stop()
+    for receiver in receivers.values():
+        receiver.stop()
+
+
+@pytest_asyncio.fixture
+async def hook_client(hooks):
+    srv = hooks[0]
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+        yield http
+
+
+def api_for(client, hooks, label) -> Api:
+    return Api(client, hooks[1][label], SECRET)
+
+
+async def test_each_change_makes_exactly_one_event(hooks, hook_client, db):
+    api, svc = api_for(hook_client, hooks, "ev"), hooks[1]["ev"]
+    receiver = hooks[2]["ev"]
+    post = await api.publish("alice", "hello", title="t", extra='{"k": 1}')
+    await api.ok("PUT", "/update", {"post_id": post, "user_id": "alice"}, data={"content": "new"})
+    for like in (True, True, False, False):  # twice each: only real changes make events
+        await api.ok("PUT", "/like", {"post_id": post, "user_id": "bob"}, json={"like": like})
+    root = await api.comment(post, "carol", "c1")
+    reply = await api.reply(post, root, root, "dave", "r1")
+    await api.ok("PUT", "/comments/update", {"comment_id": reply, "user_id": "dave"}, data={"extra": '{"e": 2}'})
+    for like in (True, True, False):
+        await api.ok("PUT", "/comments/like", {"post_id": post, "comment_id": root, "user_id": "erin"},
+                     json={"like": like})
+    # refused changes make no event
+    expect(await api.call("PUT", "/update", {"post_id": post, "user_id": "mallory"}, data={"content": "x"}), 10014)
+    expect(await api.call("PUT", "/update", {"post_id": post, "user_id": "alice"}), 10016)
+    expect(await api.call("PUT", "/like", {"post_id": 999, "user_id": "bob"}, json={"like": True}), 10006)
+    expect(await api.call("PUT", "/comments/like", {"post_id": 999, "comment_id": root, "user_id": "bob"},
+                          json={"like": True}), 400)
+    expect(await api.call("DELETE", "/comments/delete", {"comment_id": root, "user_id": "mallory"}), 10014)
+    await api.ok("DELETE", "/comments/delete", {"comment_id": root, "user_id": "carol"})
+    await api.ok("DELETE", "/delete", {"post_id": post, "user_id": "alice"})
+
+    expected = [
+        ("post.published", {"post_id": post, "author": "alice", "title": "t", "content": "hello", "extra": {"k": 1}}),
+        ("post.updated", {"post_id": post, "user_id": "alice", "content": "new"}),
+        ("post.liked", {"post_id": post, "user_id": "bob"}),
+        ("post.unliked", {"post_id": post, "user_id": "bob"}),
+        ("comment.published", {"comment_id": root, "post_id": post, "user_id": "carol", "content": "c1",
+                               "extra": None}),
+        ("comment.replied", {"comment_id": reply, "post_id": post, "root_id": root, "father_id": root,
+                             "user_id": "dave", "target_user_id": "carol", "content": "r1", "extra": None}),
+        ("comment.updated", {"comment_id": reply, "post_id": post, "user_id": "dave", "extra": {"e": 2}}),
+        ("comment.liked", {"comment_id": root, "post_id": post, "user_id": "erin"}),
+        ("comment.unliked", {"comment_id": root, "post_id": post, "user_id": "erin"}),
+        ("comment.deleted", {"comment_id": root, "post_id": post, "user_id": "carol", "deleted_ids": [root, reply]}),
+        ("post.deleted", {"post_id": post, "user_id": "alice"}),
+    ]
+    assert await outbox(db, svc) == expected
+    # ... and each reaches the webhook once, signed (verified by the receiver with standardwebhooks)
+    assert await eventually(lambda: _ready(len({e["id"] for e in receiver.delivered()}) >= len(expected)), timeout=20)
+    once = {e["id"]: e for e in receiver.delivered()}  # at least once: a retry after a lost answer may repeat one
+    got = sorted(once.values(), key=lambda e: int(e["id"]))  # sent concurrently: any arrival order
+    assert [(e["type"], e["data"]) for e in got] == expected
+    assert receiver.unverified == 0
+    rows = await stored(db, svc)
+    assert [e["id"] for e in got] == [str(row["id"]) for row in rows]
+    assert all(e["svc"] == svc and e["time"].endswith("Z") for e in got)
+    assert {r["id"] for r in receiver.requests} == {f"{svc}_{row['id']}" for row in rows}
+
+    async def recorded():  # the sender records the 2xx answers right after it got them
+        return all(row["delivered_at"] is not None and row["next_attempt_at"] is None
+                   for row in await stored(db, svc))
+    assert await eventually(recorded, timeout=20)
+
+
+async def _ready(value):
+    return value
+
+
+async def _all_recorded(db, svc):
+    return all(row["delivered_at"] is not None for row in await stored(db, svc))
+
+
+async def _delivered_row(db, svc):
+    return (await stored(db, svc))[0]["delivered_at"] is not None
+
+
+async def test_webhook_retried_with_backoff_until_delivered(hooks, hook_client, db):
+    api, svc, receiver = api_for(hook_client, hooks, "retry"), hooks[1]["retry"], hooks[2]["retry"]
+    await api.publish()
+    assert await eventually(lambda: _ready(len(receiver.delivered()) == 1), timeout=20)
+    attempts = receiver.requests
+    assert [r["status"] for r in attempts] == [500, 500, 200]
+    assert len({r["id"] for r in attempts}) == 1  # the same message each time
+    gaps = [b["time"] - a["time"] for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.25 and gaps[1] >= 0.5  # the back-off of the schedule (0.3 s, 0.6 s) was waited
+    assert await eventually(lambda: _delivered_row(db, svc), timeout=20)
+    row = (await stored(db, svc))[0]
+    assert row["attempts"] == 3 and row["delivered_at"] is not None and row["failed_at"] is None
+    scrape = (await hook_client.get("/metrics")).text  # each attempt counted by its result
+    for result, count in (("delivered", 1), ("failed", 2)):
+        assert f'im_webhook_deliveries_total{{result="{result}",svc="{svc}"}} {count}.0' in scrape, scrape[-3000:]
+
+
+async def test_dead_endpoint_fails_after_max_age_and_is_counted(hooks, hook_client, db):
+    api, svc = api_for(hook_client, hooks, "dead"), hooks[1]["dead"]
+    await api.publish()
+
+    async def failed():
+        rows = await stored(db, svc)
+        return rows and rows[0]["failed_at"] is not None
+    assert await eventually(failed, timeout=20)
+    row = (await stored(db, svc))[0]
+    assert row["next_attempt_at"] is None and row["attempts"] >= 2 and "Connect" in row["last_error"]
+    ready = (await hook_client.get("/readyz")).json()["data"]
+    assert ready["events"][svc] == {"backlog": 0, "failed": 1}
+    assert ready["events"][hooks[1]["nohook"]] == {"backlog": 0, "failed": 0}
+
+
+async def test_hanging_endpoint_does_not_delay_other_services(hooks, hook_client):
+    hang, fast = hooks[2]["hang"], hooks[2]["fast"]
+    for _ in range(3):
+        await api_for(hook_client, hooks, "hang").publish()
+    assert await eventually(lambda: _ready(len(hang.requests) >= 1), timeout=20)
+    for _ in range(5):
+        await api_for(hook_client, hooks, "fast").publish()
+    assert await eventually(lambda: _ready(len(fast.delivered()) == 5), timeout=20)
+    assert not any(r["answered"] for r in hang.requests)  # delivered while the other endpoint still hangs
+
+
+async def test_service_without_webhook_records_events_without_delivery(hooks, hook_client, db):
+    api, svc = api_for(hook_client, hooks, "nohook"), hooks[1]["nohook"]
+    await api.publish()
+    rows = await stored(db, svc)
+    assert [row["type"] for row in rows] == ["post.published"]
+    assert rows[0]["next_attempt_at"] is None and rows[0]["delivered_at"] is None
+
+
+async def test_refused_change_with_redis_down_makes_no_event(workdir, backing, db):
+    redis_server = RedisProcess(workdir / "events-redis")
+    svc = svc_name("eredis")
+    config = app_config(dict(backing, cache={"addr": redis_server.addr}), {svc: SECRET}, events=FAST)
+    srv = Server(workdir / "events-redis-server", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            api = Api(client, svc, SECRET)
+            post = await api.publish("alice")
+            redis_server.stop()
+            expect(await api.call("PUT", "/update", {"post_id": post, "user_id": "alice"}, data={"content": "x"}),
+                   10018)
+            expect(await api.call("PUT", "/like", {"post_id": post, "user_id": "b"}, json={"like": True}), 10018)
+            expect(await api.call("DELETE", "/delete", {"post_id": post, "user_id": "alice"}), 10018)
+            expect(await api.call("POST", "/publish", data={"author": "a", "content": "c"}), 10017)
+        assert [kind for kind, _ in await outbox(db, svc)] == ["post.published"]
+    finally:
+        srv.stop()
+        redis_server.stop()
+
+
+async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
+    secret = webhook_secret()
+    receiver = Receiver(secret, default=None)  # hangs: deliveries are in flight when the server dies
+    svc = svc_name("ekill")
+    config = app_config(backing, {}, events=dict(FAST, max_age=600, lease=3, timeout=2))  # none may fail here
+    config["svc"] = [tenant(svc, receiver.url, secret)]
+    srv = Server(workdir / "events-kill-server", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            api = Api(client, svc, SECRET)
+            await asyncio.gather(*(api.publish(f"a{i}") for i in range(200)))
+            assert await eventually(lambda: _ready(len(receiver.requests) >= 1), timeout=20)
+            srv.stop(signal.SIGKILL)
+            receiver.default = 200
+            receiver.release.set()  # the requests of the dead server get 503: they count as not delivered
+            srv.start()
+            ids = {f"{svc}_{row['id']}" for row in await stored(db, svc)}
+            assert len(ids) == 200
+
+            async def all_delivered():
+                got = {r["id"] for r in receiver.requests if r["status"] == 200}
+                return got == ids
+            assert await eventually(all_delivered, timeout=60, interval=0.5)
+            duplicates = sum(r["status"] == 200 for r in receiver.requests) - len(ids)
+            print(f"SIGKILL with 200 pending: all 200 delivered, {duplicates} duplicates")
+            assert await eventually(lambda: _all_recorded(db, svc), timeout=20)
+    finally:
+        srv.stop()
+        receiver.stop()
+
+
+@pytest.mark.parametrize("webhook, events, error", [
+    ({"url": "ftp://x", "secret": "whsec_" + "A" * 32}, None, "http(s) URL"),
+    ({"url": "http://127.0.0.1/h", "secret": "A" * 32}, None, "whsec_"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_!!notbase64!!"}, None, "whsec_"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": ["post.exploded"]}, None, "events"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": []}, None, "events"),
+    (None, {"retry_schedule": [5, -1]}, "retry_schedule"),
+    (None, {"retry_schedule": "soon"}, "retry_schedule"),
+    (None, {"max_streams": 0}, "max_streams"),
+    (None, {"keepalive": "x"}, "keepalive"),
+])
+def test_bad_webhook_or_events_configuration_is_rejected(webhook, events, error):
+    import yaml
+
+    import im_backend
+
+    raw = {"svc": [{"name": "x", "secret": SECRET, **({"webhook": webhook} if webhook else {})}]}
+    if events:
+        raw["events"] = events
+    with pytest.raises(im_backend.ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        im_backend.parse_app_config(yaml.safe_dump(raw))
+    good = im_backend.parse_app_config(yaml.safe_dump({"svc": [{"name": "x", "secret": SECRET, "webhook": {
+        "url": "https://example.test/h", "secret": "whsec_" + "A" * 32, "events": ["post.liked"]}}]}))
+    assert good.tenants["x"].webhook.events == {"post.liked"} and good.events.max_streams == 1000
+
+
+async def test_retention_removes_old_events_but_not_pending_ones(workdir, backing, db):
+    plain, pending = svc_name("eretain"), svc_name("eretainp")
+    events = dict(FAST, retention_hours=0.0005, cleanup_interval=0.3, retry_schedule=[3600], max_age=86400)
+    config = app_config(backing, {}, events=events)
+    config["svc"] = [tenant(plain), tenant(pending, "http://127.0.0.1:9/closed", webhook_secret())]
+    srv = Server(workdir / "events-retention", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            await Api(client, plain, SECRET).publish()
+            await Api(client, pending, SECRET).publish()
+            assert len(await stored(db, plain)) == 1
+
+            async def plain_gone():
+                return not await stored(db, plain)
+            assert await eventually(plain_gone, timeout=20)  # 1.8 s old: removed
+            rows = await stored(db, pending)
+            assert len(rows) == 1 and rows[0]["next_attempt_at"] is not None  # still to be delivered: kept
+    finally:
+        srv.stop()
