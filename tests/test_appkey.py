@@ -85,3 +85,16 @@ async def test_window_is_checked_on_every_request(api, client):
             break
         await asyncio.sleep(0.25)
     expect((later.status_code, later.json()), 400, "bind authentication")
+
+
+def test_a_remembered_appkey_counts_only_while_its_secret_is_accepted():
+    """The checker remembers decryptions (the hot path skips AES on a repeated appKey): a remembered appKey made
+    with a secret that rotation has since removed is refused, one made with a previous secret still counts."""
+    checker = im_backend.AppKeyChecker()
+    old, new = "0123456789abcdef", "fedcba9876543210"
+    appkey = im_backend.encrypt_appkey(old)
+    checker.check(im_backend.Tenant("svc", old), appkey)  # decrypted and remembered
+    checker.check(im_backend.Tenant("svc", new, previous_secrets=(old,)), appkey)  # rotating: still accepted
+    with pytest.raises(im_backend.AuthFailure) as refused:
+        checker.check(im_backend.Tenant("svc", new), appkey)  # rotation done: the old secret is gone
+    assert refused.value.reason == "bad-appkey"
