@@ -3804,7 +3804,7 @@ DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at 
 DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
 READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
 OPENAPI_ROOTS_KEPT = 16  # documents kept, one per mount path (root_path) seen
-OLD_CLIENT_GRACE = 5.0  # seconds a replaced Redis client stays open for the requests that still hold it
+OLD_CLIENT_GRACE = 5.0  # seconds a replaced Redis client or PostgreSQL pool stays open for requests still holding it
 
 
 class App:
@@ -3966,7 +3966,7 @@ class App:
             log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
                      sorted(added), sorted(removed))
             if pool is not old.pool:
-                self.background.spawn(old.pool.close())  # waits for in-flight queries on the old pool
+                self.background.spawn(_close_pool_later(old.pool))
             if cache is not old.cache:
                 self.background.spawn(_close_later(old.cache))
 
@@ -4253,6 +4253,13 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
 async def _close_later(cache: Cache) -> None:
     await asyncio.sleep(OLD_CLIENT_GRACE)  # let requests that picked up the old client finish
     await cache.aclose()
+
+
+async def _close_pool_later(pool: asyncpg.Pool) -> None:
+    # A request that picked up the old Service just before a reload may acquire from its pool a moment later:
+    # closing at once would answer it with a database error code. close() then waits for queries in flight.
+    await asyncio.sleep(OLD_CLIENT_GRACE)
+    await pool.close()
 
 
 STARTUP_FAILED_FILE_ENV = "IM_STARTUP_FAILED_FILE"  # set by main() for its worker processes
