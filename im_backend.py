@@ -7,12 +7,12 @@ One hand-written ASGI module, read top to bottom in the order data flows:
   3. authentication: appKey, signed requests (RFC 9421), rate limits
   4. storage: PostgreSQL tables and every SQL statement
   5. cache (Redis) and id generation
-  6. domain operations: posts, comments, likes, background clean-up
+  6. domain operations: posts, comments, likes, counts, events, clean-up, webhook delivery
   7. HTTP layer: parameter parsing, the route table, OpenAPI
   8. observability: metrics, request ids, log format
   9. the ASGI application and its lifespan
- 10. command line
- 9b. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
+ 10. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
+ 11. command line
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -260,7 +260,7 @@ class ServerConfig:
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
     auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
-    # Enforced by GuardedHttpProtocol (section 9b), per process:
+    # Enforced by GuardedHttpProtocol (section 10), per process:
     header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
     max_headers: int = 100  # header fields per request; more → 431 and closed
     header_timeout: float = 10.0  # seconds for a request's head to arrive (from connect / the previous answer)
@@ -1918,7 +1918,7 @@ def open_cache(cfg: CacheConfig) -> Cache:
 
 
 # ============================================================================
-# 6. Domain operations: posts, comments, likes, clean-up
+# 6. Domain operations: posts, comments, likes, counts, events, clean-up, delivery
 # ============================================================================
 
 DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
@@ -4314,7 +4314,7 @@ app = create_app()
 
 
 # ============================================================================
-# 9b. The HTTP server protocol
+# 10. The HTTP server protocol
 # ============================================================================
 # uvicorn's httptools protocol (the fast one) limits nothing before a request reaches the app: a request head
 # may be any size (httptools keeps growing its buffer), a connection may send its head one byte at a time
@@ -4712,7 +4712,7 @@ class GuardedHttpProtocol(_HttpTools):
 
 
 # ============================================================================
-# 10. Command line
+# 11. Command line
 # ============================================================================
 
 GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -4768,7 +4768,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto",
-        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 9b)
+        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 10)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
     metrics_dir = prepare_metrics_dir(args.workers)
     try:
