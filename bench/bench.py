@@ -595,18 +595,23 @@ class Stack:
         self.servers.remove(server)
 
     def __exit__(self, *exc: object) -> None:
-        for s in list(reversed(self.servers)):
-            with contextlib.suppress(Exception):
-                s.stop()
+        teardown(self.servers, self.redis, self.pg, self.workdir)
         self.servers.clear()
-        if self.redis is not None:
-            stop_redis(self.redis)
-            self.redis = None
-        if self.pg is not None:
-            with contextlib.suppress(Exception):
-                self.pg.cleanup()
-            self.pg = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.redis = self.pg = None
+
+
+def teardown(servers: list, redis_server, pg, workdir: pathlib.Path) -> None:
+    """Stop what a benchmark started, newest server first, whatever failed: the servers, Redis (stop_redis), the
+    embedded PostgreSQL, and remove the working directory. Every bench_*.py ends with this."""
+    for s in list(reversed(servers)):
+        with contextlib.suppress(Exception):
+            s.stop()
+    if redis_server is not None:
+        stop_redis(redis_server)
+    if pg is not None:
+        with contextlib.suppress(Exception):
+            pg.cleanup()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def stop_redis(server) -> None:

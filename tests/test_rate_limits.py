@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 import im_backend
-from conftest import Api, RedisProcess, Server, app_config, eventually, svc_name, table_counts
+from conftest import Api, RedisProcess, Server, entries_config, eventually, svc_name, table_counts
 
 SECRET = "W7K8pJ3aQv2LcXgH"
 SLOW = {"requests_per_second": 0.02, "burst": 5}  # 5 at once, then one per 50 s: no refill during a test
@@ -25,16 +25,10 @@ def tenants() -> list[dict]:
             entry("rl_free"), entry("rl_reload")]
 
 
-def config(backing: dict, entries: list[dict], **sections) -> dict:
-    cfg = app_config(backing, {}, **sections)
-    cfg["svc"] = entries
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def servers(workdir, backing):
-    first = Server(workdir / "rl-1", config(backing, tenants())).start()
-    second = Server(workdir / "rl-2", config(backing, tenants())).start()
+    first = Server(workdir / "rl-1", entries_config(backing, tenants())).start()
+    second = Server(workdir / "rl-2", entries_config(backing, tenants())).start()
     yield first, second
     first.stop()
     second.stop()
@@ -135,7 +129,7 @@ async def test_limits_change_by_hot_reload(servers):
 async def test_redis_down_each_process_limits_on_its_own(workdir, backing):
     redis_server = RedisProcess(workdir / "rl-redis", password="rl-secret")
     cache = {"addr": redis_server.addr, "password": redis_server.password}
-    server = Server(workdir / "rl-redis-down", config(dict(backing, cache=cache),
+    server = Server(workdir / "rl-redis-down", entries_config(dict(backing, cache=cache),
                                                       [entry("rl_down", requests_per_second=0.02, burst=3)])).start()
     try:
         api = Api(httpx.AsyncClient(base_url=server.url, timeout=30), svc_name("rl_down"), SECRET)

@@ -18,7 +18,7 @@ from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver,
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import im_backend
-from conftest import ROOT, RedisProcess, Server, app_config, eventually, free_port, svc_name, table_counts
+from conftest import ROOT, RedisProcess, Server, entries_config, eventually, free_port, svc_name, table_counts
 
 SECRET = {"any": "W7K8pJ3aQv2LcXgH", "appkey": "Ab9xQ2mZ7kLp4sT1uV6wY3e8", "signed": "0123456789abcdef0123456789abcdef",
           "rot": "NEWsecret0123456", "rot_old": "OLDsecret0123456"}
@@ -33,17 +33,11 @@ def tenants() -> list[dict]:
             {"name": svc_name("s_rot"), "secret": SECRET["rot"], "previous_secrets": [SECRET["rot_old"]]}]
 
 
-def config(backing: dict, entries: list[dict]) -> dict:
-    cfg = app_config(backing, {})
-    cfg["svc"] = entries
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def servers(workdir, backing):
     """Two processes on one configuration (the second for nonces shared across processes)."""
-    first = Server(workdir / "sig-1", config(backing, tenants())).start()
-    second = Server(workdir / "sig-2", config(backing, tenants())).start()
+    first = Server(workdir / "sig-1", entries_config(backing, tenants())).start()
+    second = Server(workdir / "sig-2", entries_config(backing, tenants())).start()
     yield first, second
     first.stop()
     second.stop()
@@ -399,7 +393,7 @@ def test_canonical_signature_matches_http_sf(text):
 def test_redis_down_nonces_kept_in_memory(workdir, backing):
     redis_server = RedisProcess(workdir / "sig-redis", password="sig-secret")
     cache = {"addr": redis_server.addr, "password": redis_server.password}
-    server = Server(workdir / "sig-redis-down", config(dict(backing, cache=cache), tenants())).start()
+    server = Server(workdir / "sig-redis-down", entries_config(dict(backing, cache=cache), tenants())).start()
     try:
         url, svc, secret = server.url, svc_name("s_signed"), SECRET["signed"]
         ok(send(sign(build(url, "GET", "/getlist", [], svc), secret, svc)))
@@ -420,7 +414,7 @@ def test_on_a_redis_cluster_nonces_and_limits_work(workdir, backing, redis_clust
     """On a cluster nonces are claimed with a pipeline of single-key SETs, and the GCRA script is single-key."""
     entries = tenants() + [{"name": svc_name("s_cl_lim"), "secret": SECRET["any"],
                             "limits": {"requests_per_second": 0.02, "burst": 2}}]
-    server = Server(workdir / "sig-cluster", config(dict(backing, cache=dict(backing["cache"], **redis_cluster)),
+    server = Server(workdir / "sig-cluster", entries_config(dict(backing, cache=dict(backing["cache"], **redis_cluster)),
                                                     entries)).start()
     try:
         url, svc, secret = server.url, svc_name("s_signed"), SECRET["signed"]
@@ -443,14 +437,14 @@ def test_on_a_redis_cluster_nonces_and_limits_work(workdir, backing, redis_clust
 async def test_rotation_previous_secret_until_removed_by_reload(workdir, backing):
     svc = svc_name("s_rot")
     entries = tenants()
-    server = Server(workdir / "sig-rotation", config(backing, entries)).start()
+    server = Server(workdir / "sig-rotation", entries_config(backing, entries)).start()
     try:
         url = server.url
         for secret in (SECRET["rot"], SECRET["rot_old"]):
             ok(send(sign(build(url, "GET", "/getlist", [], svc), secret, svc)))
             ok(send(build(url, "GET", "/getlist", [("appKey", im_backend.encrypt_appkey(secret))], svc)))
         entries[3] = {"name": svc, "secret": SECRET["rot"]}  # the old secret removed
-        server.write_config(config(backing, entries))
+        server.write_config(entries_config(backing, entries))
 
         async def old_refused() -> bool:
             response = send(sign(build(url, "GET", "/getlist", [], svc), SECRET["rot_old"], svc))
@@ -461,7 +455,7 @@ async def test_rotation_previous_secret_until_removed_by_reload(workdir, backing
         refused(send(build(url, "GET", "/getlist", [("appKey", im_backend.encrypt_appkey(SECRET["rot_old"]))], svc)),
                 "bad-appkey")
         ok(send(sign(build(url, "GET", "/getlist", [], svc), SECRET["rot"], svc)))
-        server.write_config(dict(config(backing, entries), svc=[dict(entries[3], auth="sometimes")]))
+        server.write_config(dict(entries_config(backing, entries), svc=[dict(entries[3], auth="sometimes")]))
         await asyncio.sleep(2.5)  # a bad configuration is rejected: the last good one stays
         ok(send(sign(build(url, "GET", "/getlist", [], svc), SECRET["rot"], svc)))
         assert "rejected the new configuration" in server.log()
@@ -518,7 +512,7 @@ def walk_through(url: str) -> list[str]:
 @pytest.mark.parametrize("how", ["uvicorn", "python im_backend.py"])
 def test_no_appkey_signature_nonce_or_secret_in_logs(workdir, backing, how):
     directory = workdir / f"logs-{how.split()[0]}"
-    server = Server(directory, config(backing, tenants()))
+    server = Server(directory, entries_config(backing, tenants()))
     if how == "uvicorn":
         server.start(access_log=True, IM_LOG_LEVEL="debug")
     else:
