@@ -275,6 +275,11 @@ class Limits:
     burst: int = 0  # requests allowed at once; 0 = requests_per_second (at least 1)
     writes_per_user_per_minute: int = 0  # per (svc, user_id or author); 0 = unlimited
 
+    @functools.cached_property  # computed once per configuration (the instance dict; frozen allows it)
+    def any(self) -> bool:
+        """Is any limit set? (False: requests of this service are admitted without asking the limiter.)"""
+        return bool(self.requests_per_second or self.writes_per_user_per_minute)
+
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
@@ -1238,21 +1243,31 @@ class Authenticator:
         self.limiter = RateLimiter()
 
     async def check(self, req: Request, service: Service, route: Route) -> None:
-        """Raise 400 bind authentication with `IM-Auth-Error`, or 429 with the rate-limit headers.
-
-        Hot path (a cached read with an appKey and no limits): no await at all, a coroutine layer costs ~0.3 µs."""
+        """Raise 400 bind authentication with `IM-Auth-Error`, or 429 with the rate-limit headers."""
         svc = req.arg("svc")
+        tenant, nonce = self.identify(req, service, svc)
+        if nonce is not None or tenant.limits.any:
+            await self.admit(req, service, route, tenant, nonce)
+
+    def identify(self, req: Request, service: Service, svc: str | None) -> tuple[Tenant, str | None]:
+        """The caller's tenant and its signature's nonce still to be claimed (None for an appKey), or the 400.
+
+        The hot path (an appKey, no limits) ends here: App.dispatch awaits admit() only when there is a nonce
+        to claim or a limit to apply, so a cached read runs no coroutine for authentication."""
         try:
-            tenant, nonce = self.authenticate(req, service, svc)
-            if nonce is not None:  # a signed request: each signature is accepted once
-                window = service.config.server.auth_window
-                if not await self.nonces.claim(service.cache, nonce_key(svc, nonce), 2 * window):
-                    raise AuthFailure("replayed")
+            return self.authenticate(req, service, svc)
         except AuthFailure as exc:
             self.on_auth_failure(svc, exc.reason)
             raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.encode())]) from None
-        limits = tenant.limits
-        if not (limits.requests_per_second or limits.writes_per_user_per_minute):
+
+    async def admit(self, req: Request, service: Service, route: Route, tenant: Tenant, nonce: str | None) -> None:
+        """Claim the signature's nonce (each signature is accepted once), then apply the tenant's limits."""
+        if nonce is not None:
+            window = service.config.server.auth_window
+            if not await self.nonces.claim(service.cache, nonce_key(tenant.name, nonce), 2 * window):
+                self.on_auth_failure(tenant.name, "replayed")
+                raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", b"replayed")])
+        if not tenant.limits.any:
             return  # no limit configured for this service: RateLimiter.check would let it go on
         refused = await self.limiter.check(req, service.cache, tenant, route)
         if refused is not None:
@@ -1799,10 +1814,19 @@ class Cache:
 
     async def get(self, key: str) -> bytes | None:
         """A cached value, or None: then the caller reads PostgreSQL (counted as a read from tier "db")."""
+        value = self.near_hit(key)
+        return value if value is not None else await self.fetch(key)
+
+    def near_hit(self, key: str) -> bytes | None:
+        """The value when this process's near cache has it (counted), else None: then fetch()."""
+        value = self.near.get(key)
+        if value is not None:
+            METRICS.cache_reads[TIER_NEAR] += 1
+        return value
+
+    async def fetch(self, key: str) -> bytes | None:
+        """get() past the near cache: Redis, or None when Redis has no value or is failing."""
         reads = METRICS.cache_reads
-        if (value := self.near.get(key)) is not None:
-            reads[TIER_NEAR] += 1
-            return value
         if time.monotonic() < self._reads_off_until:
             reads[TIER_DB] += 1
             return None
@@ -2437,7 +2461,9 @@ class Service:
                 raise ApiError(Err.FIND_FAILED)
             return {"post": post}
         key = post_info_key(svc, post_id)
-        cached = await self.cache.get(key)
+        cached = self.cache.near_hit(key)
+        if cached is None:
+            cached = await self.cache.fetch(key)
         if cached is None:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
@@ -2886,9 +2912,11 @@ def _count(status: str) -> int:
 class Request:
     """One HTTP request: its query, its body (read once, within the size limit) and its headers."""
 
-    def __init__(self, scope: dict, body: bytes) -> None:
+    __slots__ = ("scope", "query", "body", "_form")
+
+    def __init__(self, scope: dict, body: bytes, query: dict[str, list[str]] | None = None) -> None:
         self.scope = scope
-        self.query = parse_query(scope.get("query_string", b""))
+        self.query = parse_query(scope.get("query_string", b"")) if query is None else query
         self.body = body
         self._form: dict[str, Any] | None = None
 
@@ -3253,13 +3281,56 @@ def extract(req: Request, params: tuple[Param, ...]) -> dict[str, Any]:
     return values
 
 
-@dataclasses.dataclass(frozen=True)
+class ParsedQueries:
+    """Parsed query strings of body-less requests, kept for the next request with the same query string.
+
+    What a request's parameters parse to is a pure function of (route, query string) when the route reads them
+    all from the query, and a hot read repeats its query string exactly (the same post, and the same appKey for
+    the whole second it is valid). Parsing them again (the query, `svc`, each parameter, `ids`) costs about as
+    much as the rest of a cached read, so the parse is kept. Only the parse: authentication, limits, the cache
+    and the operation run for every request as before. Rules:
+      - only routes whose parameters are all `where="query"`, only body-less requests, only query strings up to
+        PARSED_QUERY_MAX_BYTES, only successful parses (a 400 is parsed, and refused, every time);
+      - only parses whose values are immutable (str, int, bool, None, datetime, frozenset), since the same
+        objects are handed to every request with that query string (the query dict is read, never written);
+      - bounded: PARSED_QUERIES_KEPT entries, all dropped when full (a flood of distinct query strings costs
+        one dict insert each and cannot grow memory)."""
+
+    IMMUTABLE = (str, int, bool, type(None), dt.datetime, frozenset)
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, bytes], tuple[dict[str, list[str]], str | None, dict[str, Any], Any]] = {}
+
+    def get(self, route: "Route", query_string: bytes) -> tuple[dict[str, list[str]], str | None,
+                                                                dict[str, Any], Any] | None:
+        return self._kept.get((route, query_string))
+
+    def keep(self, route: "Route", query_string: bytes, query: dict[str, list[str]], svc: str | None,
+             args: dict[str, Any], ids_mode: Any) -> None:
+        if (not route.query_only or len(query_string) > PARSED_QUERY_MAX_BYTES
+                or not all(isinstance(v, self.IMMUTABLE) for v in args.values())):
+            return
+        if len(self._kept) >= PARSED_QUERIES_KEPT:
+            self._kept.clear()
+        self._kept[(route, query_string)] = (query, svc, args, ids_mode)
+
+
+PARSED_QUERIES_KEPT = 4096  # (route, query string) pairs; at most ~4 MiB with the longest kept query strings
+PARSED_QUERY_MAX_BYTES = 512  # longer query strings are parsed every time (a hot read's is ~100 bytes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: a key of ParsedQueries
 class Route:
     method: str
     path: str  # below PREFIX
     operation: Callable[..., Awaitable[Any]]  # the Service method that does the work; its docstring is the summary
     data: dict | None  # OpenAPI schema of `data` on success
     params: tuple[Param, ...]
+
+    @functools.cached_property
+    def query_only(self) -> bool:
+        """Are all its parameters read from the query string? (Then ParsedQueries may keep their parse.)"""
+        return all(param.where == "query" for param in self.params)
 
 
 PREFIX = "/api/v1/posts"
@@ -3339,6 +3410,7 @@ WRITERS: dict[Callable, Param] = {
 }
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}
+PARSED_QUERIES = ParsedQueries()
 for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
 
@@ -4077,12 +4149,22 @@ class App:
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
         try:
-            body = await read_body(scope, receive, service.config.server.body_limit)
-            req = Request(scope, body)
-            svc = scope[SVC_SCOPE_KEY] = req.arg("svc")
-            await self.auth.check(req, service, route)
-            args = extract(req, route.params)
-            ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
+            limit = service.config.server.body_limit
+            body = b"" if bodiless(scope, limit) else await read_body(scope, receive, limit)
+            qs = scope.get("query_string", b"")
+            parsed = None if body else PARSED_QUERIES.get(route, qs)  # (query, svc, args, ids mode) seen before
+            req = Request(scope, body, None if parsed is None else parsed[0])
+            svc = scope[SVC_SCOPE_KEY] = req.arg("svc") if parsed is None else parsed[1]
+            tenant, nonce = self.auth.identify(req, service, svc)
+            if nonce is not None or tenant.limits.any:
+                await self.auth.admit(req, service, route, tenant, nonce)
+            if parsed is None:
+                args = extract(req, route.params)
+                ids_mode = req.arg("ids") and extract(req, (IDS_MODE,))["ids"]
+                if not body:
+                    PARSED_QUERIES.keep(route, qs, req.query, svc, args, ids_mode)
+            else:
+                args, ids_mode = parsed[2], parsed[3]
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
                 written = svc
             data = await route.operation(service, svc, **args)
@@ -4219,22 +4301,27 @@ class Deadlines:
                 await self._sweeper
 
 
-async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to be larger than the limit.
+def bodiless(scope: dict, limit: int) -> bool:
+    """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
 
     Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
-    has no body (RFC 9112 §6.3), so b"" is returned without awaiting receive() — most requests are such GETs,
-    and the await costs a few µs of a cached read. Any other request (a GET with a body such as comments/getlike
-    with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read as before."""
-    bodiless = scope.get("http_version") in ("1.1", "1.0")
+    has no body (RFC 9112 §6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
+    such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
+    comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
+    none = scope.get("http_version") in ("1.1", "1.0")
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
                 raise ApiError(Err.BODY_TOO_LARGE)
-            bodiless = bodiless and value == b"0"
+            none = none and value == b"0"
         elif name == b"transfer-encoding":
-            bodiless = False
-    if bodiless:
+            none = False
+    return none
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to be larger than the limit."""
+    if bodiless(scope, limit):
         return b""
     chunks, size = [], 0
     while True:
