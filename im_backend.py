@@ -4264,7 +4264,11 @@ class App:
 
 class Deadlines:
     """Request timeouts: a sweep every 0.1 s cancels the requests past their deadline. (asyncio.timeout() would
-    arm a timer per request, which costs a third of a cached read.)"""
+    arm a timer per request, which costs a third of a cached read.)
+
+    A request's start is read from the sweeper's clock (`now`, set by each sweep) rather than the system clock,
+    plus one sweep so that it is never early: a request is cancelled between `timeout` and `timeout` + 0.2 s
+    (one sweep for that clock, one for the sweep's own period) after it started."""
 
     SWEEP = 0.1
 
@@ -4272,23 +4276,26 @@ class Deadlines:
         self._active: dict[asyncio.Task, float] = {}
         self._expired: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self.now = time.monotonic()
 
     def start(self, task: asyncio.Task, timeout: float) -> None:
-        if self._sweeper is None or self._sweeper.done():
+        if self._sweeper is None:  # the first request (a failed sweeper is restarted by keep_running)
             self._sweeper = asyncio.ensure_future(keep_running("deadline sweeper", self._sweep))
-        self._active[task] = time.monotonic() + timeout
+            self.now = time.monotonic()
+        self._active[task] = self.now + self.SWEEP + timeout
 
     def expired(self, task: asyncio.Task) -> bool:
         return task in self._expired
 
     def finish(self, task: asyncio.Task) -> None:
         self._active.pop(task, None)
-        self._expired.discard(task)
+        if self._expired:
+            self._expired.discard(task)
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.SWEEP)
-            now = time.monotonic()
+            self.now = now = time.monotonic()
             for task, deadline in list(self._active.items()):
                 if deadline < now and task not in self._expired:
                     self._expired.add(task)
@@ -4299,6 +4306,7 @@ class Deadlines:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+            self._sweeper = None  # a later start-up (the same App started again) starts a new one
 
 
 def bodiless(scope: dict, limit: int) -> bool:

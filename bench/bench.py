@@ -79,7 +79,8 @@ import im_backend as im  # noqa: E402
 PYTHON = sys.executable
 PREFIX = "/api/v1/posts"
 COMMENT_CURSOR = "1949-10-01T00:00:00"
-READS = ("getinfo", "getlike", "comments", "getlist")
+READS = ("getinfo", "getinfo-spread", "getlike", "comments", "getlist")
+SPREAD_POSTS = 1000  # getinfo-spread reads this many different posts, in a shuffled order
 HOT_TITLE, HOT_AUTHOR, HOT_CONTENT, HOT_EXTRA = "benchmark post", "bench_author", "x" * 120, '{"image": "a.png"}'
 
 
@@ -155,7 +156,9 @@ async def load_level(db: dict, svc: str, n: int) -> dict:
             count = await conn.fetchval(count_sql, hot_id)
             timings.append((time.perf_counter() - t0) * 1000)
         assert count == n, (count, n)
-        return {"svc": svc, "rows": n, "hot_post": hot_id, "roots": roots, "replies": replies,
+        spread = [((base + i * span // n) << 32) | i if i != hot_index else hot_id
+                  for i in range(0, n, max(1, n // SPREAD_POSTS))][:SPREAD_POSTS]
+        return {"svc": svc, "rows": n, "hot_post": hot_id, "spread_posts": spread, "roots": roots, "replies": replies,
                 "load_s": round(loaded, 2), "load_and_vacuum_s": round(time.monotonic() - started, 2),
                 "count_likes_ms_first": round(timings[0], 3), "count_likes_ms_median": round(
                     statistics.median(timings), 3), "count_likes_result": count}
@@ -485,7 +488,7 @@ def sanity(port: int, secret: str, templates: list[dict]) -> int:
 # The request templates of each scenario
 # ---------------------------------------------------------------------------------------------------------------
 
-def templates(svc: str, hot: int) -> dict[str, list[dict]]:
+def templates(svc: str, hot: int, spread: list[int] = ()) -> dict[str, list[dict]]:
     q = f"?svc={svc}"
     get = lambda path, weight=1: {"method": "GET", "path": PREFIX + path, "weight": weight}  # noqa: E731
     t = {
@@ -501,6 +504,8 @@ def templates(svc: str, hot: int) -> dict[str, list[dict]]:
                  "headers": {"Content-Type": "application/json"}, "body": '{"like":true}'},
     }
     out = {name: [dict(tpl)] for name, tpl in t.items()}
+    # getinfo-spread: the same read over many posts, each once per pass in a shuffled order (not one hot post)
+    out["getinfo-spread"] = [get(f"/getinfo{q}&post_id={post}") for post in spread] or out["getinfo"]
     # mix: 90 % reads, 10 % writes
     weights = {"getinfo": 40, "getlike": 20, "comments": 15, "getlist": 15, "like": 5, "publish": 5}
     out["mix"] = [dict(t[name], weight=w) for name, w in weights.items()]
@@ -756,7 +761,7 @@ def main() -> int:
                 f"before a subject's first run)")
             base = st.levels[0]
             svc, secret = base["svc"], st.secrets[base["svc"]]
-            tpl = templates(svc, base["hot_post"])
+            tpl = templates(svc, base["hot_post"], base["spread_posts"])
             ceiling = Subject("ceiling", st.start(Server("ceiling", "ceiling:app", BENCH, env, st.workdir, cpus,
                                                          ready_path="/")),
                               secret, tpl["getinfo"], note="raw ASGI, fixed body", pinned=pin)
@@ -777,11 +782,13 @@ def main() -> int:
                                               + (", sync `def` dependency" * (sync_dep == "1"))))
 
             def read(lv: dict, name: str, label: str, server: Server | None = None) -> Subject:
-                ltpl = templates(lv["svc"], lv["hot_post"])
+                ltpl = templates(lv["svc"], lv["hot_post"], lv["spread_posts"])
                 return Subject(label, server or im_server, st.secrets[lv["svc"]], ltpl[name], rows=lv["rows"],
                                pinned=pin, group="main" if lv is base else "scaling",
                                note=(f"served from {args.vs_app_dir}" if server else
-                                     "Redis-cached" if name in ("getinfo", "getlike") else "PostgreSQL"))
+                                     "Redis-cached" if name in ("getinfo", "getlike") else
+                                     f"{len(lv['spread_posts'])} posts, cached" if name == "getinfo-spread" else
+                                     "PostgreSQL"))
 
             # 1. each scenario alternated with the ceiling (getinfo also with the FastAPI peers)
             for name in READS:

@@ -3,11 +3,12 @@ carries a body (Content-Length or chunked) is still read; every answer carries C
 chunked — not even to an HTTP/1.0 client, which could not read that."""
 import asyncio
 import json
+import time
 
 import pytest
 
 import im_backend
-from conftest import svc_name
+from conftest import SECRET, svc_name
 
 PREFIX = "/api/v1/posts"
 
@@ -150,3 +151,79 @@ async def test_read_body_limit_still_applies():
 def test_parse_query_keeps_its_meaning():
     assert im_backend.parse_query(b"a=1&b=&a=2&&c") == {"a": ["1", "2"], "b": [""], "c": [""]}
     assert im_backend.parse_query(b"n%20a=x+y&m=%E4%BD%A0") == {"n a": ["x y"], "m": ["你"]}
+
+
+# --- kept parses (ParsedQueries): only the parse is kept, everything else runs for every request ----------------
+
+async def get_raw(server, url: str) -> tuple[int, dict]:
+    status, _, answer = await raw_request(server.port, (
+        f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode())
+    return status, json.loads(answer)
+
+
+async def test_repeated_query_string_is_authenticated_every_time(api, server):
+    """The same query string (so the same appKey) is accepted while the key is in its window and refused once it
+    is out of it: the kept parse does not keep the authentication."""
+    post_id = await api.publish(content="kept")
+    svc = svc_name("a")
+    stamp = int(time.time()) - im_backend.APPKEY_WINDOW + 2  # valid for about two more seconds
+    url = f"{PREFIX}/getinfo?svc={svc}&post_id={post_id}&appKey={im_backend.encrypt_appkey(SECRET, stamp)}"
+    for _ in range(3):
+        status, envelope = await get_raw(server, url)
+        assert status == 200 and envelope["data"]["post"]["content"] == "kept", envelope
+    await asyncio.sleep(max(0.0, stamp + im_backend.APPKEY_WINDOW + 1.2 - time.time()))
+    status, envelope = await get_raw(server, url)
+    assert (status, envelope["msg"]) == (400, "bind authentication"), envelope
+
+
+async def test_repeated_bad_query_is_refused_every_time(api, server):
+    for _ in range(3):
+        status, envelope = await get_raw(server, target(server, "/getinfo", post_id="not-a-number"))
+        assert (status, envelope["msg"]) == (400, "bind param failed"), envelope
+
+
+async def test_same_query_string_on_three_routes(api, server):
+    """A kept parse belongs to its route: the same query string answers getlist, getinfo and getlike each as
+    itself (getlist's parse has no post_id: handed to getinfo it would fail)."""
+    post_id = await api.publish(content="two routes")
+    await api.ok("PUT", "/like", {"post_id": post_id, "user_id": "u1"}, json={"like": True})
+    svc = svc_name("a")
+    query = f"svc={svc}&post_id={post_id}&limit=5&appKey={im_backend.encrypt_appkey(SECRET)}"
+    for _ in range(2):
+        for path, check in (("/getlist", lambda d: str(post_id) in map(str, d["post_list"])),
+                            ("/getinfo", lambda d: d["post"]["content"] == "two routes"),
+                            ("/getlike", lambda d: d == {"like": 1})):
+            status, envelope = await get_raw(server, f"{PREFIX}{path}?{query}")
+            assert status == 200 and check(envelope["data"]), (path, envelope)
+
+
+async def test_repeated_query_sees_writes(api, server):
+    """The answer of a repeated query string follows the data (only the parse is kept, not the answer)."""
+    post_id = await api.publish(content="before")
+    url = target(server, "/getinfo", post_id=post_id, ids="string")
+    status, envelope = await get_raw(server, url)
+    assert envelope["data"]["post"]["content"] == "before" and envelope["data"]["post"]["id"] == str(post_id)
+    await api.ok("PUT", "/update", {"post_id": post_id, "user_id": "alice"}, data={"content": "after"})
+    status, envelope = await get_raw(server, url)
+    assert status == 200 and envelope["data"]["post"]["content"] == "after", envelope
+    assert envelope["data"]["post"]["id"] == str(post_id)
+
+
+def test_parsed_queries_rules():
+    kept = im_backend.ParsedQueries()
+    routes = im_backend.ROUTE_TABLE
+    getinfo, getlike = routes[f"{PREFIX}/getinfo"]["GET"], routes[f"{PREFIX}/comments/getlike"]["GET"]
+    assert getinfo.query_only and not getlike.query_only  # comment_ids may come in the body
+    kept.keep(getinfo, b"svc=a&post_id=1", {"svc": ["a"]}, "a", {"post_id": 1}, None)
+    assert kept.get(getinfo, b"svc=a&post_id=1") == ({"svc": ["a"]}, "a", {"post_id": 1}, None)
+    assert kept.get(getinfo, b"svc=a&post_id=2") is None
+    kept.keep(getlike, b"svc=a&comment_ids=1", {}, "a", {"comment_ids": None}, None)  # not a query-only route
+    assert kept.get(getlike, b"svc=a&comment_ids=1") is None
+    kept.keep(getinfo, b"svc=a&x=1", {}, "a", {"post_id": [1]}, None)  # a mutable value: never handed out twice
+    assert kept.get(getinfo, b"svc=a&x=1") is None
+    long = b"svc=a&post_id=1&pad=" + b"x" * im_backend.PARSED_QUERY_MAX_BYTES
+    kept.keep(getinfo, long, {}, "a", {"post_id": 1}, None)
+    assert kept.get(getinfo, long) is None
+    for i in range(im_backend.PARSED_QUERIES_KEPT + 5):  # bounded: all dropped when full
+        kept.keep(getinfo, b"svc=a&post_id=%d" % i, {}, "a", {"post_id": i}, None)
+        assert len(kept._kept) <= im_backend.PARSED_QUERIES_KEPT
