@@ -1242,12 +1242,7 @@ class Authenticator:
         self.nonces = NonceStore()
         self.limiter = RateLimiter()
 
-    async def check(self, req: Request, service: Service, route: Route) -> None:
-        """Raise 400 bind authentication with `IM-Auth-Error`, or 429 with the rate-limit headers."""
-        svc = req.arg("svc")
-        tenant, nonce = self.identify(req, service, svc)
-        if nonce is not None or tenant.limits.any:
-            await self.admit(req, service, route, tenant, nonce)
+    # App.dispatch: tenant, nonce = identify(...); if nonce or limits: await admit(...) (400 / 429 raised).
 
     def identify(self, req: Request, service: Service, svc: str | None) -> tuple[Tenant, str | None]:
         """The caller's tenant and its signature's nonce still to be claimed (None for an appKey), or the 400.
