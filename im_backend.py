@@ -4274,7 +4274,7 @@ class Deadlines:
         self.now = time.monotonic()
 
     def start(self, task: asyncio.Task, timeout: float) -> None:
-        if self._sweeper is None:  # the first request (a failed sweeper is restarted by keep_running)
+        if self._sweeper is None or self._sweeper.done():  # the first request, or the sweeper's loop is gone
             self._sweeper = asyncio.ensure_future(keep_running("deadline sweeper", self._sweep))
             self.now = time.monotonic()
         self._active[task] = self.now + self.SWEEP + timeout
