@@ -249,13 +249,14 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
         if vs_app is not None:
             whole["getinfo~vs"] = vs_app
         refresh()
-        not_on_path = set()  # stages this version does not run on a cached getinfo
+        not_on_path = {}  # stages this version does not run on a repeated cached getinfo -> why
         if b"transfer-encoding: chunked" not in await whole_answer(app, cur["request"]):
-            not_on_path.add("response without content-length (chunked)")
+            not_on_path["response without content-length (chunked)"] = "not on this version's path"
         if not await awaits_receive_without_body(im):
-            not_on_path.add("receive(): await the empty GET body (uvicorn)")
+            not_on_path["receive(): await the empty GET body (uvicorn)"] = "not on this version's path"
         if kept is not None:  # done once per query string, not per request
-            not_on_path |= {"query parsing (Request + parse_query)", "parameters (extract)"}
+            for name in ("query parsing (Request + parse_query)", "parameters (extract)"):
+                not_on_path[name] = "only for the first request with a query string"
         samples: dict[str, list[float]] = {k: [] for k in list(whole) + list(wrapped)}
         for rnd in range(rounds):
             order = list(whole.items()) if rnd % 2 == 0 else list(whole.items())[::-1]
@@ -346,8 +347,7 @@ def main() -> int:
     total = 0.0
     for name in res["stages"]:
         if name in res["not_on_path"]:
-            print(f"    {name:<50} {'-':>7}    (not on this version's path of a repeated request; {med[name]:.2f} µs "
-                  f"when it is)")
+            print(f"    {name:<50} {'-':>7}    ({res['not_on_path'][name]}; {med[name]:.2f} µs when it runs)")
             continue
         total += med[name]
         print(f"    {name:<50} {med[name]:7.2f} µs")
