@@ -1993,13 +1993,25 @@ class EventStream:
         self.svc, self.post_id, self.types = svc, post_id, types
         self.position = position  # of the last event handed to this stream (or skipped by its filters)
         self.replay = replay  # read the stored events after `position` before going live
+        self.ids_string = False  # ids=string: each frame's data gets its ids as decimal strings (string_ids_frame)
         self.queue: asyncio.Queue[list | None] = asyncio.Queue()  # batches from the hub; None: end
 
     def wants(self, kind: str, post_id: int | None) -> bool:
         return (self.types is None or kind in self.types) and (self.post_id is None or self.post_id == post_id)
 
+    def render(self, frame: bytes) -> bytes:
+        """The frame as this stream sends it: shared by every stream, or rewritten for ids=string."""
+        return string_ids_frame(frame) if self.ids_string else frame
+
     def end(self) -> None:
         self.queue.put_nowait(None)
+
+
+def string_ids_frame(frame: bytes) -> bytes:
+    """An event frame with every id inside its `data:` JSON as a decimal string (the ids=string of SPEC 11.3)."""
+    head, sep, rest = frame.partition(b"data: ")
+    body, _, tail = rest.partition(b"\n")
+    return head + sep + orjson.dumps(ids_as_strings(orjson.loads(body))) + b"\n" + tail
 
 
 class _Hub:
@@ -2199,7 +2211,7 @@ class Events:
                 for position, kind, post_id, frame in batch:
                     stream.position = position
                     if stream.wants(kind, post_id):
-                        yield frame
+                        yield stream.render(frame)
                 if held or len(batch) < self.REPLAY_PAGE:
                     break
         assert self.service is not None
@@ -2215,7 +2227,7 @@ class Events:
                 if position > stream.position:
                     stream.position = position
                     if stream.wants(kind, post_id):
-                        yield frame
+                        yield stream.render(frame)
 
     # --- webhooks ------------------------------------------------------------
 
@@ -4163,8 +4175,11 @@ class App:
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
                 written = svc
             data = await route.operation(service, svc, **args)
-            if ids_mode == "string" and not isinstance(data, EventStream):
-                data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
+            if ids_mode == "string":
+                if isinstance(data, EventStream):
+                    data.ids_string = True
+                else:
+                    data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
         except ApiError as exc:
             if exc.headers:
                 raise

@@ -96,6 +96,24 @@ async def test_live_events_from_both_replicas_with_filters(pair, apis):
                                                 ("comment.published", other_comment)]
 
 
+async def test_ids_as_strings_on_the_stream(pair, apis):
+    """ids=string applies to the stream too: each event's data carries its ids as decimal strings (on replay
+    and live), while a stream without it sends numbers."""
+    servers, svc, _ = pair
+    a, _ = apis
+    post = await a.publish()
+    async with Stream(servers[0].url, svc, {"ids": "string"}) as strings, Stream(servers[1].url, svc) as numbers:
+        comment = await a.comment(post)
+        as_strings, as_numbers = (await strings.take(1))[0], (await numbers.take(1))[0]
+    data = json.loads(as_strings.data)["data"]
+    assert data["post_id"] == str(post) and data["comment_id"] == str(comment), data
+    assert json.loads(as_numbers.data)["data"]["comment_id"] == comment
+    assert as_strings.id == as_numbers.id and as_strings.event == as_numbers.event == "comment.published"
+    async with Stream(servers[1].url, svc, {"ids": "string", "last_event_id": int(as_strings.id) - 1}) as replay:
+        replayed = (await replay.take(1))[0]
+    assert replayed.id == as_strings.id and json.loads(replayed.data)["data"]["comment_id"] == str(comment)
+
+
 async def test_resume_after_disconnect_gives_exactly_the_missed_events(pair, apis, db):
     servers, svc, _ = pair
     a, b = apis
