@@ -3322,7 +3322,7 @@ class ParsedQueries:
         self._kept[(route, query_string)] = (query, svc, args, ids_mode)
 
 
-PARSED_QUERIES_KEPT = 4096  # (route, query string) pairs; at most ~4 MiB with the longest kept query strings
+PARSED_QUERIES_KEPT = 4096  # (route, query string) pairs: ~9 MiB when all are the longest kept (measured)
 PARSED_QUERY_MAX_BYTES = 512  # longer query strings are parsed every time (a hot read's is ~100 bytes)
 
 
