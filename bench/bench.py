@@ -803,9 +803,11 @@ def main() -> int:
                                ("like", "PUT JSON, new user each request, one post"),
                                ("mix", "90% reads / 10% writes")):
                 if want(name):
+                    vs = [Subject(f"{name}~vs", vs_server, secret, tpl[name], rows=base["rows"], pinned=pin,
+                                  note=f"served from {args.vs_app_dir}")] if vs_server else []
                     groups.append(paired_rounds(runner, Subject(name, im_server, secret, tpl[name],
                                                                 rows=base["rows"], note=note, pinned=pin),
-                                                [ceiling], args.rounds))
+                                                [ceiling] + vs, args.rounds))
             if only is not None and not any(g.scenario != "ceiling" for g in groups) and want("ceiling"):
                 groups.append(paired_rounds(runner, ceiling, [], args.rounds))
             # 2. growth with table size: each read at the largest size alternated with the same read at the smallest
@@ -844,7 +846,8 @@ def main() -> int:
                      f"-d{args.duration}s × {args.rounds} paired rounds (warm-up {args.warmup}s) — {st.pin_note}")
             main_groups = [g for g in groups if not g.scenario.startswith("workers") and "@" not in g.scenario]
             summary = print_paired(main_groups, title=title)
-            ratios = print_ratios(groups, [("getinfo", "ceiling"), *[(n, f"{n}~vs") for n in READS],
+            ratios = print_ratios(groups, [("getinfo", "ceiling"),
+                                           *[(n, f"{n}~vs") for n in READS + ("publish", "like", "mix")],
                                            ("getinfo", "fastapi"),
                                            ("getinfo", "fastapi-syncdep"), ("workers2", "workers1")],
                                   "paired ratios: median of the per-round ratios [min–max]")
