@@ -265,3 +265,28 @@ async def test_an_idle_stream_outlives_the_read_timeouts(workdir, backing):
             assert summary(await stream.take(1)) == [("post.published", post)]
     finally:
         srv.stop()
+
+
+async def test_other_replicas_are_told_at_once_not_at_their_next_poll(workdir, backing):
+    """The NOTIFY is sent after the commit (coalesced), not inside the write's transaction: a stream and a webhook
+    on the other replica still get the event at once — well before their poll (30 s here) would find it."""
+    secret = webhook_secret()
+    receiver = Receiver(secret)
+    svc = svc_name("ssehint")
+    config = app_config(backing, {}, events=dict(FAST, poll_interval=30))
+    config["svc"] = [{"name": svc, "secret": SECRET, "webhook": {"url": receiver.url, "secret": secret}}]
+    servers = [Server(workdir / f"sse-hint-{i}", config).start() for i in range(2)]
+    try:
+        async with httpx.AsyncClient(base_url=servers[0].url, timeout=30) as client, \
+                Stream(servers[1].url, svc) as other, Stream(servers[0].url, svc) as own:
+            api = Api(client, svc, SECRET)
+            await asyncio.sleep(1.5)  # both replicas LISTENing
+            for i in range(3):
+                post = await api.publish(f"hint {i}")
+                assert summary(await other.take(1, timeout=5)) == [("post.published", post)]
+                assert summary(await own.take(1, timeout=5)) == [("post.published", post)]
+            assert await eventually(lambda: len(receiver.delivered()) >= 3, timeout=10)
+    finally:
+        for srv in servers:
+            srv.stop()
+        receiver.stop()
