@@ -1508,6 +1508,9 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
 EVENTS_CHANNEL = "im_backend_events"  # NOTIFY payload: the service name
 EVENT_INSERT = """INSERT INTO {events} (type, post_id, data, next_attempt_at)
                   VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)"""
+# A post and its event in one statement (one round trip, one implicit transaction): publish, the most common write
+POST_INSERT_WITH_EVENT = f"""WITH inserted AS ({POST_INSERT})
+    INSERT INTO {{events}} (type, post_id, data, next_attempt_at) VALUES ($6, $1, $7, CASE WHEN $8 THEN now() END)"""
 EVENT_HINT = "SELECT pg_notify($1, svc) FROM unnest($2::text[]) AS svc"  # payload: a service with events
 EVENT_HINT_INTERVAL = 0.01  # seconds between the NOTIFYs of one process (what commits meanwhile shares the next)
 EVENT_COLUMNS = "id, xid::text::numeric AS xid, type, post_id, data, created_at"
@@ -2457,10 +2460,17 @@ class Service:
 
     async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
         """Record the event of a change in the change's own transaction (SPEC 11.4)."""
+        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
+        self.emitted(conn, svc)
+
+    def delivered(self, svc: str, kind: str) -> bool:
+        """Does svc's webhook take events of this kind? (Then the event row is due for delivery at once.)"""
         tenant = self.config.tenants.get(svc)
-        to_deliver = tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
-        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, to_deliver)
-        self._emitted.setdefault(conn, set()).add(svc)  # db() hands it to Events.committed once committed
+        return tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
+
+    def emitted(self, conn: asyncpg.Connection, svc: str) -> None:
+        """An event of svc was written on conn: db() hands svc to Events.committed once it is committed."""
+        self._emitted.setdefault(conn, set()).add(svc)
 
     @contextlib.asynccontextmanager
     async def db(self, svc: str, failure: Err):
@@ -2497,10 +2507,11 @@ class Service:
                            extra: dict | None) -> dict:
         """Publish a post."""
         post_id = await self.cache.next_id(post_id_counter_key(svc))
-        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
-            await conn.execute(sql(svc, POST_INSERT), post_id, content, title or "", author, extra)
-            await self.emit(conn, svc, "post.published", {"post_id": post_id, "author": author, "title": title or "",
-                                                          "content": content, "extra": extra})
+        event = {"post_id": post_id, "author": author, "title": title or "", "content": content, "extra": extra}
+        async with self.db(svc, Err.CREATE_FAILED) as conn:  # the post and its event: one statement, one commit
+            await conn.execute(sql(svc, POST_INSERT_WITH_EVENT), post_id, content, title or "", author, extra,
+                               "post.published", event, self.delivered(svc, "post.published"))
+            self.emitted(conn, svc)
         return {"post_id": post_id}
 
     async def get_post(self, svc: str, post_id: int, counts: bool | None = None,
