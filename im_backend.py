@@ -1378,6 +1378,18 @@ POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY
                      SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM del) AS changed"""
 
 
+def _emitting(statement: str, rows: str) -> str:
+    """A `WITH ... SELECT` change that also writes its event, one row when the CTE `rows` returned one (type $4,
+    data $5, due for the webhook when $6; post $1): the change, its count and its event in one statement."""
+    head, select = statement.rsplit("\n", 1)
+    return (f"{head},\n    ev AS (INSERT INTO {{events}} (type, post_id, data, next_attempt_at)\n"
+            f"           SELECT $4::text, $1, $5::jsonb, CASE WHEN $6::boolean THEN now() END FROM {rows})\n{select}")
+
+
+POST_LIKE_SET_EMITTING = _emitting(POST_LIKE_SET, "ins")
+POST_LIKE_UNSET_EMITTING = _emitting(POST_LIKE_UNSET, "del")
+
+
 def _counter(kind: str, target: str) -> str:
     """SQL: the count of (kind, target) from its counter; NULL while it has no base."""
     return (f"(SELECT b.likes + COALESCE((SELECT sum(s.n) FROM {{counter_slots}} s WHERE s.kind = '{kind}' "
@@ -2796,12 +2808,14 @@ class Service:
         """Like or unlike a post (idempotent)."""
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
-        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
-            exists, changed = await conn.fetchrow(sql(svc, POST_LIKE_SET if like else POST_LIKE_UNSET), post_id, user_id,
-                                                  random.randrange(COUNTER_SLOTS))
+        kind = "post.liked" if like else "post.unliked"
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn:  # one statement, one commit
+            exists, changed = await conn.fetchrow(
+                sql(svc, POST_LIKE_SET_EMITTING if like else POST_LIKE_UNSET_EMITTING), post_id, user_id,
+                random.randrange(COUNTER_SLOTS), kind, {"post_id": post_id, "user_id": user_id},
+                self.delivered(svc, kind))
             if changed:
-                await self.emit(conn, svc, "post.liked" if like else "post.unliked", {"post_id": post_id,
-                                                                                      "user_id": user_id})
+                self.emitted(conn, svc)
         if not exists:
             raise ApiError(Err.FIND_FAILED)
         if invalidated:
