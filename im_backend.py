@@ -1047,7 +1047,37 @@ def sign_request(svc: str, secret: str, method: str, path: str, query: str = "",
     return headers
 
 
-class NonceStore:
+class RedisFirst:
+    """Shared state kept in Redis when it answers, in this process's memory while it does not: after a Redis error
+    the memory is used for AUTH_REDIS_OFF seconds, then Redis is tried again; each switch is logged once."""
+
+    WHEN_DOWN = "Redis unreachable (%s)"  # the two log lines, said by each subclass
+    WHEN_BACK = "Redis reachable again"
+
+    def __init__(self) -> None:
+        self._redis_off_until = 0.0
+        self._degraded = False
+
+    async def from_redis(self, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(True, what `call()` returned), or (False, None): Redis failed now or recently, use the memory."""
+        now = time.monotonic()
+        if now < self._redis_off_until:
+            return False, None
+        try:
+            value = await call()
+        except REDIS_ERRORS as exc:
+            self._redis_off_until = now + AUTH_REDIS_OFF
+            if not self._degraded:
+                self._degraded = True
+                log.warning(self.WHEN_DOWN, exc)
+            return False, None
+        if self._degraded:
+            self._degraded = False
+            log.info(self.WHEN_BACK)
+        return True, value
+
+
+class NonceStore(RedisFirst):
     """Nonces seen within 2 x auth_window: in Redis (SET NX EX, one key each: cluster-safe); while Redis is
     unreachable, in this process's memory (logged when that starts and when it ends).
 
@@ -1056,11 +1086,12 @@ class NonceStore:
 
     MEMORY_MAX = 200_000  # nonces kept in memory at most (the oldest tenth goes when full)
     IN_FLIGHT = 4  # round trips under way at once
+    WHEN_DOWN = "Redis unreachable (%s): signature nonces are kept in this process's memory"
+    WHEN_BACK = "Redis reachable again: signature nonces are kept in Redis"
 
     def __init__(self) -> None:
+        super().__init__()
         self._memory: dict[str, float] = {}  # key -> monotonic expiry
-        self._redis_off_until = 0.0
-        self._degraded = False
         self._pending: list[tuple[Cache, str, int, asyncio.Future]] = []
         self._scheduled = False
         self._in_flight = 0
@@ -1109,19 +1140,9 @@ class NonceStore:
         now = time.monotonic()
         if self._memory and self._memory.get(key, 0) > now:
             return False
-        if now >= self._redis_off_until:
-            try:
-                fresh = await self._claim_in_redis(cache, key, ttl)
-            except REDIS_ERRORS as exc:
-                self._redis_off_until = now + AUTH_REDIS_OFF
-                if not self._degraded:
-                    self._degraded = True
-                    log.warning("Redis unreachable (%s): signature nonces are kept in this process's memory", exc)
-            else:
-                if self._degraded:
-                    self._degraded = False
-                    log.info("Redis reachable again: signature nonces are kept in Redis")
-                return fresh
+        answered, fresh = await self.from_redis(lambda: self._claim_in_redis(cache, key, ttl))
+        if answered:
+            return fresh
         if len(self._memory) >= self.MEMORY_MAX:
             for old in [k for k, expiry in self._memory.items() if expiry <= now] or list(
                     itertools.islice(self._memory, self.MEMORY_MAX // 10)):
@@ -1142,18 +1163,20 @@ def _lease_size(limits: Limits) -> int:
     return max(1, min(limits.burst // LEASE_SHARE, int(limits.requests_per_second * LEASE_SECONDS)))
 
 
-class RateLimiter:
+class RateLimiter(RedisFirst):
     """Per service across replicas, and writes per (service, user): a GCRA bucket per subject in Redis.
 
     A service's bucket is drawn from in leases (several tokens per round trip) so a limit high enough never
     to refuse costs almost nothing; across replicas the limit then holds to within one lease per process."""
 
+    WHEN_DOWN = "Redis unreachable (%s): each process applies the rate limits on its own"
+    WHEN_BACK = "Redis reachable again: rate limits are shared through Redis"
+
     def __init__(self) -> None:
+        super().__init__()
         self._leases: dict[str, list[float]] = {}  # key -> [tokens left, monotonic expiry]
         self._locks: dict[str, asyncio.Lock] = {}  # one fetch of a lease at a time per key
         self._local: dict[str, float] = {}  # key -> theoretical arrival time (µs, monotonic) while Redis is down
-        self._redis_off_until = 0.0
-        self._degraded = False
 
     async def check(self, req: Request, cache: Cache, tenant: Tenant, route: Route) -> tuple[str, list] | None:
         """None when the request may go on, else (policy name, the 429's headers)."""
@@ -1193,21 +1216,8 @@ class RateLimiter:
 
     async def _from_bucket(self, cache: Cache, key: str, interval: float, burst: int, want: int) -> tuple[int, int]:
         """(tokens taken, µs until one is free when none was)."""
-        now = time.monotonic()
-        if now >= self._redis_off_until:
-            try:
-                taken = await cache.take_tokens(key, interval, burst, want)
-            except REDIS_ERRORS as exc:
-                self._redis_off_until = now + AUTH_REDIS_OFF
-                if not self._degraded:
-                    self._degraded = True
-                    log.warning("Redis unreachable (%s): each process applies the rate limits on its own", exc)
-            else:
-                if self._degraded:
-                    self._degraded = False
-                    log.info("Redis reachable again: rate limits are shared through Redis")
-                return taken
-        return self._take_locally(key, interval, burst, want)
+        answered, taken = await self.from_redis(lambda: cache.take_tokens(key, interval, burst, want))
+        return taken if answered else self._take_locally(key, interval, burst, want)
 
     def _take_locally(self, key: str, interval: float, burst: int, want: int) -> tuple[int, int]:
         """The same GCRA as the Redis script, on this process's clock."""
@@ -1378,18 +1388,6 @@ POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY
                      SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM del) AS changed"""
 
 
-def _emitting(statement: str, rows: str) -> str:
-    """A `WITH ... SELECT` change that also writes its event, one row when the CTE `rows` returned one (type $4,
-    data $5, due for the webhook when $6; post $1): the change, its count and its event in one statement."""
-    head, select = statement.rsplit("\n", 1)
-    return (f"{head},\n    ev AS (INSERT INTO {{events}} (type, post_id, data, next_attempt_at)\n"
-            f"           SELECT $4::text, $1, $5::jsonb, CASE WHEN $6::boolean THEN now() END FROM {rows})\n{select}")
-
-
-POST_LIKE_SET_EMITTING = _emitting(POST_LIKE_SET, "ins")
-POST_LIKE_UNSET_EMITTING = _emitting(POST_LIKE_UNSET, "del")
-
-
 def _counter(kind: str, target: str) -> str:
     """SQL: the count of (kind, target) from its counter; NULL while it has no base."""
     return (f"(SELECT b.likes + COALESCE((SELECT sum(s.n) FROM {{counter_slots}} s WHERE s.kind = '{kind}' "
@@ -1518,11 +1516,24 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
 # insert, not at commit, but once every transaction older than xmin has ended, no row below it can still appear,
 # so a resume point never skips a late commit.
 EVENTS_CHANNEL = "im_backend_events"  # NOTIFY payload: the service name
-EVENT_INSERT = """INSERT INTO {events} (type, post_id, data, next_attempt_at)
-                  VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)"""
+EVENT_INTO = "INSERT INTO {events} (type, post_id, data, next_attempt_at)"  # due now (else NULL) for a webhook
+EVENT_INSERT = f"{EVENT_INTO} VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)"
 # A post and its event in one statement (one round trip, one implicit transaction): publish, the most common write
 POST_INSERT_WITH_EVENT = f"""WITH inserted AS ({POST_INSERT})
-    INSERT INTO {{events}} (type, post_id, data, next_attempt_at) VALUES ($6, $1, $7, CASE WHEN $8 THEN now() END)"""
+    {EVENT_INTO} VALUES ($6, $1, $7, CASE WHEN $8 THEN now() END)"""
+
+
+def _emitting(statement: str, rows: str) -> str:
+    """A `WITH ... SELECT` change that also writes its event, one row when the CTE `rows` returned one (type $4,
+    data $5, due for the webhook when $6; post $1): the change, its count and its event in one statement."""
+    head, select = statement.rsplit("\n", 1)
+    return (f"{head},\n    ev AS ({EVENT_INTO}\n"
+            f"           SELECT $4::text, $1, $5::jsonb, CASE WHEN $6::boolean THEN now() END FROM {rows})\n{select}")
+
+
+POST_LIKE_SET_EMITTING = _emitting(POST_LIKE_SET, "ins")
+POST_LIKE_UNSET_EMITTING = _emitting(POST_LIKE_UNSET, "del")
+
 EVENT_HINT = "SELECT pg_notify($1, svc) FROM unnest($2::text[]) AS svc"  # payload: a service with events
 EVENT_HINT_INTERVAL = 0.01  # seconds between the NOTIFYs of one process (what commits meanwhile shares the next)
 EVENT_COLUMNS = "id, xid::text::numeric AS xid, type, post_id, data, created_at"
@@ -4226,7 +4237,7 @@ class App:
         self.deadlines.start(task, service.config.server.timeout)
         try:
             limit = service.config.server.body_limit
-            body = b"" if bodiless(scope, limit) else await read_body(scope, receive, limit)
+            body = b"" if bodiless(scope, limit) else await receive_body(receive, limit)
             qs = scope.get("query_string", b"")
             parsed = None if body else PARSED_QUERIES.get(route, qs)  # (query, svc, args, ids mode) seen before
             req = Request(scope, body, None if parsed is None else parsed[0])
@@ -4408,8 +4419,11 @@ def bodiless(scope: dict, limit: int) -> bool:
 
 async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
     """The whole body, or 413 as soon as it is known to be larger than the limit."""
-    if bodiless(scope, limit):
-        return b""
+    return b"" if bodiless(scope, limit) else await receive_body(receive, limit)
+
+
+async def receive_body(receive: Callable, limit: int) -> bytes:
+    """The body from receive(), for a request that may have one (bodiless() said no); 413 past the limit."""
     chunks, size = [], 0
     while True:
         message = await receive()
