@@ -429,17 +429,18 @@ def redis_cluster(workdir: pathlib.Path) -> dict:
 class Receiver:
     """A webhook receiver: a real HTTP/1.1 server on 127.0.0.1 (stdlib, one thread per connection) that checks
     every request with the `standardwebhooks` library, as a caller would, and answers per `plan`:
-    the n-th request gets plan[n] (an HTTP status, or None: hang until stop()), later ones `default`."""
+    the n-th request gets plan[n] (an HTTP status, or None: hang until stop()), later ones `default`.
+    `observe`, if given, is called as each request arrives; its result is kept in the request's "observed"."""
 
     def __init__(self, secret: str, plan: list[int | None] | None = None, default: int | None = 200,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, observe: Any = None) -> None:
         import http.server
         import threading
 
         import standardwebhooks
 
         self.webhook = standardwebhooks.Webhook(secret)
-        self.plan, self.default, self.delay = list(plan or []), default, delay
+        self.plan, self.default, self.delay, self.observe = list(plan or []), default, delay, observe
         self.lock = threading.Lock()
         self.requests: list[dict] = []  # {"id", "event", "time", "status", "answered"}
         self.unverified = 0
@@ -459,7 +460,8 @@ class Receiver:
                     n = len(receiver.requests)
                     status = receiver.plan[n] if n < len(receiver.plan) else receiver.default
                     record = {"id": self.headers.get("webhook-id"), "event": event, "time": time.monotonic(),
-                              "status": status, "answered": False}
+                              "status": status, "answered": False, "connection": self.connection,
+                              "observed": receiver.observe() if receiver.observe else None}
                     receiver.requests.append(record)
                     receiver.unverified += event is None
                 if status is None:
@@ -486,6 +488,23 @@ class Receiver:
         """The verified events answered with 2xx, in arrival order (duplicates included)."""
         with self.lock:
             return [r["event"] for r in self.requests if r["event"] and r["status"] and 200 <= r["status"] < 300]
+
+    def hanging_open(self) -> int:
+        """Hanging requests whose sender still waits for the answer: the connection is open at its end (a sender
+        that gave up closed it, which reads here as end of file)."""
+        import socket as sockets
+
+        with self.lock:
+            hanging = [r["connection"] for r in self.requests if r["status"] is None and not r["answered"]]
+        still = 0
+        for connection in hanging:
+            try:
+                still += connection.recv(1, sockets.MSG_PEEK | sockets.MSG_DONTWAIT) != b""
+            except BlockingIOError:
+                still += 1  # open, nothing to read
+            except OSError:
+                pass
+        return still
 
     def stop(self) -> None:
         self.release.set()
