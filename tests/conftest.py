@@ -177,11 +177,15 @@ class Server:
         tmp.write_text(config)
         os.replace(tmp, self.directory / "app.yaml")
 
-    def start(self, wait: bool = True, access_log: bool = False, **env_vars: str) -> "Server":
+    def start(self, wait: bool = True, access_log: bool = False, app: str = "im_backend:app",
+              **env_vars: str) -> "Server":
+        """`app`: the ASGI app uvicorn runs (a test's wrapper of im_backend.app in tests/ may be named)."""
         env = dict(os.environ, IM_CONF=str(self.boot), **env_vars)
+        if app != "im_backend:app":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT / "tests"), env.get("PYTHONPATH"))))
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
+                [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "info", *(() if access_log else ("--no-access-log",)),
                  *(("--http", self.http) if self.http else ())],
                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
