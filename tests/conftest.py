@@ -177,11 +177,15 @@ class Server:
         tmp.write_text(config)
         os.replace(tmp, self.directory / "app.yaml")
 
-    def start(self, wait: bool = True, access_log: bool = False, **env_vars: str) -> "Server":
+    def start(self, wait: bool = True, access_log: bool = False, app: str = "im_backend:app",
+              **env_vars: str) -> "Server":
+        """`app`: the ASGI app uvicorn runs (a test's wrapper of im_backend.app in tests/ may be named)."""
         env = dict(os.environ, IM_CONF=str(self.boot), **env_vars)
+        if app != "im_backend:app":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT / "tests"), env.get("PYTHONPATH"))))
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "im_backend:app", "--host", "127.0.0.1", "--port", str(self.port),
+                [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "info", *(() if access_log else ("--no-access-log",)),
                  *(("--http", self.http) if self.http else ())],
                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -429,17 +433,18 @@ def redis_cluster(workdir: pathlib.Path) -> dict:
 class Receiver:
     """A webhook receiver: a real HTTP/1.1 server on 127.0.0.1 (stdlib, one thread per connection) that checks
     every request with the `standardwebhooks` library, as a caller would, and answers per `plan`:
-    the n-th request gets plan[n] (an HTTP status, or None: hang until stop()), later ones `default`."""
+    the n-th request gets plan[n] (an HTTP status, or None: hang until stop()), later ones `default`.
+    `observe`, if given, is called as each request arrives; its result is kept in the request's "observed"."""
 
     def __init__(self, secret: str, plan: list[int | None] | None = None, default: int | None = 200,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, observe: Any = None) -> None:
         import http.server
         import threading
 
         import standardwebhooks
 
         self.webhook = standardwebhooks.Webhook(secret)
-        self.plan, self.default, self.delay = list(plan or []), default, delay
+        self.plan, self.default, self.delay, self.observe = list(plan or []), default, delay, observe
         self.lock = threading.Lock()
         self.requests: list[dict] = []  # {"id", "event", "time", "status", "answered"}
         self.unverified = 0
@@ -459,7 +464,8 @@ class Receiver:
                     n = len(receiver.requests)
                     status = receiver.plan[n] if n < len(receiver.plan) else receiver.default
                     record = {"id": self.headers.get("webhook-id"), "event": event, "time": time.monotonic(),
-                              "status": status, "answered": False}
+                              "status": status, "answered": False, "connection": self.connection,
+                              "observed": receiver.observe() if receiver.observe else None}
                     receiver.requests.append(record)
                     receiver.unverified += event is None
                 if status is None:
@@ -486,6 +492,23 @@ class Receiver:
         """The verified events answered with 2xx, in arrival order (duplicates included)."""
         with self.lock:
             return [r["event"] for r in self.requests if r["event"] and r["status"] and 200 <= r["status"] < 300]
+
+    def hanging_open(self) -> int:
+        """Hanging requests whose sender still waits for the answer: the connection is open at its end (a sender
+        that gave up closed it, which reads here as end of file)."""
+        import socket as sockets
+
+        with self.lock:
+            hanging = [r["connection"] for r in self.requests if r["status"] is None and not r["answered"]]
+        still = 0
+        for connection in hanging:
+            try:
+                still += connection.recv(1, sockets.MSG_PEEK | sockets.MSG_DONTWAIT) != b""
+            except BlockingIOError:
+                still += 1  # open, nothing to read
+            except OSError:
+                pass
+        return still
 
     def stop(self) -> None:
         self.release.set()

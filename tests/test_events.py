@@ -39,19 +39,21 @@ async def stored(db, svc: str, column: str = "*"):
 
 @pytest.fixture(scope="module")
 def hooks(workdir, backing):
-    """One server, several services, each with a receiver of its own behaviour."""
+    """One server, several services, each with a receiver of its own behaviour. The answer timeout is longer
+    than any wait here, so the server is still waiting on the hanging endpoint whenever a test looks."""
     secret = webhook_secret()
+    hang = Receiver(secret, default=None)
     receivers = {
         "ev": Receiver(secret),
         "retry": Receiver(secret, plan=[500, 500, 200]),
-        "hang": Receiver(secret, default=None),
-        "fast": Receiver(secret),
+        "hang": hang,
+        "fast": Receiver(secret, observe=hang.hanging_open),  # each arrival notes the hanging requests in flight
     }
     names = {label: svc_name("e" + label) for label in ("ev", "retry", "hang", "fast", "dead", "nohook")}
     entries = [tenant(names[label], r.url, secret) for label, r in receivers.items()]
     entries.append(tenant(names["dead"], "http://127.0.0.1:9/closed", secret))  # nothing listens there
     entries.append(tenant(names["nohook"]))
-    config = app_config(backing, {}, events=FAST)
+    config = app_config(backing, {}, events=dict(FAST, timeout=40, lease=50))
     config["svc"] = entries
     srv = Server(workdir / "events-server", config).start()
     yield srv, names, receivers
@@ -176,10 +178,15 @@ async def test_hanging_endpoint_does_not_delay_other_services(hooks, hook_client
     for _ in range(3):
         await api_for(hook_client, hooks, "hang").publish()
     assert await eventually(lambda: _ready(len(hang.requests) >= 1), timeout=20)
+    assert hang.hanging_open() >= 1  # the server waits on it (its answer timeout outlasts the test)
     for _ in range(5):
         await api_for(hook_client, hooks, "fast").publish()
     assert await eventually(lambda: _ready(len(fast.delivered()) == 5), timeout=20)
-    assert not any(r["answered"] for r in hang.requests)  # delivered while the other endpoint still hangs
+    # each of fast's deliveries arrived while the server was still waiting on the hanging endpoint: observed as
+    # each arrived, not after the fact (the hanging requests are answered only when the receiver stops)
+    observed = [r["observed"] for r in fast.requests]
+    assert len(observed) == 5 and min(observed) >= 1, observed
+    assert hang.hanging_open() == len(hang.requests) and not any(r["answered"] for r in hang.requests)
 
 
 async def test_service_without_webhook_records_events_without_delivery(hooks, hook_client, db):

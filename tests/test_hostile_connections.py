@@ -380,9 +380,40 @@ async def test_a_burst_of_1000_connections_gets_answers_not_pool_errors(guarded)
     assert "Too many connections" not in guarded.log()[log_start:]
 
 
-def test_new_connections_are_accepted_in_batches(guarded):
+async def test_new_connections_are_accepted_in_batches(tight):
+    """A burst waiting in the kernel's accept queue is taken in one batch: every connection of it is open in the
+    server before any of them is answered, so the connection cap (20) sees the whole burst at once and refuses
+    exactly the connections beyond it. Accepted one per turn of the loop instead, each short request would be
+    answered and closed while the next ones were still being accepted, and the cap would hardly refuse any.
+    The burst is made deterministic by stopping the server (SIGSTOP) while the clients connect and send; the
+    kernel completes their handshakes and keeps the requests; then the server continues (SIGCONT)."""
+    cap, burst = 20, 60
+    raw, _ = await exchange(tight.port, get("/healthz"))  # the first connection of a process installs the Acceptor
+    assert envelope(raw)[0] == 200
+    connections = []
+    tight.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(burst):
+            reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+            writer.write(get("/healthz"))  # Connection: close: each served connection ends with its answer
+            await writer.drain()
+            connections.append((reader, writer))
+    finally:
+        tight.process.send_signal(signal.SIGCONT)
+    try:
+        answers = await asyncio.wait_for(asyncio.gather(*(read_to_eof(reader) for reader, _ in connections)),
+                                         3 * REQUEST_TIMEOUT)
+    finally:
+        for _, writer in connections:
+            writer.close()
+    statuses = [envelope(raw)[0] for raw, _ in answers]
+    served, refused = statuses.count(200), statuses.count(503)
+    assert (served, refused) == (cap, burst - cap), f"{served} served, {refused} refused: {statuses}"
+
+
+def test_the_acceptor_reads_a_duplicate_of_the_listening_socket(guarded):
     """uvloop accepts one connection per turn of its loop; the Acceptor reads a duplicate of the listening socket
-    to take many at once (a burst otherwise waits in the kernel's accept queue: timing, so not tested here)."""
+    to take many at once (what that changes is tested above)."""
     pid = guarded.process.pid
     [listener] = [c for c in psutil.Process(pid).net_connections("tcp")
                   if c.status == psutil.CONN_LISTEN and c.laddr.port == guarded.port]

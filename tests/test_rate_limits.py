@@ -4,13 +4,15 @@ limits changed by hot reload; and the validation of the new configuration keys."
 from __future__ import annotations
 
 import asyncio
+import math
 
 import http_sf
 import httpx
 import pytest
 
 import im_backend
-from conftest import Api, RedisProcess, Server, entries_config, eventually, svc_name, table_counts
+from conftest import (Api, RedisProcess, Server, entries_config, eventually, redis_client, svc_name,
+                      table_counts)
 
 SECRET = "W7K8pJ3aQv2LcXgH"
 SLOW = {"requests_per_second": 0.02, "burst": 5}  # 5 at once, then one per 50 s: no refill during a test
@@ -74,6 +76,67 @@ async def test_two_processes_share_one_limit(servers):
         statuses.append(response.status_code)
     assert sorted(statuses) == [200] * 5 + [429] * 5, statuses
     assert statuses[:5] == [200] * 5
+
+
+# --- leases: a service's tokens taken from the shared bucket several at a time --------------------------------
+# A lease holds at most LEASE_SECONDS of the rate, so with the real constants leases of more than one token need a
+# rate of 100/s or more, which refills faster than a test can count. The two servers below run the module's code
+# with LEASE_SECONDS scaled (tests/scaled_leases_app.py): one token per 50 s, burst 100, leases of 5 tokens. No
+# token comes back during the test, so every count is exact.
+LEASED = {"requests_per_second": 0.02, "burst": 100}
+LEASE = 5  # min(burst // LEASE_SHARE, int(requests_per_second * 250)): the rate's term binds
+
+
+def test_lease_size_from_the_real_constants():
+    size = im_backend._lease_size
+    assert size(im_backend.Limits(0.02, 5)) == 1  # the limits of every other test here: one token per round trip
+    assert size(im_backend.Limits(1000.0, 2000)) == 20  # 20 ms of the rate
+    assert size(im_backend.Limits(1000.0, 50)) == 5  # at most a tenth of the burst
+    assert size(im_backend.Limits(100.0, 1000)) == 2
+    assert size(im_backend.Limits(**LEASED)) == 1  # hence the scaled constants of the test below
+
+
+@pytest.fixture(scope="module")
+def leased_servers(workdir, backing):
+    config = entries_config(backing, [entry("rl_leased", **LEASED)])
+    scaled = {"app": "scaled_leases_app:app", "IM_TEST_LEASE_SECONDS": "250", "IM_TEST_LEASE_LIFE": "600"}
+    first = Server(workdir / "rl-lease-1", config).start(**scaled)
+    second = Server(workdir / "rl-lease-2", config).start(**scaled)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+async def test_leases_across_two_processes_admit_exactly_the_burst(leased_servers, backing):
+    """Requests alternate between two processes. Each takes its tokens from the shared bucket one lease (5) at a
+    time, so after every request the bucket has given out exactly the leases the two processes fetched; 100
+    tokens are 20 leases, 10 per process: 50 requests admitted by each, then every further one refused."""
+    svc = svc_name("rl_leased")
+    interval = 1e6 / LEASED["requests_per_second"]  # µs per token
+    redis = redis_client(backing["cache"])
+    key = im_backend.rate_key(svc)
+
+    async def taken_from_bucket() -> int:
+        """Tokens the bucket has given out (its theoretical arrival time ahead of now, in tokens)."""
+        tat, (seconds, micros) = await redis.get(key), await redis.time()
+        return 0 if tat is None else math.ceil((int(tat) - (seconds * 1e6 + micros)) / interval)
+
+    admitted, statuses = [0, 0], []
+    try:
+        for i in range(120):
+            which = i % 2
+            response = await call(leased_servers[which].url, "rl_leased", "GET", "/getlist")
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                admitted[which] += 1
+            else:
+                assert_limited(response, "svc", LEASED["burst"], 5000)
+            leases = math.ceil(admitted[0] / LEASE) + math.ceil(admitted[1] / LEASE)
+            assert await taken_from_bucket() == LEASE * leases, (i, admitted, statuses[-3:])
+    finally:
+        await redis.aclose()
+    assert admitted == [50, 50], admitted
+    assert statuses == [200] * 100 + [429] * 20, statuses
 
 
 async def test_writes_are_limited_per_user(servers, db):

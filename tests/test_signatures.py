@@ -352,6 +352,10 @@ def test_fuzzed_signature_headers_never_500(servers, data):
 
 
 # --- the canonical fast path reads exactly what http-sf reads ------------------------------------------------
+# The fast path must be TAKEN for every canonical field (else it is dead code and the test below would prove
+# nothing), agree with http-sf whenever it is taken, and decline everything else. "Canonical" is decided here
+# independently of the server's regular expressions: http-sf parses the text to one member of the expected shape
+# and serialises it back to exactly the same text.
 
 def sf_parse(text: str):
     try:
@@ -360,17 +364,67 @@ def sf_parse(text: str):
         return None
 
 
-def check_canonical_input(text: str) -> None:
+def _plain_string(value) -> bool:
+    return isinstance(value, str) and '"' not in value and "\\" not in value
+
+
+def _short_key(key) -> bool:
+    return isinstance(key, str) and len(key) <= 64
+
+
+def is_canonical_input(text: str) -> bool:
+    parsed = sf_parse(text)
+    if not isinstance(parsed, dict) or len(parsed) != 1:
+        return False
+    (label, member), = parsed.items()
+    if not (_short_key(label) and isinstance(member, tuple) and isinstance(member[0], list)):
+        return False
+    items, params = member
+    return (all(_plain_string(name) and item_params == {} for name, item_params in items)
+            and all(_short_key(key) and (_plain_string(value) or (type(value) is int and abs(value) < 10 ** 15))
+                    for key, value in params.items())
+            and http_sf.ser(parsed) == text)
+
+
+def is_canonical_signature(text: str) -> bool:
+    parsed = sf_parse(text)
+    if not isinstance(parsed, dict) or len(parsed) != 1:
+        return False
+    (label, member), = parsed.items()
+    return (_short_key(label) and isinstance(member, tuple) and isinstance(member[0], bytes) and member[1] == {}
+            and http_sf.ser(parsed) == text)
+
+
+def check_canonical_input(text: str) -> bool:
+    """The fast path agrees with http-sf when it answers, and answers for every canonical text; True if it did."""
     fast = im_backend.canonical_signature_input(text)
+    if is_canonical_input(text):
+        assert fast is not None, f"fast path declined a canonical Signature-Input: {text!r}"
     if fast is not None:
         assert fast == sf_parse(text), text
         assert http_sf.ser(fast) == text, text  # so the raw text is the serialised signature parameters
+    return fast is not None
+
+
+def check_canonical_signature(text: str) -> bool:
+    fast = im_backend.canonical_signature(text)
+    if is_canonical_signature(text):
+        assert fast is not None, f"fast path declined a canonical Signature: {text!r}"
+    if fast is not None:
+        assert fast == sf_parse(text), text
+    return fast is not None
+
+
+def _repeats_a_parameter(text: str) -> bool:
+    keys = re.findall(r';([a-z*][a-z0-9_.*-]*)=', text.partition(")")[2])
+    return len(keys) != len(set(keys))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.from_regex(im_backend._CANONICAL_INPUT, fullmatch=True))
 def test_canonical_signature_input_matches_http_sf(text):
-    check_canonical_input(text)
+    # every text of the canonical shape is read by the fast path, except a repeated parameter (left to http-sf)
+    assert check_canonical_input(text) is not _repeats_a_parameter(text), text
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -383,9 +437,60 @@ def test_near_canonical_signature_input_matches_http_sf(text):
 @given(st.one_of(st.from_regex(im_backend._CANONICAL_SIGNATURE, fullmatch=True),
                  st.text(st.sampled_from("sig1=:AQab+/= ,;"), max_size=30)))
 def test_canonical_signature_matches_http_sf(text):
-    fast = im_backend.canonical_signature(text)
-    if fast is not None:
-        assert fast == sf_parse(text), text
+    check_canonical_signature(text)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.binary(max_size=48), st.from_regex(r"[a-z][a-z0-9_-]{0,10}", fullmatch=True))
+def test_canonical_signature_taken_for_any_value(value, label):
+    text = f"{label}=:{base64.b64encode(value).decode()}:"
+    assert check_canonical_signature(text), text
+
+
+FAST_INPUT_TAKEN = [
+    'sig1=("@method" "@path" "@query");created=1700000000;keyid="s_signed";nonce="0f3a"',
+    'im=("@method" "@authority" "@path" "@query" "content-digest");created=1;keyid="k";alg="hmac-sha256"',
+    'sig1=();created=0',
+    'sig1=("@path")',
+    'a.b*c=("x");n=-123456789012345',
+]
+FAST_INPUT_DECLINED = [
+    'sig1=("@path");created=1;created=2',            # repeated parameter: http-sf keeps the last
+    'sig1=("@path"), sig2=("@query")',               # two signatures
+    'sig1=(@path)',                                  # a token, not a string
+    'sig1=("@path";sf)',                             # a parameter on a component
+    'sig1=("a\\"b")',                                # an escaped string
+    'sig1=("@path");created=01',                     # not a canonical integer
+    'sig1=("@path");created=1.5',                    # a decimal
+    'sig1=("@path");flag',                           # a boolean parameter
+    'sig1=("@path") ',                               # trailing space
+    'sig1=("@path"  "@query")',                      # two spaces
+    'Sig1=("@path")',                                # not a key
+    'sig1=("@path"',                                 # unparsable
+]
+FAST_SIGNATURE_TAKEN = ['sig1=:AQ==:', 'im=:' + base64.b64encode(bytes(range(32))).decode() + ':', 'x=::']
+FAST_SIGNATURE_DECLINED = ['sig1=:AQ==:, sig2=:AQ==:', 'sig1=:AQ==:;p=1', 'sig1=:AQ=:', 'sig1="AQ=="', 'sig1=:AQ==: ',
+                           'sig1=:-_8=:']
+
+
+def test_canonical_fast_path_taken_and_declined():
+    for text in FAST_INPUT_TAKEN:
+        assert check_canonical_input(text), text
+    for text in FAST_INPUT_DECLINED:
+        assert im_backend.canonical_signature_input(text) is None, text
+    for text in FAST_SIGNATURE_TAKEN:
+        assert check_canonical_signature(text), text
+    for text in FAST_SIGNATURE_DECLINED:
+        assert im_backend.canonical_signature(text) is None, text
+
+
+def test_fast_path_taken_for_the_independent_signers_headers():
+    """What a real RFC 9421 library sends is canonical: the fast path reads it (and agrees with http-sf)."""
+    request = sign(httpx.Request("POST", "http://127.0.0.1:1/api/v1/posts/add?svc=s", content=b'{"a": 1}'),
+                   SECRET["signed"], "s", covered=("@method", "@path", "@query", "content-digest"))
+    assert check_canonical_input(request.headers["signature-input"]), request.headers["signature-input"]
+    assert check_canonical_signature(request.headers["signature"]), request.headers["signature"]
+    assert check_canonical_signature(request.headers["content-digest"]), request.headers["content-digest"]
 
 
 # --- Redis down: nonces in the process's memory -------------------------------------------------------------
