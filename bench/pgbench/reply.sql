@@ -1,8 +1,8 @@
 -- reply: a new reply to root comment -D root of the hot post (-D hot): the father must be that root on that post
 -- (else nothing is written), the reply names the father's user; the post's comment count and the root's reply
--- count (one of 64 slots each) and the outbox row, one statement.
+-- count (one of 64 slots each) and the outbox row, one statement. (Ids from 6e12: none of comment-publish.sql.)
 \set n :n + 1
-\set id 5000000000000 + :run * 10000000000 + :n * 1024 + :client_id
+\set id 6000000000000 + :run * 10000000000 + :n * 1024 + :client_id
 \set slot random(0, 63)
 WITH father AS (SELECT id, user_id, post_id FROM pgb_post_comment_info WHERE id = :root AND post_id = :hot AND root_id = 0),
      inserted AS (
