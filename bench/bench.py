@@ -64,6 +64,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from typing import Callable
 
 BENCH = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -506,11 +507,19 @@ class Runner:
         script.write_text(make_lua(subject.secret, subject.templates, int(warmup + dur + 60)))
         if warmup > 0:
             self.wrk_subject(subject, script, warmup)
+        rows_before = subject.count_rows() if subject.count_rows else None
         before, t0 = cpu_snapshot(self.own_roots), time.monotonic()
         r = self.wrk_subject(subject, script, dur)
         other = foreign_cores(before, cpu_snapshot(self.own_roots), time.monotonic() - t0)
         rps = r["requests"] / (r["duration_us"] / 1e6)
-        errors = r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"] + r["bad"] + r["overrun"]
+        r["unchanged"] = 0
+        if rows_before is not None:  # requests still in flight when wrk stopped may add more: at least, not exactly
+            r["rows_changed"] = subject.count_rows() - rows_before
+            r["unchanged"] = max(0, r["requests"] - r["status"] - r["bad"] - r["rows_changed"])
+            if r["unchanged"]:
+                log(f"  {subject.name}: {r['requests']} answers, {r['rows_changed']} rows changed")
+        errors = (r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"] + r["bad"] + r["overrun"]
+                  + r["unchanged"])
         result = {"scenario": subject.name, "group": subject.group, "rows": subject.rows, "rps": round(rps, 1),
                   "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
                   "max_ms": r["max_us"] / 1000, "requests": r["requests"], "errors": errors,
@@ -636,6 +645,9 @@ class Subject:
     pinned: bool = True  # wrk on CPU 1 (pass runner.pin); False for unpinned comparisons
     group: str = "main"
     size: int = 0  # response bytes, filled in by the first sanity check
+    # writes: the rows the scenario adds (or, negated, removes) so far (row_counter); each answered request must
+    # have changed one, else it is counted as an error (an unlike of a like that is not there answers 200 too)
+    count_rows: Callable[[], int] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -825,6 +837,37 @@ def write_templates(level: dict) -> dict[str, list[dict]]:
             tpl = dict(tpl, pick=picks[pool])
         out[name] = [tpl]
     return out
+
+
+# The rows each request of a write adds (+1) or removes (-1): (table of the service, condition)
+WRITE_ROWS = {
+    "publish": ("post_info", "TRUE", 1),
+    "delete": ("post_info", "TRUE", -1),
+    "like": ("post_like", "post_id = {hot}", 1),
+    "unlike": ("post_like", "post_id = {hot}", -1),
+    "comment-publish": ("post_comment_info", "post_id = {hot} AND root_id = 0", 1),
+    "reply": ("post_comment_info", "root_id = {root}", 1),
+    "comment-delete": ("post_comment_info", "TRUE", -1),
+    "comment-like": ("comment_like", "comment_id = {comment}", 1),
+}
+
+
+def row_counter(db: dict, level: dict, write: str) -> Callable[[], int] | None:
+    """For Subject.count_rows: the rows of `write` on the service of `level` (negated for removals), or None for
+    the updates (they change rows in place; their refusals show in the envelope)."""
+    if write not in WRITE_ROWS:
+        return None
+    table, where, sign = WRITE_ROWS[write]
+    query = (f'SELECT count(*) FROM "{level["svc"]}_{table}" WHERE '
+             + where.format(hot=level["hot_post"], comment=level["hot_roots"][0], root=level["hot_roots"][1]))
+
+    async def count() -> int:
+        conn = await asyncpg.connect(host=db["host"], port=db["port"], user=db["user"], database=db["dbname"])
+        try:
+            return sign * await conn.fetchval(query)
+        finally:
+            await conn.close()
+    return lambda: asyncio.run(count())
 
 
 PGBENCH_SERVICE = "pgb"  # the look-alike tables bench/pgbench/*.sql write (pgb_post_info, ...)
@@ -1225,14 +1268,14 @@ def main() -> int:
                 if vs_server is not None:
                     vl = st.writes[vsvc]
                     others.append(Subject(f"{name}~vs", vs_server, st.secrets[vsvc], write_templates(vl)[name],
-                                          rows=vl["rows"], pinned=pin,
+                                          rows=vl["rows"], pinned=pin, count_rows=row_counter(st.db, vl, name),
                                           note=f"served from {args.vs_app_dir}, service {vsvc}"))
                 if use_pgbench:
                     pl = st.writes[PGBENCH_SERVICE]
                     others.append(pgbench_subject(name, st.db, pl, pin))
                 groups.append(paired_rounds(runner, Subject(name, im_server, st.secrets[wsvc],
                                                             write_templates(wl)[name], rows=wl["rows"], note=note,
-                                                            pinned=pin),
+                                                            pinned=pin, count_rows=row_counter(st.db, wl, name)),
                                             others, args.rounds))
             for name, note in (("mix", "90% reads / 10% writes"),):
                 if want(name):
