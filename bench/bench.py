@@ -11,9 +11,17 @@ What it does (see bench/README.md for the method and how to read the output):
      --rounds rounds alternating with its baselines (the ceiling; for getinfo also the FastAPI peers; for the
      growth with table size, the same read on the smallest table), wrk -t1 -c64 --latency, a Lua script that
      rotates appKeys every second from a precomputed {unix_second = appKey} table;
-  4. prints one table (median req/s, p50, p99, errors, the MEDIAN of the per-round ratios to the ceiling with
-     their min–max), the ceiling's spread across rounds (a warning above 1.3), the paired ratios, the growth
-     factors and the workers factor; writes bench/results-latest.json with every round.
+  4. the writes (WRITES: publish, update, delete, like, unlike, comment-publish, reply, comment-update,
+     comment-delete, comment-like) run on a service of their own, w<N>, loaded the same way plus pools of rows
+     that updates cycle through and deletes and unlikes use up, each row once (load_pools); each is paired with
+     the ceiling, with --vs-app-dir's version on its own service w<N>_vs, and with pgbench running the least SQL
+     of that write (bench/pgbench/<write>.sql on the look-alike tables of service pgb): a PgBench participant.
+     A write's answers must all be `{"code":200` (counted by wrk's `response` callback) and each must have
+     changed a row (counted before and after the run); a pgbench transaction must write one outbox row;
+  5. prints one table (median req/s, p50, p99, errors, the MEDIAN of the per-round ratios to the ceiling with
+     their min–max), the ceiling's spread across rounds (a warning above 1.3), the paired ratios, the table of
+     the writes (write/~vs, write/~pgbench), the growth factors and the workers factor; writes
+     bench/results-latest.json with every round.
 
 With `taskset` and at least 2 CPUs, the server side (uvicorn, PostgreSQL, Redis) is pinned to CPU 0 and wrk to
 CPU 1, so the load generator does not steal the server's core (except in the workers comparison, which is
@@ -26,10 +34,15 @@ Reuse from other benchmark files (bench/bench_<topic>.py), `import bench`:
         warm-up before each subject's first run). Paired.rps(name) -> req/s per round; Paired.median(name[, key]);
         Paired.ratio(num, den) -> {"median", "min", "max", "rounds": [per-round num/den]}; Paired.spread(name)
         -> max/min over the rounds; Paired.summary() -> a dict for JSON.
-    Subject(name, server, secret, templates, rows=None, note="", pinned=True, group="main")
+    Subject(name, server, secret, templates, rows=None, note="", pinned=True, group="main", count_rows=None)
         What wrk loads: a started Server and request templates (see templates(); make_lua() for the format).
-    Stack(args, rows) — context manager: embedded PostgreSQL + Redis, services r<N> loaded (load_level), config
-        files, .runner (a Runner), .start(Server(...)), .env, .cpus, .pin, .secrets, .levels; stops all on exit.
+    PgBench(name, script, db, svc, defines, pick=None, ...) — a participant measured by pgbench instead of wrk
+        (-c<connections> -j1 -M prepared, pinned to CPU 1), tps as its req/s; pgbench_subject(write, ...) makes
+        the baseline of a write.
+    Stack(args, rows, write_services=None) — context manager: embedded PostgreSQL + Redis, services r<N> loaded
+        (load_level), more services with pools of rows (load_pools) in .writes, config files, .runner (a Runner),
+        .start(Server(...)), .env, .cpus, .pin, .secrets, .levels; stops all on exit.
+    write_templates(level) -> {write: templates} of a service loaded with pools; print_writes(groups).
     add_common_args(parser) / settle_args(args) — --duration --warmup --rounds --quick --connections --threads
         --no-pin; print_paired(groups, ceiling="ceiling", title="") / print_ratios(groups, [(num, den)], heading)
         / ratio_text(stats) print the paired table, the noise line and ratios the way bench.py does.
@@ -878,6 +891,8 @@ def pool_sizes(args: argparse.Namespace, pools: list[str], pgbench: bool) -> dic
     """Rows of each pool: a cycled one CYCLED_POOL; a distinct one enough for --pool-rate req/s during the warm-up
     and every round (wrk draws exactly the rows it sends requests for; pgbench a fixed slice per client and run)."""
     runs = ([args.warmup] if args.warmup else []) + [args.duration] * args.rounds
+    if getattr(args, "profile", "") and not pgbench:
+        runs.append(max(3, args.duration))  # the profiled run
     rate, clients, sizes = pool_rate(args), args.connections, {}
     for pool in pools:
         if not POOLS[pool][3]:
@@ -1177,14 +1192,16 @@ def main() -> int:
     add_common_args(parser)
     parser.add_argument("--rows", default=None, help="comma-separated table sizes (default 1000,1000000)")
     parser.add_argument("--only", default=None, help="comma-separated scenarios to run (default all; the ceiling "
-                                                      "always runs as the baseline)")
+                                                      "always runs as the baseline); the writes: "
+                                                      + ",".join(WRITES))
     parser.add_argument("--profile", default="", help="comma-separated scenarios to profile with py-spy in an extra"
                                                          " run each (writes bench/profile-<scenario>.txt)")
     parser.add_argument("--app-dir", type=pathlib.Path, default=ROOT,
                         help="serve im_backend.py from this directory instead (A/B test of a patched copy)")
     parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None,
-                        help="also serve im_backend.py from this directory and pair each read with it (`<read>~vs`):"
-                             " the before/after of a change, measured in the same rounds")
+                        help="also serve im_backend.py from this directory and pair each read and write with it "
+                             "(`<scenario>~vs`; the writes on a service of its own): the before/after of a change, "
+                             "measured in the same rounds")
     parser.add_argument("--pool-rate", type=int, default=None,
                         help="req/s a write may reach at most: the pools of rows that deletes and unlikes use up "
                              "are sized for it over all rounds (default 6000); a run past a pool counts errors")
@@ -1297,7 +1314,11 @@ def main() -> int:
             # 3. profiles: an extra run each under py-spy
             profiles = [p for p in args.profile.split(",") if p]
             for name in profiles:
-                if name in tpl:
+                if name in WRITES and wsvc in st.writes:  # the writes: on their own service, as measured
+                    wtpl = write_templates(st.writes[wsvc])
+                    if name in wtpl:
+                        profile(runner, im_server, st.secrets[wsvc], wtpl[name], name, pin)
+                elif name in tpl:
                     profile(runner, im_server, secret, tpl[name], name, pin)
                 for p in peers:
                     if p.name == name:
@@ -1348,6 +1369,12 @@ def main() -> int:
                       f"replies, {lv['rows']:,} likes — loaded in {lv['load_s']} s (+ VACUUM ANALYZE: "
                       f"{lv['load_and_vacuum_s']} s); SELECT count(*) of the likes: "
                       f"{lv['count_likes_ms_median']:.2f} ms median (first {lv['count_likes_ms_first']:.2f} ms)")
+            for svc, lv in st.writes.items():
+                print(f"  {svc:<11} the same for the writes"
+                      + (" (pgbench's look-alike tables)" if svc == PGBENCH_SERVICE else "") + "; pools: "
+                      + (", ".join(f"{k} {v['size']:,} rows" + (f" (drew {runner.drawn.get(v['key'], 0):,})"
+                                                                  if v["distinct"] else " (cycled)")
+                                   for k, v in lv["picks"].items()) or "none"))
             out = {"started": started, "command": " ".join(sys.argv), "settings": extra, "pinning": st.pin_note,
                    "method": "paired rounds: each scenario alternated with its baselines, order reversed every "
                              "other round; ratios are medians of per-round ratios",
