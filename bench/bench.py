@@ -11,9 +11,17 @@ What it does (see bench/README.md for the method and how to read the output):
      --rounds rounds alternating with its baselines (the ceiling; for getinfo also the FastAPI peers; for the
      growth with table size, the same read on the smallest table), wrk -t1 -c64 --latency, a Lua script that
      rotates appKeys every second from a precomputed {unix_second = appKey} table;
-  4. prints one table (median req/s, p50, p99, errors, the MEDIAN of the per-round ratios to the ceiling with
-     their min–max), the ceiling's spread across rounds (a warning above 1.3), the paired ratios, the growth
-     factors and the workers factor; writes bench/results-latest.json with every round.
+  4. the writes (WRITES: publish, update, delete, like, unlike, comment-publish, reply, comment-update,
+     comment-delete, comment-like) run on a service of their own, w<N>, loaded the same way plus pools of rows
+     that updates cycle through and deletes and unlikes use up, each row once (load_pools); each is paired with
+     the ceiling, with --vs-app-dir's version on its own service w<N>_vs, and with pgbench running the least SQL
+     of that write (bench/pgbench/<write>.sql on the look-alike tables of service pgb): a PgBench participant.
+     A write's answers must all be `{"code":200` (counted by wrk's `response` callback) and each must have
+     changed a row (counted before and after the run); a pgbench transaction must write one outbox row;
+  5. prints one table (median req/s, p50, p99, errors, the MEDIAN of the per-round ratios to the ceiling with
+     their min–max), the ceiling's spread across rounds (a warning above 1.3), the paired ratios, the table of
+     the writes (write/~vs, write/~pgbench), the growth factors and the workers factor; writes
+     bench/results-latest.json with every round.
 
 With `taskset` and at least 2 CPUs, the server side (uvicorn, PostgreSQL, Redis) is pinned to CPU 0 and wrk to
 CPU 1, so the load generator does not steal the server's core (except in the workers comparison, which is
@@ -26,10 +34,15 @@ Reuse from other benchmark files (bench/bench_<topic>.py), `import bench`:
         warm-up before each subject's first run). Paired.rps(name) -> req/s per round; Paired.median(name[, key]);
         Paired.ratio(num, den) -> {"median", "min", "max", "rounds": [per-round num/den]}; Paired.spread(name)
         -> max/min over the rounds; Paired.summary() -> a dict for JSON.
-    Subject(name, server, secret, templates, rows=None, note="", pinned=True, group="main")
+    Subject(name, server, secret, templates, rows=None, note="", pinned=True, group="main", count_rows=None)
         What wrk loads: a started Server and request templates (see templates(); make_lua() for the format).
-    Stack(args, rows) — context manager: embedded PostgreSQL + Redis, services r<N> loaded (load_level), config
-        files, .runner (a Runner), .start(Server(...)), .env, .cpus, .pin, .secrets, .levels; stops all on exit.
+    PgBench(name, script, db, svc, defines, pick=None, ...) — a participant measured by pgbench instead of wrk
+        (-c<connections> -j1 -M prepared, pinned to CPU 1), tps as its req/s; pgbench_subject(write, ...) makes
+        the baseline of a write.
+    Stack(args, rows, write_services=None) — context manager: embedded PostgreSQL + Redis, services r<N> loaded
+        (load_level), more services with pools of rows (load_pools) in .writes, config files, .runner (a Runner),
+        .start(Server(...)), .env, .cpus, .pin, .secrets, .levels; stops all on exit.
+    write_templates(level) -> {write: templates} of a service loaded with pools; print_writes(groups).
     add_common_args(parser) / settle_args(args) — --duration --warmup --rounds --quick --connections --threads
         --no-pin; print_paired(groups, ceiling="ceiling", title="") / print_ratios(groups, [(num, den)], heading)
         / ratio_text(stats) print the paired table, the noise line and ratios the way bench.py does.
@@ -45,6 +58,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import pathlib
 import platform
@@ -63,6 +77,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from typing import Callable
 
 BENCH = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -158,12 +173,60 @@ async def load_level(db: dict, svc: str, n: int) -> dict:
         assert count == n, (count, n)
         spread = [((base + i * span // n) << 32) | i if i != hot_index else hot_id
                   for i in range(0, n, max(1, n // SPREAD_POSTS))][:SPREAD_POSTS]
-        return {"svc": svc, "rows": n, "hot_post": hot_id, "spread_posts": spread, "roots": roots, "replies": replies,
+        return {"svc": svc, "rows": n, "hot_post": hot_id, "hot_roots": root_ids[:2], "spread_posts": spread,
+                "roots": roots, "replies": replies,
                 "load_s": round(loaded, 2), "load_and_vacuum_s": round(time.monotonic() - started, 2),
                 "count_likes_ms_first": round(timings[0], 3), "count_likes_ms_median": round(
                     statistics.median(timings), 3), "count_likes_result": count}
     finally:
         await conn.close()
+
+
+# Rows that write scenarios use up or change, made before the run: pool name -> (request parameter it fills, value
+# prefix, first number, distinct). A distinct pool hands every request a row of its own, never used before (a second
+# delete of a gone row would answer 10006 and measure nothing); the others are cycled through. Numbers (ids, or the
+# n of user "ul<n>") are base + i for i in range(size); the ids are far below the time-based ids the servers make.
+POOLS = {
+    "update": ("post_id", "", 10 ** 11, False),  # posts of HOT_AUTHOR, updated over and over
+    "delete": ("post_id", "", 2 * 10 ** 11, True),  # posts of HOT_AUTHOR, each deleted once
+    "unlike": ("user_id", "ul", 0, True),  # likes of the hot post by users ul<n>, each taken back once
+    "comment-update": ("comment_id", "", 3 * 10 ** 11, False),  # root comments of POOL_USER on the hot post
+    "comment-delete": ("comment_id", "", 4 * 10 ** 11, True),  # root comments without replies, each deleted once
+}
+POOL_USER = "bench_user"  # writes comments, replies, comment likes
+CYCLED_POOL = 5000  # rows of a pool that is cycled through
+
+
+async def load_pools(db: dict, level: dict, sizes: dict[str, int]) -> dict:
+    """Add the pools of rows named in sizes (POOLS: pool -> rows) to a loaded service; returns {pool: pick}, where a
+    pick is what a request template needs to draw from it (see make_lua)."""
+    svc, hot = level["svc"], level["hot_post"]
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)  # older than every loaded post: off the lists
+    conn = await asyncpg.connect(host=db["host"], port=db["port"], user=db["user"], database=db["dbname"])
+    picks = {}
+    try:
+        for name, size in sizes.items():
+            param, prefix, base, distinct = POOLS[name]
+            ids = range(base, base + size)
+            if name in ("update", "delete"):
+                await conn.copy_records_to_table(f"{svc}_post_info", columns=[
+                    "id", "content", "title", "author", "extra", "created_at", "updated_at"], records=[
+                    (i, "pool post " + "p" * 100, "pool", HOT_AUTHOR, None, old, old) for i in ids])
+            elif name == "unlike":
+                await conn.copy_records_to_table(f"{svc}_post_like", columns=["post_id", "user_id", "created_at"],
+                                                 records=[(hot, f"{prefix}{i}", old) for i in ids])
+            else:
+                await conn.copy_records_to_table(f"{svc}_post_comment_info", columns=[
+                    "id", "user_id", "root_id", "father_id", "target_user_id", "post_id", "content", "extra",
+                    "created_at", "updated_at"], records=[
+                    (i, POOL_USER, 0, 0, None, hot, "pool comment " + "c" * 60, None, old, old) for i in ids])
+            picks[name] = {"key": f"{svc}/{name}", "param": param, "prefix": prefix, "base": base, "size": size,
+                           "distinct": distinct}
+        for table in ("post_info", "post_comment_info", "post_like"):
+            await conn.execute(f'VACUUM ANALYZE "{svc}_{table}"')
+    finally:
+        await conn.close()
+    return picks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,8 +338,27 @@ def lua_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def template_pick(templates: list[dict]) -> dict | None:
+    """The pool a set of request templates draws rows from (at most one; see load_pools), or None."""
+    picks = {t["pick"]["key"]: t["pick"] for t in templates if t.get("pick")}
+    if len(picks) > 1:
+        raise ValueError(f"one pool per scenario, not {sorted(picks)}")
+    return next(iter(picks.values()), None)
+
+
+def checks_bodies(templates: list[dict]) -> bool:
+    """Do the answers' bodies get checked for code 200? For every scenario that writes: an envelope with another
+    code comes with HTTP 200 too (a refused write, a row already gone), which wrk's status count does not see."""
+    return any(t["method"] != "GET" for t in templates)
+
+
 def make_lua(secret: str, templates: list[dict], seconds: int, seed: int = 1) -> str:
-    """A wrk script: appKeys per unix second for the next `seconds`, requests chosen by weight, users by counter."""
+    """A wrk script: appKeys per unix second for the next `seconds`, requests chosen by weight, users by counter.
+
+    Script arguments (after wrk's `--`): a run label (new users are <label>_<thread>_<n>), the number of wrk threads
+    and, for a distinct pool, the first row of it this run may use. Request number n of all threads together (n =
+    (counter - 1) * threads + thread) takes pool row start + n (distinct) or n mod size (cycled); `done` reports
+    how many rows the run drew (`drawn`) and, for writes, how many 2xx answers were not `{"code":200` (`bad`)."""
     now = int(time.time())
     keys = ",\n".join(f"  [{t}] = {lua_str(im.encrypt_appkey(secret, t))}" for t in range(now - 5, now + seconds))
     reqs = []
@@ -285,9 +367,24 @@ def make_lua(secret: str, templates: list[dict], seconds: int, seed: int = 1) ->
         headers = "{" + ", ".join(f"[{lua_str(k)}] = {lua_str(v)}" for k, v in t.get("headers", {}).items()) + "}"
         body = lua_str(t["body"]) if t.get("body") is not None else "nil"
         reqs.append(f"  {{method = {lua_str(t['method'])}, path = {lua_str(t['path'])}, headers = {headers}, "
-                    f"body = {body}, user = {'true' if t.get('user') else 'false'}}}")
+                    f"body = {body}, user = {'true' if t.get('user') else 'false'}, "
+                    f"pick = {'true' if t.get('pick') else 'false'}}}")
         seq += [i] * t.get("weight", 1)
     random.Random(seed).shuffle(seq)
+    pick = template_pick(templates)
+    pool = "nil" if pick is None else (
+        f"{{param = {lua_str(pick['param'])}, prefix = {lua_str(pick['prefix'])}, base = {pick['base']}, "
+        f"size = {pick['size']}, distinct = {'true' if pick['distinct'] else 'false'}}}")
+    check = ""
+    if checks_bodies(templates):
+        check = """
+-- a write can be refused with HTTP 200 and another code in the envelope: count those answers
+response = function(status, headers, body)
+  if status >= 200 and status < 300 and string.sub(body, 1, 11) ~= '{"code":200' then
+    bad = bad + 1
+  end
+end
+"""
     return f"""-- generated by bench/bench.py
 local KEYS = {{
 {keys}
@@ -296,10 +393,20 @@ local REQS = {{
 {",".join(chr(10) + r for r in reqs)}
 }}
 local SEQ = {{{", ".join(map(str, seq))}}}
-local counter, last_t, last_k, run = 0, 0, nil, "w"
+local POOL = {pool}  -- rows to draw from (bench.py's POOLS), or nil
+local last_t, last_k, run, nthreads, start = 0, nil, "w", 1, 0
+counter, bad, tid = 0, 0, 0  -- globals: done() reads them from each thread
+threads = {{}}
+
+setup = function(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
 
 init = function(args)
   run = args[1] or "w"
+  nthreads = tonumber(args[2] or "1")
+  start = tonumber(args[3] or "0")
 end
 
 local function appkey()
@@ -316,35 +423,60 @@ request = function()
   local r = REQS[SEQ[(counter % #SEQ) + 1]]
   local path = r.path .. "&appKey=" .. appkey()
   if r.user then
-    path = path .. "&user_id=" .. run .. "_" .. counter
+    path = path .. "&user_id=" .. run .. "_" .. tid .. "_" .. counter
+  end
+  if r.pick then
+    local n = (counter - 1) * nthreads + tid
+    local i = POOL.distinct and start + n or n % POOL.size
+    path = path .. "&" .. POOL.param .. "=" .. POOL.prefix .. string.format("%d", POOL.base + i)
   end
   return wrk.format(r.method, path, r.headers, r.body)
 end
-
+{check}
 done = function(summary, latency, requests)
+  local drawn, wrong, all = 0, 0, threads or {{}}  -- (other benchmark files reuse this function without setup)
+  for _, t in ipairs(all) do
+    local c = t:get("counter") or 0
+    if c > 0 then
+      drawn = math.max(drawn, (c - 1) * #all + t:get("tid") + 1)
+    end
+    wrong = wrong + (t:get("bad") or 0)
+  end
   io.write(string.format(
     "BENCHJSON {{\\"requests\\":%d,\\"duration_us\\":%d,\\"p50_us\\":%d,\\"p90_us\\":%d,\\"p99_us\\":%d," ..
-    "\\"max_us\\":%d,\\"mean_us\\":%.1f,\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,\\"status\\":%d,\\"timeout\\":%d}}\\n",
+    "\\"max_us\\":%d,\\"mean_us\\":%.1f,\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,\\"status\\":%d,\\"timeout\\":%d," ..
+    "\\"bad\\":%d,\\"drawn\\":%d}}\\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency.max, latency.mean, summary.errors.connect, summary.errors.read, summary.errors.write,
-    summary.errors.status, summary.errors.timeout))
+    summary.errors.status, summary.errors.timeout, wrong, drawn))
 end
 """
 
 
 class Runner:
-    """Runs wrk against a server and keeps every run's result in `results` (one dict per measured run)."""
+    """Runs wrk (or pgbench, for a PgBench participant) and keeps every run's result in `results` (one dict per
+    measured run). Distinct pools (POOLS) are drawn from in order: `drawn` holds the next unused row of each."""
 
     def __init__(self, args: argparse.Namespace, workdir: pathlib.Path, pin: bool) -> None:
         self.args, self.workdir, self.pin = args, workdir, pin
         self.results: list[dict] = []
         self.runs = 0
         self.own_roots: list[int] = []  # PostgreSQL's postmaster is not our descendant
+        self.drawn: dict[str, int] = {}  # pool key -> rows of that distinct pool used so far
 
-    def wrk(self, port: int, script: pathlib.Path, seconds: float, pinned: bool) -> dict:
+    def draw(self, pick: dict, rows: int = 1) -> int:
+        """The first of `rows` rows of a pool that nothing used yet (cycled pools: always 0)."""
+        if not pick["distinct"]:
+            return 0
+        first = self.drawn.get(pick["key"], 0)
+        self.drawn[pick["key"]] = first + rows
+        return first
+
+    def wrk(self, port: int, script: pathlib.Path, seconds: float, pinned: bool, start: int = 0) -> dict:
         self.runs += 1
         argv = ["wrk", f"-t{self.args.threads}", f"-c{self.args.connections}", f"-d{seconds}s", "--latency",
-                "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}", "--", f"r{self.runs}"]
+                "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}", "--", f"r{self.runs}",
+                str(self.args.threads), str(start)]
         if pinned:
             argv = ["taskset", "-c", "1"] + argv
         out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
@@ -353,39 +485,161 @@ class Runner:
             raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-1500:]} {out.stderr[-1500:]}")
         return json.loads(match.group(1))
 
+    def wrk_subject(self, subject: "Subject", script: pathlib.Path, seconds: float) -> dict:
+        """One wrk run of a subject; a distinct pool's rows used by the run are marked drawn, and requests past the
+        end of the pool are counted in `overrun` (they found no row: an error of the set-up, not of the server)."""
+        pick = template_pick(subject.templates)
+        start = self.drawn.get(pick["key"], 0) if pick and pick["distinct"] else 0
+        r = self.wrk(subject.server.port, script, seconds, subject.pinned, start)
+        r["overrun"] = 0
+        if pick and pick["distinct"]:
+            self.draw(pick, r["drawn"])
+            r["overrun"] = max(0, min(r["drawn"], start + r["drawn"] - pick["size"]))
+            if r["overrun"]:
+                log(f"  {subject.name}: {r['overrun']} requests found the pool of {pick['size']:,} rows used up "
+                    f"(raise --pool-rate)")
+        return r
+
     def scenario(self, name: str, server: Server, secret: str, templates: list[dict], *, pinned: bool,
                  group: str = "main", rows: int | None = None, note: str = "") -> dict:
         """One measured run after a sanity check and a warm-up (the single-shot way; see paired_rounds)."""
         subject = Subject(name, server, secret, templates, rows=rows, note=note, pinned=pinned, group=group)
         return self.measure(subject, warm=True, check=True)
 
-    def measure(self, subject: "Subject", *, warm: bool = False, check: bool = False,
+    def measure(self, subject: "Subject | PgBench", *, warm: bool = False, check: bool = False,
                 round_no: int | None = None, pair: str | None = None) -> dict:
-        """One measured wrk run of a subject (optionally preceded by a sanity check and a warm-up run)."""
-        size = sanity(subject.server.port, subject.secret, subject.templates) if check else subject.size
+        """One measured wrk run of a subject (optionally preceded by a sanity check and a warm-up run); a PgBench
+        participant is measured by pgbench instead (measure_pgbench)."""
+        if isinstance(subject, PgBench):
+            return self.measure_pgbench(subject, warm=warm, round_no=round_no, pair=pair)
+        size = (sanity(subject.server.port, subject.secret, subject.templates, self.pick_value) if check
+                else subject.size)
         subject.size = size
         warmup, dur = self.args.warmup if warm else 0, self.args.duration
         script = self.workdir / f"{subject.name}.lua"
         script.write_text(make_lua(subject.secret, subject.templates, int(warmup + dur + 60)))
         if warmup > 0:
-            self.wrk(subject.server.port, script, warmup, subject.pinned)
+            self.wrk_subject(subject, script, warmup)
+        rows_before = subject.count_rows() if subject.count_rows else None
         before, t0 = cpu_snapshot(self.own_roots), time.monotonic()
-        r = self.wrk(subject.server.port, script, dur, subject.pinned)
+        r = self.wrk_subject(subject, script, dur)
         other = foreign_cores(before, cpu_snapshot(self.own_roots), time.monotonic() - t0)
         rps = r["requests"] / (r["duration_us"] / 1e6)
-        errors = r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+        r["unchanged"] = 0
+        if rows_before is not None:  # requests still in flight when wrk stopped may add more: at least, not exactly
+            r["rows_changed"] = subject.count_rows() - rows_before
+            r["unchanged"] = max(0, r["requests"] - r["status"] - r["bad"] - r["rows_changed"])
+            if r["unchanged"]:
+                log(f"  {subject.name}: {r['requests']} answers, {r['rows_changed']} rows changed")
+        errors = (r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"] + r["bad"] + r["overrun"]
+                  + r["unchanged"])
         result = {"scenario": subject.name, "group": subject.group, "rows": subject.rows, "rps": round(rps, 1),
                   "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
                   "max_ms": r["max_us"] / 1000, "requests": r["requests"], "errors": errors,
-                  "non_2xx": r["status"], "response_bytes": size,
+                  "non_2xx": r["status"], "not_code_200": r["bad"], "response_bytes": size,
                   "other_load_cores": round(other, 2), "pinned": subject.pinned, "note": subject.note,
                   "round": round_no, "pair": pair, "wrk": r}
         self.results.append(result)
-        where = f"round {round_no + 1}  " if round_no is not None else ""
-        log(f"  {where}{subject.name:<22} {rps:>9.0f} req/s  p50 {r['p50_us'] / 1000:7.2f} ms  p99 "
-            f"{r['p99_us'] / 1000:7.2f} ms  errors {errors}"
-            + (f"  (other processes busy: {other:.2f} cores)" if other >= 0.05 else ""))
+        self.log_run(subject.name, round_no, rps, r["p50_us"] / 1000, r["p99_us"] / 1000, errors, other)
         return result
+
+    def pick_value(self, pick: dict) -> str:
+        """The parameter value of the next row of a pool (for a single request, such as the sanity check)."""
+        return f"{pick['prefix']}{pick['base'] + self.draw(pick)}"
+
+    @staticmethod
+    def log_run(name: str, round_no: int | None, rps: float, p50: float | None, p99: float | None, errors: int,
+                other: float) -> None:
+        where = f"round {round_no + 1}  " if round_no is not None else ""
+        ms = lambda v: "      -" if v is None else f"{v:7.2f}"  # noqa: E731
+        log(f"  {where}{name:<22} {rps:>9.0f} req/s  p50 {ms(p50)} ms  p99 {ms(p99)} ms  errors {errors}"
+            + (f"  (other processes busy: {other:.2f} cores)" if other >= 0.05 else ""))
+
+    def measure_pgbench(self, subject: "PgBench", *, warm: bool = False, round_no: int | None = None,
+                        pair: str | None = None) -> dict:
+        """One measured pgbench run (after a warm-up run when warm). Transactions per second count as req/s; its
+        average latency stands in the p50 column (pgbench prints no percentiles without a log per transaction)."""
+        if warm and self.args.warmup > 0:
+            self.pgbench(subject, self.args.warmup)
+        before, t0 = cpu_snapshot(self.own_roots), time.monotonic()
+        r = self.pgbench(subject, self.args.duration)
+        other = foreign_cores(before, cpu_snapshot(self.own_roots), time.monotonic() - t0)
+        errors = r["failed"] + abs(r["missing_events"]) + r["overrun"]
+        result = {"scenario": subject.name, "group": subject.group, "rows": subject.rows, "rps": r["tps"],
+                  "p50_ms": r["latency_avg_ms"], "p90_ms": None, "p99_ms": None, "max_ms": None,
+                  "requests": r["transactions"], "errors": errors, "non_2xx": 0, "not_code_200": 0,
+                  "response_bytes": 0, "other_load_cores": round(other, 2), "pinned": subject.pinned,
+                  "note": subject.note, "round": round_no, "pair": pair, "pgbench": r}
+        self.results.append(result)
+        self.log_run(subject.name, round_no, r["tps"], r["latency_avg_ms"], None, errors, other)
+        return result
+
+    def pgbench(self, subject: "PgBench", seconds: int) -> dict:
+        """pgbench -n -c<connections> -j1 -M prepared -T<seconds> of the subject's script. Each transaction must
+        write exactly one outbox row: the count of new rows in <svc>_events is compared with the transactions."""
+        self.runs += 1
+        clients = self.args.connections
+        defines = dict(subject.defines, n=0, run=self.runs)
+        start = size = 0
+        if subject.pick is not None:  # a slice of the pool per client, sized for pool_rate with room to spare
+            share = math.ceil(PGBENCH_POOL_SLACK * pool_rate(self.args) * seconds / clients) + 8
+            start, size = self.draw(subject.pick, clients * share), clients * share
+            defines.update(start=start, slice=share)
+        argv = [pgbench_path(), "-n", "-c", str(clients), "-j", "1", "-M", "prepared", "-T", str(seconds),
+                "-f", str(subject.script), *[f"-D{k}={v}" for k, v in defines.items()],
+                "-h", subject.db["host"], "-p", str(subject.db["port"]), "-U", subject.db["user"],
+                subject.db["dbname"]]
+        if subject.pinned:
+            argv = ["taskset", "-c", "1"] + argv
+        events_before = outbox_rows(subject.db, subject.svc)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+        written = outbox_rows(subject.db, subject.svc) - events_before
+        found = {key: re.search(pattern, out.stdout, re.M) for key, pattern in (
+            ("tps", r"^tps = ([0-9.]+) \(without initial connection time\)"),
+            ("latency_avg_ms", r"^latency average = ([0-9.]+) ms"),
+            ("transactions", r"^number of transactions actually processed: ([0-9]+)"))}
+        if out.returncode != 0 or not all(found.values()):
+            raise RuntimeError(f"pgbench failed ({out.returncode}): {out.stdout[-1500:]} {out.stderr[-1500:]}")
+        failed = re.search(r"^number of failed transactions: ([0-9]+)", out.stdout, re.M)
+        r = {"tps": float(found["tps"].group(1)), "latency_avg_ms": float(found["latency_avg_ms"].group(1)),
+             "transactions": int(found["transactions"].group(1)), "failed": int(failed.group(1)) if failed else 0,
+             "events_written": written, "clients": clients, "defines": defines}
+        r["missing_events"] = r["transactions"] - written
+        r["overrun"] = 0 if subject.pick is None else max(0, start + size - subject.pick["size"])
+        if r["missing_events"] or r["overrun"]:
+            log(f"  {subject.name}: {r['transactions']} transactions wrote {written} outbox rows"
+                + (f"; the pool of {subject.pick['size']:,} rows is used up (raise --pool-rate)" if r["overrun"]
+                   else ""))
+        return r
+
+
+PGBENCH_POOL_SLACK = 1.5  # a pgbench client's slice of a distinct pool: its share of pool_rate x seconds x this
+
+
+def pool_rate(args: argparse.Namespace) -> int:
+    return getattr(args, "pool_rate", None) or 6000
+
+
+def pgbench_path() -> str:
+    """The embedded PostgreSQL's own pgbench (the server's version), else one on PATH."""
+    import pgserver
+
+    own = pathlib.Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+    found = str(own) if own.exists() else shutil.which("pgbench")
+    if not found:
+        raise RuntimeError("pgbench not found (it comes with PostgreSQL: `apt-get install postgresql-client`)")
+    return found
+
+
+def outbox_rows(db: dict, svc: str) -> int:
+    """The number of rows ever written to svc's outbox (its last id; ids come from a sequence)."""
+    async def last() -> int:
+        conn = await asyncpg.connect(host=db["host"], port=db["port"], user=db["user"], database=db["dbname"])
+        try:
+            return await conn.fetchval(f'SELECT COALESCE(max(id), 0) FROM "{svc}_events"')
+        finally:
+            await conn.close()
+    return asyncio.run(last())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,6 +658,29 @@ class Subject:
     pinned: bool = True  # wrk on CPU 1 (pass runner.pin); False for unpinned comparisons
     group: str = "main"
     size: int = 0  # response bytes, filled in by the first sanity check
+    # writes: the rows the scenario adds (or, negated, removes) so far (row_counter); each answered request must
+    # have changed one, else it is counted as an error (an unlike of a like that is not there answers 200 too)
+    count_rows: Callable[[], int] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class PgBench:
+    """A participant of paired_rounds that is a pgbench run instead of a wrk run: a script of bench/pgbench/ on
+    the look-alike tables of service `svc` (made with IM-Backend's DDL), `pgbench -n -c<connections> -j1 -M
+    prepared -T<duration>`, pinned to CPU 1 like wrk. Its req/s are pgbench's tps (without the initial connection
+    time); errors are failed transactions, transactions that wrote no outbox row (or more than one) and draws past
+    the end of a distinct pool."""
+    name: str
+    script: pathlib.Path
+    db: dict  # the `db:` configuration of the embedded PostgreSQL
+    svc: str  # whose tables the script writes; every transaction writes one row of <svc>_events
+    defines: dict  # pgbench -D variables of every run (-D n=0 and run=<a number per run> are added)
+    pick: dict | None = None  # a distinct pool: each run gets `-D start` and a `-D slice` of it per client
+    rows: int | None = None
+    note: str = ""
+    pinned: bool = True
+    group: str = "main"
+    size: int = 0
 
 
 @dataclasses.dataclass
@@ -420,8 +697,10 @@ class Paired:
         """req/s of `name` per round, in round order."""
         return [r["rps"] for r in sorted(self.runs, key=lambda r: r["round"]) if r["scenario"] == name]
 
-    def median(self, name: str, key: str = "rps") -> float:
-        return statistics.median(r[key] for r in self.runs if r["scenario"] == name)
+    def median(self, name: str, key: str = "rps") -> float | None:
+        """The median of `key` over name's runs; None when a run has no such figure (pgbench has no p99)."""
+        values = [r[key] for r in self.runs if r["scenario"] == name]
+        return None if None in values else statistics.median(values)
 
     def ratio(self, num: str, den: str) -> dict:
         """num/den per round (both were measured in the same round), their median, min and max."""
@@ -463,13 +742,18 @@ def paired_rounds(runner: Runner, scenario: Subject, baselines: list[Subject], r
     return Paired(names, runs)
 
 
-def sanity(port: int, secret: str, templates: list[dict]) -> int:
-    """Send each request kind once with a fresh appKey; it must answer 200. Returns the first body's size."""
+def sanity(port: int, secret: str, templates: list[dict], pick_value=None) -> int:
+    """Send each request kind once with a fresh appKey; it must answer 200. Returns the first body's size.
+    pick_value(pick) -> the parameter value of a template that draws from a pool (Runner.pick_value)."""
     size = 0
     for t in templates:
         path = t["path"] + "&appKey=" + im.encrypt_appkey(secret)
         if t.get("user"):
             path += "&user_id=sanity"
+        if t.get("pick"):
+            if pick_value is None:
+                raise ValueError(f"{t['path']} draws from a pool: pass pick_value")
+            path += f"&{t['pick']['param']}={pick_value(t['pick'])}"
         req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=t["method"],
                                      data=t["body"].encode() if t.get("body") else None, headers=t.get("headers", {}))
         try:
@@ -512,6 +796,128 @@ def templates(svc: str, hot: int, spread: list[int] = ()) -> dict[str, list[dict
     return out
 
 
+# Every write, on a service of its own (WRITE_SERVICE): what each request does, and the pool it draws rows from
+WRITES = {
+    "publish": ("POST form, a new post", None),
+    "update": ("PUT form, a post of the author (cycled)", "update"),
+    "delete": ("DELETE, a post of the author, each once", "delete"),
+    "like": ("PUT JSON, new user each request, one post", None),
+    "unlike": ("PUT JSON like=false, a liker of one post, each once", "unlike"),
+    "comment-publish": ("POST form, a root comment on one post", None),
+    "reply": ("POST form, a reply under one root comment", None),
+    "comment-update": ("PUT form, a comment of the user (cycled)", "comment-update"),
+    "comment-delete": ("DELETE, a root comment without replies, each once", "comment-delete"),
+    "comment-like": ("PUT JSON, new user each request, one comment", None),
+}
+
+
+def write_templates(level: dict) -> dict[str, list[dict]]:
+    """The request of each write on a service loaded by load_level with the pools of load_pools (level["picks"])."""
+    svc, hot, (liked_root, replied_root) = level["svc"], level["hot_post"], level["hot_roots"]
+    picks = level.get("picks", {})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    json_body = {"Content-Type": "application/json"}
+    q = f"?svc={svc}"
+    t = {
+        "publish": {"method": "POST", "path": f"{PREFIX}/publish{q}", "headers": form,
+                    "body": "author=bench_author&title=hello&content=" + "z" * 100
+                            + "&extra=%7B%22image%22%3A%22a.png%22%7D"},
+        "update": {"method": "PUT", "path": f"{PREFIX}/update{q}&user_id={HOT_AUTHOR}", "headers": form,
+                   "body": "content=" + "u" * 100},
+        "delete": {"method": "DELETE", "path": f"{PREFIX}/delete{q}&user_id={HOT_AUTHOR}"},
+        "like": {"method": "PUT", "path": f"{PREFIX}/like{q}&post_id={hot}", "user": True, "headers": json_body,
+                 "body": '{"like":true}'},
+        "unlike": {"method": "PUT", "path": f"{PREFIX}/like{q}&post_id={hot}", "headers": json_body,
+                   "body": '{"like":false}'},
+        "comment-publish": {"method": "POST", "path": f"{PREFIX}/comments/publish{q}&post_id={hot}"
+                                                      f"&user_id={POOL_USER}", "headers": form,
+                            "body": "content=" + "k" * 60},
+        "reply": {"method": "POST", "path": f"{PREFIX}/comments/reply{q}&post_id={hot}&root_comment_id="
+                                            f"{replied_root}&father_comment_id={replied_root}&user_id={POOL_USER}",
+                  "headers": form, "body": "content=" + "r" * 60},
+        "comment-update": {"method": "PUT", "path": f"{PREFIX}/comments/update{q}&user_id={POOL_USER}",
+                           "headers": form, "body": "content=" + "e" * 60},
+        "comment-delete": {"method": "DELETE", "path": f"{PREFIX}/comments/delete{q}&user_id={POOL_USER}"},
+        "comment-like": {"method": "PUT", "path": f"{PREFIX}/comments/like{q}&post_id={hot}&comment_id={liked_root}",
+                         "user": True, "headers": json_body, "body": '{"like":true}'},
+    }
+    out = {}
+    for name, tpl in t.items():
+        pool = WRITES[name][1]
+        if pool is not None:
+            if pool not in picks:
+                continue  # its pool was not loaded: the scenario was not asked for
+            tpl = dict(tpl, pick=picks[pool])
+        out[name] = [tpl]
+    return out
+
+
+# The rows each request of a write adds (+1) or removes (-1): (table of the service, condition)
+WRITE_ROWS = {
+    "publish": ("post_info", "TRUE", 1),
+    "delete": ("post_info", "TRUE", -1),
+    "like": ("post_like", "post_id = {hot}", 1),
+    "unlike": ("post_like", "post_id = {hot}", -1),
+    "comment-publish": ("post_comment_info", "post_id = {hot} AND root_id = 0", 1),
+    "reply": ("post_comment_info", "root_id = {root}", 1),
+    "comment-delete": ("post_comment_info", "TRUE", -1),
+    "comment-like": ("comment_like", "comment_id = {comment}", 1),
+}
+
+
+def row_counter(db: dict, level: dict, write: str) -> Callable[[], int] | None:
+    """For Subject.count_rows: the rows of `write` on the service of `level` (negated for removals), or None for
+    the updates (they change rows in place; their refusals show in the envelope)."""
+    if write not in WRITE_ROWS:
+        return None
+    table, where, sign = WRITE_ROWS[write]
+    query = (f'SELECT count(*) FROM "{level["svc"]}_{table}" WHERE '
+             + where.format(hot=level["hot_post"], comment=level["hot_roots"][0], root=level["hot_roots"][1]))
+
+    async def count() -> int:
+        conn = await asyncpg.connect(host=db["host"], port=db["port"], user=db["user"], database=db["dbname"])
+        try:
+            return sign * await conn.fetchval(query)
+        finally:
+            await conn.close()
+    return lambda: asyncio.run(count())
+
+
+PGBENCH_SERVICE = "pgb"  # the look-alike tables bench/pgbench/*.sql write (pgb_post_info, ...)
+WRITE_POOL_SLACK = 1.25  # a distinct pool of a server's service: pool_rate x all its seconds x this
+
+
+def pool_sizes(args: argparse.Namespace, pools: list[str], pgbench: bool) -> dict[str, int]:
+    """Rows of each pool: a cycled one CYCLED_POOL; a distinct one enough for --pool-rate req/s during the warm-up
+    and every round (wrk draws exactly the rows it sends requests for; pgbench a fixed slice per client and run)."""
+    runs = ([args.warmup] if args.warmup else []) + [args.duration] * args.rounds
+    if getattr(args, "profile", "") and not pgbench:
+        runs.append(max(3, args.duration))  # the profiled run
+    rate, clients, sizes = pool_rate(args), args.connections, {}
+    for pool in pools:
+        if not POOLS[pool][3]:
+            sizes[pool] = CYCLED_POOL
+        elif pgbench:
+            sizes[pool] = sum(clients * (math.ceil(PGBENCH_POOL_SLACK * rate * s / clients) + 8) for s in runs)
+        else:
+            sizes[pool] = math.ceil(WRITE_POOL_SLACK * rate * sum(runs)) + 4 * clients + 16
+    return sizes
+
+
+def pgbench_subject(name: str, db: dict, level: dict, pinned: bool) -> PgBench:
+    """The pgbench baseline of a write: bench/pgbench/<name>.sql on the pgb service loaded as `level`."""
+    pool = WRITES[name][1]
+    pick = level["picks"].get(pool) if pool else None
+    defines = {"hot": level["hot_post"], "root": level["hot_roots"][1], "comment": level["hot_roots"][0]}
+    if pick is not None:
+        defines["base"] = pick["base"]
+        if not pick["distinct"]:
+            defines["size"] = pick["size"]
+    return PgBench(f"{name}~pgbench", BENCH / "pgbench" / f"{name}.sql", db, PGBENCH_SERVICE, defines,
+                   pick=pick if pick is not None and pick["distinct"] else None, rows=level["rows"], pinned=pinned,
+                   note=f"pgbench -M prepared, bench/pgbench/{name}.sql")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up shared by the benchmark files: arguments, embedded PostgreSQL + Redis, loaded services, servers
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,8 +953,13 @@ class Stack:
     """
 
     def __init__(self, args: argparse.Namespace, rows: list[int], app_yaml_extra: str = "server:\n  timeout: 30\n",
-                 pin: bool | None = None) -> None:
+                 pin: bool | None = None, write_services: dict[str, tuple[dict[str, int], bool]] | None = None) -> None:
+        """write_services: svc -> (pool sizes, configured): more services loaded like r<N> (N the smallest of
+        rows) plus those pools (load_pools), in .writes[svc]; configured ones are in the servers' configuration,
+        the others are only tables (pgbench's)."""
         self.args, self.rows, self.app_yaml_extra = args, rows, app_yaml_extra
+        self.write_services = write_services or {}
+        self.writes: dict[str, dict] = {}
         want_pin = not getattr(args, "no_pin", False) if pin is None else pin
         self.pin = want_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
         self.pin_note = ("pinned: server side (uvicorn, PostgreSQL, Redis) on CPU 0, wrk on CPU 1 (taskset)"
@@ -573,6 +984,8 @@ class Stack:
             self.pg, self.db = embedded.start_postgres(self.workdir, keep_data=False)
             self.redis, self.redis_addr = embedded.start_redis(self.workdir)
             self.secrets = {f"r{n}": secrets.token_hex(8) for n in self.rows}
+            self.secrets.update({svc: secrets.token_hex(8) for svc, (_, configured) in self.write_services.items()
+                                 if configured})
             self.boot = embedded.write_config(self.workdir, self.db, self.redis_addr, self.secrets,
                                               self.app_yaml_extra)
             for n in self.rows:
@@ -581,6 +994,14 @@ class Stack:
                 lv = self.levels[-1]
                 log(f"  loaded in {lv['load_s']} s (with VACUUM ANALYZE {lv['load_and_vacuum_s']} s); "
                     f"SELECT count(*) of {n:,} likes: {lv['count_likes_ms_median']:.2f} ms")
+            for svc, (sizes, _) in self.write_services.items():
+                t0 = time.monotonic()
+                lv = asyncio.run(load_level(self.db, svc, self.rows[0]))
+                lv["picks"] = asyncio.run(load_pools(self.db, lv, sizes))
+                self.writes[svc] = lv
+                log(f"loaded {svc} for the writes: {self.rows[0]:,} rows as r{self.rows[0]}, pools "
+                    + (", ".join(f"{k} {v:,}" for k, v in sizes.items()) or "none")
+                    + f" ({time.monotonic() - t0:.1f} s)")
             self.server_side = [self.pg.get_pid(), self.redis.pid]
             self.runner.own_roots = self.server_side
             if self.pin:
@@ -691,8 +1112,9 @@ def print_paired(groups: list[Paired], ceiling: str = "ceiling", title: str = ""
             table.append(row)
             rows = f"{row['rows']:,}" if row["rows"] else "-"
             ratio = ratio_text(row["ratio_to_ceiling"]) if row["ratio_to_ceiling"] else "-"
-            print(f"{name:<22} {rows:>9} {row['rounds']:>6} {row['rps_median']:>9.0f} {row['p50_ms_median']:>7.2f} "
-                  f"{row['p99_ms_median']:>7.2f} {row['errors']:>6} {row['response_bytes']:>6}  {ratio:<27} "
+            ms = lambda v: f"{'-':>7}" if v is None else f"{v:>7.2f}"  # noqa: E731  (pgbench: no p99)
+            print(f"{name:<22} {rows:>9} {row['rounds']:>6} {row['rps_median']:>9.0f} {ms(row['p50_ms_median'])} "
+                  f"{ms(row['p99_ms_median'])} {row['errors']:>6} {row['response_bytes'] or '-':>6}  {ratio:<27} "
                   f"{row['other_load_cores_median']:>5.2f}" + (f"  {row['note']}" if row["note"] else ""))
     print("-" * 112)
     ceiling_rps = [r["rps"] for g in groups for r in g.runs if r["scenario"] == ceiling]
@@ -729,6 +1151,38 @@ def print_ratios(groups: list[Paired], pairs: list[tuple[str, str]], heading: st
     return found
 
 
+def print_writes(groups: list[Paired]) -> dict:
+    """The table of the writes: req/s of each (median over the rounds), of the other version (~vs) and of pgbench
+    running the least SQL for the same guarantees (~pgbench, tps), and the paired ratios write/~vs and
+    write/~pgbench (median of the per-round ratios [min–max]); returned as a dict for the JSON."""
+    table: dict[str, dict] = {}
+    for g in groups:
+        name = g.scenario
+        if name not in WRITES:
+            continue
+        row: dict = {"rps": g.median(name), "errors": sum(r["errors"] for r in g.runs if r["scenario"] == name),
+                     "rounds": len(g.rps(name))}
+        for tag in ("vs", "pgbench"):
+            other = f"{name}~{tag}"
+            if other in g.names:
+                row[f"{tag}_rps"] = g.median(other)
+                row[f"{tag}_errors"] = sum(r["errors"] for r in g.runs if r["scenario"] == other)
+                row[f"/{tag}"] = g.ratio(name, other)
+        table[name] = row
+    if table:
+        print("\nwrites: req/s (median over the rounds), the other version (--vs-app-dir, its own service), pgbench "
+              "(tps, the least SQL, bench/pgbench/); ratios: median of the per-round ratios [min–max]")
+        print(f"  {'write':<16} {'req/s':>8} {'~vs':>8} {'pgbench':>8}  {'write / ~vs':<22} {'write / pgbench':<22} "
+              f"errors")
+        for name, row in table.items():
+            cell = lambda key: f"{row[key]:>8.0f}" if key in row else f"{'-':>8}"  # noqa: E731
+            ratio = lambda key: ratio_text(row[key]) if key in row else "-"  # noqa: E731
+            errors = "/".join(str(row[k]) for k in ("errors", "vs_errors", "pgbench_errors") if k in row)
+            print(f"  {name:<16} {cell('rps')} {cell('vs_rps')} {cell('pgbench_rps')}  {ratio('/vs'):<22} "
+                  f"{ratio('/pgbench'):<22} {errors}")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
@@ -738,14 +1192,20 @@ def main() -> int:
     add_common_args(parser)
     parser.add_argument("--rows", default=None, help="comma-separated table sizes (default 1000,1000000)")
     parser.add_argument("--only", default=None, help="comma-separated scenarios to run (default all; the ceiling "
-                                                      "always runs as the baseline)")
+                                                      "always runs as the baseline); the writes: "
+                                                      + ",".join(WRITES))
     parser.add_argument("--profile", default="", help="comma-separated scenarios to profile with py-spy in an extra"
                                                          " run each (writes bench/profile-<scenario>.txt)")
     parser.add_argument("--app-dir", type=pathlib.Path, default=ROOT,
                         help="serve im_backend.py from this directory instead (A/B test of a patched copy)")
     parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None,
-                        help="also serve im_backend.py from this directory and pair each read with it (`<read>~vs`):"
-                             " the before/after of a change, measured in the same rounds")
+                        help="also serve im_backend.py from this directory and pair each read and write with it "
+                             "(`<scenario>~vs`; the writes on a service of its own): the before/after of a change, "
+                             "measured in the same rounds")
+    parser.add_argument("--pool-rate", type=int, default=None,
+                        help="req/s a write may reach at most: the pools of rows that deletes and unlikes use up "
+                             "are sized for it over all rounds (default 6000); a run past a pool counts errors")
+    parser.add_argument("--no-pgbench", action="store_true", help="no pgbench baseline for the writes")
     parser.add_argument("--output", type=pathlib.Path, default=BENCH / "results-latest.json")
     args = parser.parse_args()
     settle_args(args)
@@ -754,8 +1214,26 @@ def main() -> int:
     want = lambda name: only is None or name in only  # noqa: E731
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     groups: list[Paired] = []
+    writes = [name for name in WRITES if want(name)]
+    use_pgbench = bool(writes) and not args.no_pgbench
+    if use_pgbench:
+        try:
+            pgbench_path()
+        except RuntimeError as exc:
+            log(f"{exc}: the writes run without their pgbench baseline")
+            use_pgbench = False
+    # the writes run on services of their own: w<N> (this version), w<N>_vs (--vs-app-dir), pgb (pgbench's tables)
+    wsvc, vsvc = f"w{rows[0]}", f"w{rows[0]}_vs"
+    write_services: dict[str, tuple[dict[str, int], bool]] = {}
+    if writes:
+        pools = [WRITES[name][1] for name in writes if WRITES[name][1]]
+        write_services[wsvc] = (pool_sizes(args, pools, pgbench=False), True)
+        if args.vs_app_dir is not None:
+            write_services[vsvc] = write_services[wsvc]
+        if use_pgbench:
+            write_services[PGBENCH_SERVICE] = (pool_sizes(args, pools, pgbench=True), False)
     try:
-        with Stack(args, rows) as st:
+        with Stack(args, rows, write_services=write_services) as st:
             runner, pin, env, cpus = st.runner, st.pin, st.env, st.cpus
             log(f"{args.rounds} paired rounds per scenario, {args.duration}s per run (+{args.warmup}s warm-up "
                 f"before a subject's first run)")
@@ -799,9 +1277,24 @@ def main() -> int:
             if not want("getinfo") and peers:  # peers asked for without getinfo: against the ceiling
                 for p in peers:
                     groups.append(paired_rounds(runner, p, [ceiling], args.rounds))
-            for name, note in (("publish", "POST form, PostgreSQL insert + Redis INCR"),
-                               ("like", "PUT JSON, new user each request, one post"),
-                               ("mix", "90% reads / 10% writes")):
+            # the writes: each against the ceiling, the other version (its own service) and pgbench
+            for name in writes:
+                note, pool = WRITES[name]
+                wl = st.writes[wsvc]
+                others: list[Subject | PgBench] = [ceiling]
+                if vs_server is not None:
+                    vl = st.writes[vsvc]
+                    others.append(Subject(f"{name}~vs", vs_server, st.secrets[vsvc], write_templates(vl)[name],
+                                          rows=vl["rows"], pinned=pin, count_rows=row_counter(st.db, vl, name),
+                                          note=f"served from {args.vs_app_dir}, service {vsvc}"))
+                if use_pgbench:
+                    pl = st.writes[PGBENCH_SERVICE]
+                    others.append(pgbench_subject(name, st.db, pl, pin))
+                groups.append(paired_rounds(runner, Subject(name, im_server, st.secrets[wsvc],
+                                                            write_templates(wl)[name], rows=wl["rows"], note=note,
+                                                            pinned=pin, count_rows=row_counter(st.db, wl, name)),
+                                            others, args.rounds))
+            for name, note in (("mix", "90% reads / 10% writes"),):
                 if want(name):
                     vs = [Subject(f"{name}~vs", vs_server, secret, tpl[name], rows=base["rows"], pinned=pin,
                                   note=f"served from {args.vs_app_dir}")] if vs_server else []
@@ -821,7 +1314,11 @@ def main() -> int:
             # 3. profiles: an extra run each under py-spy
             profiles = [p for p in args.profile.split(",") if p]
             for name in profiles:
-                if name in tpl:
+                if name in WRITES and wsvc in st.writes:  # the writes: on their own service, as measured
+                    wtpl = write_templates(st.writes[wsvc])
+                    if name in wtpl:
+                        profile(runner, im_server, st.secrets[wsvc], wtpl[name], name, pin)
+                elif name in tpl:
                     profile(runner, im_server, secret, tpl[name], name, pin)
                 for p in peers:
                     if p.name == name:
@@ -847,10 +1344,12 @@ def main() -> int:
             main_groups = [g for g in groups if not g.scenario.startswith("workers") and "@" not in g.scenario]
             summary = print_paired(main_groups, title=title)
             ratios = print_ratios(groups, [("getinfo", "ceiling"),
-                                           *[(n, f"{n}~vs") for n in READS + ("publish", "like", "mix")],
+                                           *[(n, f"{n}~vs") for n in READS + tuple(WRITES) + ("mix",)],
+                                           *[(n, f"{n}~pgbench") for n in WRITES],
                                            ("getinfo", "fastapi"),
                                            ("getinfo", "fastapi-syncdep"), ("workers2", "workers1")],
                                   "paired ratios: median of the per-round ratios [min–max]")
+            write_table = print_writes(groups)
             scaling = {}
             if len(st.levels) > 1:
                 small, big = st.levels[0]["rows"], st.levels[-1]["rows"]
@@ -870,13 +1369,21 @@ def main() -> int:
                       f"replies, {lv['rows']:,} likes — loaded in {lv['load_s']} s (+ VACUUM ANALYZE: "
                       f"{lv['load_and_vacuum_s']} s); SELECT count(*) of the likes: "
                       f"{lv['count_likes_ms_median']:.2f} ms median (first {lv['count_likes_ms_first']:.2f} ms)")
+            for svc, lv in st.writes.items():
+                print(f"  {svc:<11} the same for the writes"
+                      + (" (pgbench's look-alike tables)" if svc == PGBENCH_SERVICE else "") + "; pools: "
+                      + (", ".join(f"{k} {v['size']:,} rows" + (f" (drew {runner.drawn.get(v['key'], 0):,})"
+                                                                  if v["distinct"] else " (cycled)")
+                                   for k, v in lv["picks"].items()) or "none"))
             out = {"started": started, "command": " ".join(sys.argv), "settings": extra, "pinning": st.pin_note,
                    "method": "paired rounds: each scenario alternated with its baselines, order reversed every "
                              "other round; ratios are medians of per-round ratios",
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "platform": platform.platform(), "wrk": wrk_version()},
                    "im_backend_sha256": hashlib.sha256((args.app_dir / "im_backend.py").read_bytes()).hexdigest(),
-                   "levels": st.levels, **summary, "ratios": ratios, "scaling": scaling,
+                   "levels": st.levels, "write_services": {svc: {k: v for k, v in lv.items() if k != "spread_posts"}
+                                                           for svc, lv in st.writes.items()},
+                   **summary, "ratios": ratios, "writes": write_table, "scaling": scaling,
                    "groups": [g.summary() for g in groups], "results": runner.results}
             args.output.write_text(json.dumps(out, indent=2) + "\n")
             print(f"\nresults written to {args.output} (every round of every scenario)")

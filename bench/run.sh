@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The IM-Backend benchmark: bash bench/run.sh [--quick] [--duration S] [--rows 1000,1000000] [--profile getinfo]
 # Sets up .venv (scripts/setup.sh), installs bench/requirements.txt into it, makes sure wrk is there, runs bench.py.
+# pgbench (the writes' baseline) is the embedded PostgreSQL's own, from the pgserver package in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
