@@ -260,7 +260,7 @@ class ServerConfig:
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
     auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
-    # Enforced by GuardedHttpProtocol (section 10), per process:
+    # Enforced by GuardedHttpProtocol (section 11), per process:
     header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
     max_headers: int = 100  # header fields per request; more → 431 and closed
     header_timeout: float = 10.0  # seconds for a request's head to arrive (from connect / the previous answer)
@@ -1186,7 +1186,7 @@ class RateLimiter(RedisFirst):
                                      limits.burst, _lease_size(limits))
             if retry:
                 return "svc", _limit_headers("svc", limits.burst, limits.burst / limits.requests_per_second, retry)
-        writer = WRITERS.get(route.operation) if limits.writes_per_user_per_minute else None
+        writer = route.writer if limits.writes_per_user_per_minute else None
         if writer is not None:
             user = req.arg(writer.name) if writer.where == "query" else req.form().get(writer.name)
             if user is not None and user != "":
@@ -1968,7 +1968,7 @@ def open_cache(cfg: CacheConfig) -> Cache:
 
 
 # ============================================================================
-# 6. Domain operations: posts, comments, likes, counts, events, clean-up, delivery
+# 6. Domain operations: posts, comments, likes, counts, clean-up
 # ============================================================================
 
 DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
@@ -1994,7 +1994,643 @@ class Background:
             await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + DRAIN_GRACE)
 
 
-# --- events (SPEC 11.4): the outbox, webhook delivery, live streams -----------------------------------------
+class Store:
+    """The database of one configuration: connections and transactions (db()), the events a transaction writes
+    (emit(), emitted(): announced once it commits), and counter maintenance (count_change(), settle_counts())."""
+
+    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+                 background: Background) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.ready = ready  # services whose tables exist
+        self.background = background
+        self._emitted: dict[Any, set[str]] = {}  # connection -> services with events in its open transaction
+
+    @contextlib.asynccontextmanager
+    async def db(self, svc: str, failure: Err):
+        """A connection for service svc; database errors become the given code (missing table: 10001)."""
+        if svc not in self.ready:
+            raise ApiError(Err.TABLE_CREATE_FAILED)
+        pool = self.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
+        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else self.config.db.pool_wait
+        try:
+            async with pool.acquire(timeout=wait) as conn:
+                try:
+                    yield conn
+                except BaseException:  # the transaction rolled back: its events never happened
+                    self._emitted.pop(conn, None)
+                    raise
+                emitted = self._emitted.pop(conn, None)
+                if emitted:  # every write with events runs in a transaction inside this block: committed now
+                    self.background.events.committed(emitted)
+        except asyncpg.UndefinedTableError:
+            log.error("a table of service %r is missing", svc)
+            raise ApiError(Err.TABLE_MISSING) from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            log.error("database error (answering %d): %r", failure.code, exc)
+            raise ApiError(failure) from None
+
+    async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
+        """Record the event of a change in the change's own transaction (SPEC 11.4)."""
+        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
+        self.emitted(conn, svc)
+
+    def delivered(self, svc: str, kind: str) -> bool:
+        """Does svc's webhook take events of this kind? (Then the event row is due for delivery at once.)"""
+        tenant = self.config.tenants.get(svc)
+        return tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
+
+    def emitted(self, conn: asyncpg.Connection, svc: str) -> None:
+        """An event of svc was written on conn: db() hands svc to Events.committed once it is committed."""
+        self._emitted.setdefault(conn, set()).add(svc)
+
+    @staticmethod
+    async def count_change(conn: asyncpg.Connection, svc: str, changes: list[tuple[str, int, int]]) -> None:
+        """Add to counts, in the transaction of the change: one slot at random; sorted, so every transaction
+        takes its counter rows in one order (no deadlocks)."""
+        changes = sorted(changes)
+        await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
+                           random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
+
+    @staticmethod
+    async def settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
+                             counts: tuple[tuple[str, str], ...]) -> None:
+        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
+        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
+        items = list(items)
+        for kind, field in counts:
+            missing = sorted({item["id"] for item in items
+                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
+            if missing:
+                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
+                for item in items:
+                    if item["id"] in missing:
+                        item[field] = found.get(item["id"], 0)
+
+
+class Render:
+    """Rows as the JSON the API answers with, times in the configured zone (server.time_zone)."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+
+    def render_time(self, moment: dt.datetime | None) -> str:
+        if moment is None:  # the Go version's columns allow it
+            return ""
+        return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
+
+    def post_json(self, svc: str, row: asyncpg.Record) -> dict:
+        return {"id": row["id"], "title": row["title"] or "", "content": row["content"] or "",
+                "author": row["author"] or "", "time": self.render_time(row["created_at"]), "svc": svc,
+                "extra": row["extra"]}
+
+    def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
+        post = self.post_json(svc, row)
+        post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
+        if viewer is not None:
+            post["liked"] = row["liked"]
+        return post
+
+    def comment_json(self, svc: str, row: asyncpg.Record) -> dict:
+        return {"id": row["id"], "user_id": row["user_id"] or "", "content": row["content"] or "",
+                "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
+                "target_user_id": row["target_user_id"], "post_id": row["post_id"],
+                "time": self.render_time(row["created_at"]), "svc": svc,
+                "child_num": row["child_num"], "extra": row["extra"]}
+
+
+class Invalidator:
+    """The delayed double delete: a write deletes its cache keys before it runs, and once more
+    DOUBLE_DELETE_DELAY later, in case a read refilled one from a snapshot older than the write."""
+
+    def __init__(self, cache: Cache, background: Background) -> None:
+        self.cache = cache
+        self.background = background
+        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
+
+    def invalidate_later(self, keys: list[str]) -> None:
+        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
+        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
+        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
+        if len(self._later) == 1:
+            self.background.spawn(self._invalidate_due())
+
+    async def _invalidate_due(self) -> None:
+        while self._later:
+            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
+            due, until = set(), time.monotonic() + LATER_BATCH
+            while self._later and self._later[0][0] <= until:
+                due.update(self._later.popleft()[1])
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(sorted(due))
+
+
+class Part:
+    """What every part of the domain works with: the store's connections and events, the cache, the renderer
+    and the delayed double delete (bound here, so that an operation reads `self.db(...)`, `self.emit(...)`)."""
+
+    def __init__(self, store: Store, render: Render, invalidator: Invalidator) -> None:
+        self.store, self.render = store, render
+        self.config, self.cache, self.background = store.config, store.cache, store.background
+        self.db, self.emit, self.emitted, self.delivered = store.db, store.emit, store.emitted, store.delivered
+        self.invalidate_later = invalidator.invalidate_later
+
+    def page_size(self, limit: int | None) -> int:
+        """Missing or 0: 20; never above the configured maximum."""
+        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
+
+    async def near_feed(self, svc: str, what: tuple, viewer: str | None,
+                        read: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[asyncpg.Record]]]],
+                        liked_statement: str, ids: Callable[[Any], list[int]]) -> tuple[Any, frozenset | None]:
+        """A feed read kept in this process's near cache: the page (on a miss, read(conn) -> (page, its rows)),
+        then the set of its items `viewer` likes (from the rows read, or liked_statement over ids(page) when the
+        page was cached); (page, None) when there is no viewer."""
+        near, generation = self.cache.near, self.cache.near.generation(svc)
+        key = feed_page_key(svc, generation, *what)
+        page, liked = near.get(key), None
+        if viewer is not None and page is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if page is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if page is None:
+                    page, rows = await read(conn)
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, page)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, liked_statement), ids(page), viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        return page, liked
+
+
+class Posts(Part):
+    """Posts: publish, read (one, a batch, pages), update, delete."""
+
+    async def publish_post(self, svc: str, author: str, content: str, title: str | None,
+                           extra: dict | None) -> dict:
+        """Publish a post."""
+        post_id = await self.cache.next_id(post_id_counter_key(svc))
+        event = {"post_id": post_id, "author": author, "title": title or "", "content": content, "extra": extra}
+        async with self.db(svc, Err.CREATE_FAILED) as conn:  # the post and its event: one statement, one commit
+            await conn.execute(sql(svc, POST_INSERT_WITH_EVENT), post_id, content, title or "", author, extra,
+                               "post.published", event, self.delivered(svc, "post.published"))
+            self.emitted(conn, svc)
+        return {"post_id": post_id}
+
+    async def get_post(self, svc: str, post_id: int, counts: bool | None = None,
+                       viewer: str | None = None) -> bytes | dict:
+        """Read a post (answered as ready-made JSON, straight from the cache when it is there)."""
+        if counts or viewer is not None:  # with like_count, comment_count (and liked): from PostgreSQL
+            post = (await self.posts_full(svc, [post_id], viewer))[0]
+            if post is None:
+                raise ApiError(Err.FIND_FAILED)
+            return {"post": post}
+        key = post_info_key(svc, post_id)
+        cached = self.cache.near_hit(key)
+        if cached is None:
+            cached = await self.cache.fetch(key)
+        if cached is None:
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                row = await conn.fetchrow(sql(svc, POST_GET), post_id)
+            if row is None:
+                raise ApiError(Err.FIND_FAILED)
+            cached = orjson.dumps(self.render.post_json(svc, row))
+            await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
+        return b'{"post":' + cached + b"}"
+
+    async def update_post(self, svc: str, post_id: int, user_id: str, content: str | None,
+                          extra: dict | None, title: str | None) -> None:
+        """Update your post: only the fields given."""
+        if content is None and extra is None and title is None:
+            raise ApiError(Err.UPDATE_EMPTY)
+        key = post_info_key(svc, post_id)
+        await self.cache.invalidate([key])
+        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
+            check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
+            await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
+            await self.emit(conn, svc, "post.updated", {"post_id": post_id, "user_id": user_id,
+                                                        **_given(content=content, title=title, extra=extra)})
+        self.invalidate_later([key])
+
+    async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
+        """Delete your post; its comments and likes go in the background."""
+        keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
+        await self.cache.invalidate(keys)
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
+            check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
+            await conn.execute(sql(svc, POST_DELETE), post_id)
+            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comments", [post_id])
+            await self.emit(conn, svc, "post.deleted", {"post_id": post_id, "user_id": user_id})
+        log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
+        self.background.cleanup_wakeup.set()
+        self.invalidate_later(keys)
+
+    async def list_posts(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int | None,
+                         expand: bool | None = None, author: str | None = None, viewer: str | None = None) -> dict:
+        """Ids of the posts created before cursor, newest first."""
+        if expand or author is not None or isinstance(cursor, Keyset):
+            return await self.list_posts_keyset(svc, cursor, self.page_size(limit), expand, author, viewer)
+        cursor = cursor or dt.datetime.now(dt.timezone.utc)
+        async with self.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
+        return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
+
+    async def list_posts_keyset(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int,
+                                expand: bool | None, author: str | None, viewer: str | None) -> dict:
+        """getlist with author= or expand=1: keyset pages on (created_at, id) with an opaque next_cursor."""
+        if isinstance(cursor, Keyset):
+            if cursor.order != "time":
+                raise bad_param("not a cursor of getlist")
+            moment, after = cursor.moment, cursor.id
+        else:  # (created_at, id) < (t, -1) is created_at < t
+            moment, after = cursor or dt.datetime.now(dt.timezone.utc), -1
+        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
+        page = self.cache.near.get(key)
+        if page is None:
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if author is None:
+                    rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
+                else:
+                    rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
+            page = ([row["id"] for row in rows],
+                    Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
+            self.cache.near.put(key, page)
+        result: dict[str, Any] = {"post_list": page[0], "next_cursor": page[1]}
+        if expand:
+            result["posts"] = await self.posts_full(svc, page[0], viewer)
+        return result
+
+    async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None) -> list[dict | None]:
+        """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
+        if not post_ids:
+            return []
+        unique = sorted(set(post_ids))
+
+        async def read(conn: asyncpg.Connection) -> tuple[dict, list[asyncpg.Record]]:
+            rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
+            found = {row["id"]: self.render.post_full_json(svc, row, None) for row in rows}
+            await self.store.settle_counts(conn, svc, found.values(), (("post", "like_count"),
+                                                                       ("comments", "comment_count")))
+            return found, rows
+
+        found, liked = await self.near_feed(svc, ("posts", unique), viewer, read, POSTS_LIKED, list)
+        if viewer is None:
+            return [found.get(post_id) for post_id in post_ids]
+        return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
+                for post_id in post_ids]
+
+    async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
+        """Read up to 100 posts at once, with their counts; null for unknown ids."""
+        return {"posts": await self.posts_full(svc, post_ids, viewer)}
+
+
+class Comments(Part):
+    """Comments and replies: publish, reply, read (one, pages of a post or a thread), update, delete a subtree."""
+
+    async def get_comment(self, svc: str, comment_id: int) -> dict:
+        """A comment as JSON (child_num null), cache-aside; an unknown id is 10006."""
+        key = comment_info_key(svc, comment_id)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            return orjson.loads(cached)
+        async with self.db(svc, Err.FIND_FAILED) as conn:
+            row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
+        if row is None:
+            raise ApiError(Err.FIND_FAILED)
+        comment = self.render.comment_json(svc, row)
+        await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
+        return comment
+
+    async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
+                              extra: dict | None) -> dict:
+        """Comment on a post (or on any object id of the caller's)."""
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
+        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
+                               content, extra)
+            await self.store.count_change(conn, svc, [("comments", post_id, 1)])
+            await self.emit(conn, svc, "comment.published", {"comment_id": comment_id, "post_id": post_id,
+                                                             "user_id": user_id, "content": content, "extra": extra})
+        return {"comment_id": comment_id}
+
+    async def reply_comment(self, svc: str, post_id: int, root_comment_id: int, father_comment_id: int,
+                            user_id: str, content: str, extra: dict | None) -> dict:
+        """Reply to a comment of a thread."""
+        if root_comment_id == 0 or father_comment_id == 0:
+            raise ApiError(Err.PARAMS_WRONG)
+        father = await self.get_comment(svc, father_comment_id)
+        father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
+        if father["post_id"] != post_id or father_root != root_comment_id:
+            raise ApiError(Err.PARAMS_WRONG)
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
+        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
+                               father_comment_id, father["user_id"], post_id, content, extra)
+            await self.store.count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
+            await self.emit(conn, svc, "comment.replied", {
+                "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
+                "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
+                "content": content, "extra": extra})
+        return {"comment_id": comment_id}
+
+    async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
+                             extra: dict | None) -> None:
+        """Update your comment: only the fields given."""
+        if content is None and extra is None:
+            raise ApiError(Err.UPDATE_EMPTY)
+        key = comment_info_key(svc, comment_id)
+        await self.cache.invalidate([key])
+        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
+            check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
+            await self.emit(conn, svc, "comment.updated", {"comment_id": comment_id, "post_id": post_id,
+                                                           "user_id": user_id, **_given(content=content, extra=extra)})
+        self.invalidate_later([key])
+
+    async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
+        """Delete your comment and its sub-comments; their likes go in the background."""
+        await self.cache.invalidate([comment_info_key(svc, comment_id)])
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
+            check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
+            deleted = [row["id"] for row in rows]
+            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
+            await self._count_removed_comments(conn, svc, rows)
+            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
+                                                           "user_id": user_id, "deleted_ids": deleted})
+        log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
+                 svc, comment_id, len(deleted) - 1)
+        self.background.cleanup_wakeup.set()
+        keys = [key for cid in deleted for key in (comment_info_key(svc, cid), comment_like_key(svc, cid))]
+        with contextlib.suppress(ApiError):  # the sub-comments' entries: now, and once more later
+            await self.cache.invalidate(keys)
+        self.invalidate_later(keys)
+
+    async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
+        """Deleted comments leave comment_count and child_num in the delete's transaction."""
+        deleted = {row["id"] for row in rows}
+        changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None)
+        changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted)
+        await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
+
+    async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
+                            limit: int | None, viewer: str | None = None, sort: str | None = None) -> dict:
+        """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
+        limit, top, target = self.page_size(limit), sort == "top", post_id if root_comment_id == 0 else root_comment_id
+        if top:
+            if cursor is not None and not (isinstance(cursor, Keyset) and cursor.order == "top"):
+                raise bad_param("sort=top pages with the next_cursor of sort=top")
+            statement = COMMENT_ROOTS_TOP if root_comment_id == 0 else COMMENT_REPLIES_TOP
+            args: tuple = ((cursor.moment, limit, viewer, cursor.count, cursor.id) if cursor else
+                           (None, limit, viewer, None, None))
+        else:
+            if isinstance(cursor, Keyset):
+                raise bad_param("a cursor of sort=top")
+            statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
+            args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
+
+        async def read(conn: asyncpg.Connection) -> tuple[tuple[list[dict], str | None], list[asyncpg.Record]]:
+            rows = await conn.fetch(sql(svc, statement), target, *args)
+            page = self._comment_page(svc, rows, top)
+            await self.store.settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
+            return page, rows
+
+        page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit), viewer,
+                                           read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]])
+        comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
+        return {"comments": comments, "next_cursor": page[1]}
+
+    def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
+        """(comments with like_count, next_cursor) of a page's rows."""
+        comments = []
+        for row in rows:
+            comment = self.render.comment_json(svc, row)
+            comment["like_count"] = row["like_count"]
+            comments.append(comment)
+        if not top or not rows:
+            return comments, next_cursor(rows)
+        last = rows[-1]
+        return comments, Keyset("top", last["created_at"], last["id"], last["like_count"]).encode()
+
+
+class Likes(Part):
+    """Likes of posts and comments, and their counts."""
+
+    async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
+        """Like or unlike a post (idempotent)."""
+        key = post_like_key(svc, post_id)
+        invalidated = await self.cache.invalidate_unless_hot(key)
+        kind = "post.liked" if like else "post.unliked"
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn:  # one statement, one commit
+            exists, changed = await conn.fetchrow(
+                sql(svc, POST_LIKE_SET_EMITTING if like else POST_LIKE_UNSET_EMITTING), post_id, user_id,
+                random.randrange(COUNTER_SLOTS), kind, {"post_id": post_id, "user_id": user_id},
+                self.delivered(svc, kind))
+            if changed:
+                self.emitted(conn, svc)
+        if not exists:
+            raise ApiError(Err.FIND_FAILED)
+        if invalidated:
+            self.invalidate_later([key])
+
+    async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
+        """Like or unlike a comment (idempotent)."""
+        key = comment_like_key(svc, comment_id)
+        invalidated = await self.cache.invalidate_unless_hot(key)
+        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
+            statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
+            owner_post, changed = await conn.fetchrow(sql(svc, statement), comment_id, user_id,
+                                                      random.randrange(COUNTER_SLOTS)) or (None, False)
+            if owner_post is None:
+                raise ApiError(Err.FIND_FAILED)
+            if owner_post != post_id:  # roll the like back: the comment is not on that post
+                raise ApiError(Err.PARAMS_WRONG)
+            if changed:
+                await self.emit(conn, svc, "comment.liked" if like else "comment.unliked",
+                                {"comment_id": comment_id, "post_id": post_id, "user_id": user_id})
+        if invalidated:
+            self.invalidate_later([key])
+
+    async def post_likes(self, svc: str, post_id: int) -> dict:
+        """Count the likes of a post (0 for an unknown post)."""
+        key = post_like_key(svc, post_id)
+        cached = await self.cache.get(key)
+        if cached is not None and cached.isdigit():
+            return {"like": int(cached)}
+        async with self.db(svc, Err.COUNT_FAILED) as conn:
+            count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id)
+            if count is None:  # no base yet: made from the rows, once (none for an unknown post)
+                await conn.execute(sql(svc, POST_LIKES_INIT), [post_id])
+                count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id) or 0
+        await self.cache.set_many([(key, count, self.config.cache.postlike_expire)])
+        return {"like": count}
+
+    async def comment_likes(self, svc: str, comment_ids: list[int] | None) -> dict | None:
+        """Count the likes of comments, in request order (0 for unknown ids)."""
+        if not comment_ids:
+            return None
+        keys = [comment_like_key(svc, cid) for cid in comment_ids]
+        counts: dict[int, int] = {}
+        for cid, cached in zip(comment_ids, await self.cache.get_many(keys), strict=True):
+            if cached is not None and cached.isdigit():
+                counts[cid] = int(cached)
+        missing = sorted({cid for cid in comment_ids if cid not in counts})
+        if missing:
+            async with self.db(svc, Err.COUNT_FAILED) as conn:
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), "comment", missing))
+                uncounted = [cid for cid in missing if cid not in found]
+                if uncounted:  # no base yet: made from the rows, once (none for unknown ids)
+                    await conn.execute(sql(svc, COMMENT_LIKES_INIT), uncounted)
+                    found.update(await conn.fetch(sql(svc, COUNTS_READ), "comment", uncounted))
+            ttl = self.config.cache.commentlike_expire
+            await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
+            counts.update((cid, found.get(cid, 0)) for cid in missing)
+        return {"likes": [counts[cid] for cid in comment_ids]}
+
+
+class Streams(Part):
+    """The live event stream as an operation (the stream itself is section 7's Events)."""
+
+    async def event_stream(self, svc: str, post_id: int | None, types: frozenset[str] | None,
+                           last_event_id: int | None) -> EventStream:
+        """Follow the service's events live (Server-Sent Events); resume after Last-Event-ID."""
+        return await self.background.events.open_stream(self.store, svc, post_id, types, last_event_id)
+
+
+class Cleanup(Part):
+    """The background clean-up of what deletes leave (and the depth of its queue, for /readyz and /metrics)."""
+    # Deleting a post enqueues ('post', post_id): its comments are removed commentbatch at a time, each batch
+    # enqueuing ('comment', id) for the likes of those comments, and its likes postlikebatch at a time.
+    # Deleting comments enqueues ('comment', id) for each; their likes go commentlikebatch at a time.
+    # Every batch is one transaction holding its queue rows with FOR UPDATE SKIP LOCKED: processes share
+    # the queue without doing anything twice, and a crash rolls back to work that is still queued.
+
+    async def clean_once(self, svc: str) -> int:
+        """One batch of clean-up work for svc; returns how many rows it removed (0: nothing to do)."""
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
+            job = await conn.fetchrow(sql(svc, CLEANUP_CLAIM_POST))
+            if job is not None:
+                removed, done_keys = await self._clean_post_batch(conn, svc, job)
+            else:
+                jobs = await conn.fetch(sql(svc, CLEANUP_CLAIM_COMMENTS), self.config.clean.commentlikebatch)
+                removed, done_keys = await self._clean_comment_likes_batch(conn, svc, jobs) if jobs else (0, [])
+        if done_keys:
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(done_keys)
+        if removed:
+            self.cache.near.bump(svc)
+        return removed
+
+    async def _clean_post_batch(self, conn: asyncpg.Connection, svc: str, job: asyncpg.Record) -> tuple[int, list]:
+        """Some comments and likes of a deleted post; the job is done when a batch comes back short."""
+        batch, post_id = self.config.clean, job["target_id"]
+        comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id, batch.commentbatch)]
+        await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", comments)
+        likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
+        done_keys = [comment_info_key(svc, cid) for cid in comments]
+        if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
+            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
+            done_keys.append(post_like_key(svc, post_id))
+        log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
+        return len(comments) + likes + 1, done_keys
+
+    async def _clean_comment_likes_batch(self, conn: asyncpg.Connection, svc: str,
+                                         jobs: list[asyncpg.Record]) -> tuple[int, list]:
+        """Some likes of deleted comments; their jobs are done when a batch comes back short."""
+        batch, ids = self.config.clean.commentlikebatch, [job["target_id"] for job in jobs]
+        likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch))
+        done_keys = []
+        if likes < batch:
+            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
+            done_keys = [comment_like_key(svc, cid) for cid in ids]
+        log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
+        return likes + 1, done_keys
+
+    async def cleanup_depth(self) -> dict[str, int | str]:
+        """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
+        depth: dict[str, int | str] = {}
+        async with self.store.pool.acquire() as conn:
+            for svc in sorted(self.store.ready):
+                try:
+                    depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
+                except asyncpg.PostgresError as exc:
+                    log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
+                    depth[svc] = f"error: {exc!r}"
+        return depth
+
+    async def run_cleanup(self) -> None:
+        """Drain the clean-up queues of every service; wake on a local delete or every clean.interval."""
+        while True:
+            worked = False
+            for svc in list(self.store.ready):
+                try:
+                    while await self.clean_once(svc):
+                        worked = True
+                except ApiError:
+                    await asyncio.sleep(CLEANUP_RETRY_PAUSE)  # database trouble was logged; next round
+            if worked:
+                continue
+            wakeup = self.background.cleanup_wakeup
+            wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
+
+
+class Service:
+    """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
+    in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
+
+    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+                 background: Background) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.ready = ready  # services whose tables exist
+        self.background = background
+        self.store = Store(config, pool, cache, ready, background)
+        self.render = Render(config)
+        self.invalidator = Invalidator(cache, background)
+        parts = (self.store, self.render, self.invalidator)
+        self.posts, self.comments, self.likes = Posts(*parts), Comments(*parts), Likes(*parts)
+        self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
+
+
+def _given(**fields: Any) -> dict:
+    """The fields of an update that were given (an event lists only what changed)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def next_cursor(rows: list[asyncpg.Record]) -> str | None:
+    """Every list page carries `next_cursor`: the creation time of its last row (UTC, microseconds), to pass as
+    `cursor` for the rows after it; null when the page is empty (keep the cursor you sent)."""
+    if not rows or rows[-1]["created_at"] is None:
+        return None
+    return rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as 'DELETE 30'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def check_owner(owner: str | None, user_id: str) -> None:
+    if owner is None:
+        raise ApiError(Err.FIND_FAILED)
+    if owner != user_id:
+        raise ApiError(Err.NOT_OWNER)
+
+
+# ============================================================================
+# 7. Events: the outbox, live streams, webhook delivery
+# ============================================================================
 
 Position = tuple[int, int]  # (xid, id): the order in which streams hand out events
 WEBHOOK_CONNECTIONS = 100  # the process's connection pool for webhook deliveries, all endpoints together
@@ -2182,11 +2818,11 @@ class Events:
 
     # --- live streams --------------------------------------------------------
 
-    async def open_stream(self, service: Service, svc: str, post_id: int | None, types: frozenset[str] | None,
+    async def open_stream(self, store: Store, svc: str, post_id: int | None, types: frozenset[str] | None,
                           last_event_id: int | None) -> EventStream:
-        if self.stopping or len(self.streams) >= service.config.events.max_streams:
+        if self.stopping or len(self.streams) >= store.config.events.max_streams:
             raise ApiError(Err.UNAVAILABLE)
-        async with service.db(svc, Err.FIND_FAILED) as conn:
+        async with store.db(svc, Err.FIND_FAILED) as conn:
             head = _position(await conn.fetchrow(sql(svc, EVENTS_HEAD))) or (0, 0)
             start = None
             if last_event_id is not None:
@@ -2194,7 +2830,7 @@ class Events:
                 if start is None:  # removed by retention (or never stored): from the next stored one on
                     first = _position(await conn.fetchrow(sql(svc, EVENT_FIRST_AFTER), last_event_id))
                     start = (first[0], first[1] - 1) if first else head
-        if self.stopping or len(self.streams) >= service.config.events.max_streams:
+        if self.stopping or len(self.streams) >= store.config.events.max_streams:
             raise ApiError(Err.UNAVAILABLE)
         hub = self.hubs.get(svc)
         if hub is None:
@@ -2217,7 +2853,7 @@ class Events:
         more are stored that may not be handed out yet (a transaction older than them is still in flight)."""
         service = self.service
         assert service is not None
-        async with service.db(svc, Err.FIND_FAILED) as conn:
+        async with service.store.db(svc, Err.FIND_FAILED) as conn:
             rows = await conn.fetch(sql(svc, EVENTS_AFTER), str(position[0]), position[1], limit)
         ready = []
         for row in rows:
@@ -2304,7 +2940,7 @@ class Events:
             cfg, claimed = service.config.events, []
             wakeup.clear()
             try:
-                async with service.db(svc, Err.FIND_FAILED) as conn:
+                async with service.store.db(svc, Err.FIND_FAILED) as conn:
                     claimed = await conn.fetch(sql(svc, EVENTS_CLAIM), cfg.concurrency, cfg.lease)
                 if claimed:
                     outcomes = await asyncio.gather(*(self._post(svc, tenant.webhook, cfg, row) for row in claimed))
@@ -2318,7 +2954,7 @@ class Events:
             except asyncio.CancelledError:
                 if claimed:  # shut-down or webhook removed: hand them back at once, for a replica or a restart
                     with contextlib.suppress(Exception):
-                        async with service.db(svc, Err.UPDATE_FAILED) as conn:
+                        async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
                             await asyncio.wait_for(conn.execute(
                                 sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), 2)
                 raise
@@ -2345,7 +2981,7 @@ class Events:
 
     async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
         delivered = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
-        async with service.db(svc, Err.UPDATE_FAILED) as conn:
+        async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
             if delivered:
                 await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
             for row, error in zip(rows, outcomes, strict=True):
@@ -2369,7 +3005,7 @@ class Events:
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=cfg.retention_hours)
             for svc in sorted(service.ready):
                 with contextlib.suppress(ApiError, asyncio.TimeoutError):
-                    async with service.db(svc, Err.DELETE_FAILED) as conn:
+                    async with service.store.db(svc, Err.DELETE_FAILED) as conn:
                         while _count(await conn.execute(sql(svc, EVENTS_EXPIRE), cutoff,
                                                         self.RETENTION_BATCH)) == self.RETENTION_BATCH:
                             pass
@@ -2386,613 +3022,9 @@ class Events:
         return counts
 
 
-@dataclasses.dataclass(frozen=True)
-class Keyset:
-    """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
-    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
-    moment: dt.datetime
-    id: int
-    count: int = 0
-
-    EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-    MAX_LEN = 120  # characters of an encoded cursor at most
-
-    def encode(self) -> str:
-        micros = (self.moment - self.EPOCH) // dt.timedelta(microseconds=1)
-        text = f"{self.order}:{self.count}:{micros}:{self.id}"
-        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, raw: str) -> "Keyset":
-        """ValueError (or OverflowError) unless raw is a cursor that encode() could have made."""
-        if len(raw) > cls.MAX_LEN or not raw.isascii():
-            raise ValueError("cursor too long")
-        order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
-        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
-                                                  for x in (count, micros, ident)):
-            raise ValueError("not a cursor")
-        value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
-        if not (0 <= value.count <= MAX_ID and -1 <= value.id <= MAX_ID):
-            raise ValueError("cursor out of range")
-        return value
-
-
-class Service:
-    """The domain operations, bound to one configuration; a reload builds a new one and swaps it in whole."""
-
-    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
-                 background: Background) -> None:
-        self.config = config
-        self.pool = pool
-        self.cache = cache
-        self.ready = ready  # services whose tables exist
-        self.background = background
-        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
-        self._emitted: dict[Any, set[str]] = {}  # connection -> services with events in its open transaction
-
-    # --- helpers ---------------------------------------------------------------
-
-    def invalidate_later(self, keys: list[str]) -> None:
-        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
-        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
-        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
-        if len(self._later) == 1:
-            self.background.spawn(self._invalidate_due())
-
-    async def _invalidate_due(self) -> None:
-        while self._later:
-            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
-            due, until = set(), time.monotonic() + LATER_BATCH
-            while self._later and self._later[0][0] <= until:
-                due.update(self._later.popleft()[1])
-            with contextlib.suppress(ApiError):
-                await self.cache.invalidate(sorted(due))
-
-    def page_size(self, limit: int | None) -> int:
-        """Missing or 0: 20; never above the configured maximum."""
-        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
-
-    @staticmethod
-    async def _count_change(conn: asyncpg.Connection, svc: str, changes: list[tuple[str, int, int]]) -> None:
-        """Add to counts, in the transaction of the change: one slot at random; sorted, so every transaction
-        takes its counter rows in one order (no deadlocks)."""
-        changes = sorted(changes)
-        await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
-                           random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
-
-    @staticmethod
-    async def _settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
-                             counts: tuple[tuple[str, str], ...]) -> None:
-        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
-        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
-        items = list(items)
-        for kind, field in counts:
-            missing = sorted({item["id"] for item in items
-                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
-            if missing:
-                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
-                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
-                for item in items:
-                    if item["id"] in missing:
-                        item[field] = found.get(item["id"], 0)
-
-    def render_time(self, moment: dt.datetime | None) -> str:
-        if moment is None:  # the Go version's columns allow it
-            return ""
-        return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
-
-    async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
-        """Record the event of a change in the change's own transaction (SPEC 11.4)."""
-        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
-        self.emitted(conn, svc)
-
-    def delivered(self, svc: str, kind: str) -> bool:
-        """Does svc's webhook take events of this kind? (Then the event row is due for delivery at once.)"""
-        tenant = self.config.tenants.get(svc)
-        return tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
-
-    def emitted(self, conn: asyncpg.Connection, svc: str) -> None:
-        """An event of svc was written on conn: db() hands svc to Events.committed once it is committed."""
-        self._emitted.setdefault(conn, set()).add(svc)
-
-    @contextlib.asynccontextmanager
-    async def db(self, svc: str, failure: Err):
-        """A connection for service svc; database errors become the given code (missing table: 10001)."""
-        if svc not in self.ready:
-            raise ApiError(Err.TABLE_CREATE_FAILED)
-        pool = self.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
-        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else self.config.db.pool_wait
-        try:
-            async with pool.acquire(timeout=wait) as conn:
-                try:
-                    yield conn
-                except BaseException:  # the transaction rolled back: its events never happened
-                    self._emitted.pop(conn, None)
-                    raise
-                emitted = self._emitted.pop(conn, None)
-                if emitted:  # every write with events runs in a transaction inside this block: committed now
-                    self.background.events.committed(emitted)
-        except asyncpg.UndefinedTableError:
-            log.error("a table of service %r is missing", svc)
-            raise ApiError(Err.TABLE_MISSING) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-            log.error("database error (answering %d): %r", failure.code, exc)
-            raise ApiError(failure) from None
-
-    # --- posts -------------------------------------------------------------------
-
-    def post_json(self, svc: str, row: asyncpg.Record) -> dict:
-        return {"id": row["id"], "title": row["title"] or "", "content": row["content"] or "",
-                "author": row["author"] or "", "time": self.render_time(row["created_at"]), "svc": svc,
-                "extra": row["extra"]}
-
-    async def publish_post(self, svc: str, author: str, content: str, title: str | None,
-                           extra: dict | None) -> dict:
-        """Publish a post."""
-        post_id = await self.cache.next_id(post_id_counter_key(svc))
-        event = {"post_id": post_id, "author": author, "title": title or "", "content": content, "extra": extra}
-        async with self.db(svc, Err.CREATE_FAILED) as conn:  # the post and its event: one statement, one commit
-            await conn.execute(sql(svc, POST_INSERT_WITH_EVENT), post_id, content, title or "", author, extra,
-                               "post.published", event, self.delivered(svc, "post.published"))
-            self.emitted(conn, svc)
-        return {"post_id": post_id}
-
-    async def get_post(self, svc: str, post_id: int, counts: bool | None = None,
-                       viewer: str | None = None) -> bytes | dict:
-        """Read a post (answered as ready-made JSON, straight from the cache when it is there)."""
-        if counts or viewer is not None:  # with like_count, comment_count (and liked): from PostgreSQL
-            post = (await self.posts_full(svc, [post_id], viewer))[0]
-            if post is None:
-                raise ApiError(Err.FIND_FAILED)
-            return {"post": post}
-        key = post_info_key(svc, post_id)
-        cached = self.cache.near_hit(key)
-        if cached is None:
-            cached = await self.cache.fetch(key)
-        if cached is None:
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                row = await conn.fetchrow(sql(svc, POST_GET), post_id)
-            if row is None:
-                raise ApiError(Err.FIND_FAILED)
-            cached = orjson.dumps(self.post_json(svc, row))
-            await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
-        return b'{"post":' + cached + b"}"
-
-    async def update_post(self, svc: str, post_id: int, user_id: str, content: str | None,
-                          extra: dict | None, title: str | None) -> None:
-        """Update your post: only the fields given."""
-        if content is None and extra is None and title is None:
-            raise ApiError(Err.UPDATE_EMPTY)
-        key = post_info_key(svc, post_id)
-        await self.cache.invalidate([key])
-        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
-            await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
-            await self.emit(conn, svc, "post.updated", {"post_id": post_id, "user_id": user_id,
-                                                        **_given(content=content, title=title, extra=extra)})
-        self.invalidate_later([key])
-
-    @staticmethod
-    def _check_owner(owner: str | None, user_id: str) -> None:
-        if owner is None:
-            raise ApiError(Err.FIND_FAILED)
-        if owner != user_id:
-            raise ApiError(Err.NOT_OWNER)
-
-    async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
-        """Delete your post; its comments and likes go in the background."""
-        keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
-        await self.cache.invalidate(keys)
-        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
-            await conn.execute(sql(svc, POST_DELETE), post_id)
-            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
-            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
-            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comments", [post_id])
-            await self.emit(conn, svc, "post.deleted", {"post_id": post_id, "user_id": user_id})
-        log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
-        self.background.cleanup_wakeup.set()
-        self.invalidate_later(keys)
-
-    async def list_posts(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int | None,
-                         expand: bool | None = None, author: str | None = None, viewer: str | None = None) -> dict:
-        """Ids of the posts created before cursor, newest first."""
-        if expand or author is not None or isinstance(cursor, Keyset):
-            return await self.list_posts_keyset(svc, cursor, self.page_size(limit), expand, author, viewer)
-        cursor = cursor or dt.datetime.now(dt.timezone.utc)
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
-        return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
-
-    async def list_posts_keyset(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int,
-                                expand: bool | None, author: str | None, viewer: str | None) -> dict:
-        """getlist with author= or expand=1: keyset pages on (created_at, id) with an opaque next_cursor."""
-        if isinstance(cursor, Keyset):
-            if cursor.order != "time":
-                raise bad_param("not a cursor of getlist")
-            moment, after = cursor.moment, cursor.id
-        else:  # (created_at, id) < (t, -1) is created_at < t
-            moment, after = cursor or dt.datetime.now(dt.timezone.utc), -1
-        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
-        page = self.cache.near.get(key)
-        if page is None:
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if author is None:
-                    rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
-                else:
-                    rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
-            page = ([row["id"] for row in rows],
-                    Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
-            self.cache.near.put(key, page)
-        result: dict[str, Any] = {"post_list": page[0], "next_cursor": page[1]}
-        if expand:
-            result["posts"] = await self.posts_full(svc, page[0], viewer)
-        return result
-
-    def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
-        post = self.post_json(svc, row)
-        post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
-        if viewer is not None:
-            post["liked"] = row["liked"]
-        return post
-
-    async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None) -> list[dict | None]:
-        """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
-        if not post_ids:
-            return []
-        near, generation, unique = self.cache.near, self.cache.near.generation(svc), sorted(set(post_ids))
-        key = feed_page_key(svc, generation, "posts", unique)
-        found, liked = near.get(key), None
-        if viewer is not None and found is not None:
-            liked = near.get(feed_liked_key(svc, generation, viewer, key))
-        if found is None or (viewer is not None and liked is None):
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if found is None:
-                    rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
-                    found = {row["id"]: self.post_full_json(svc, row, None) for row in rows}
-                    await self._settle_counts(conn, svc, found.values(), (("post", "like_count"),
-                                                                          ("comments", "comment_count")))
-                    liked = frozenset(row["id"] for row in rows if row["liked"])
-                    near.put(key, found)
-                else:
-                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, POSTS_LIKED), list(found), viewer))
-            if viewer is not None:
-                near.put(feed_liked_key(svc, generation, viewer, key), liked)
-        if viewer is None:
-            return [found.get(post_id) for post_id in post_ids]
-        return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
-                for post_id in post_ids]
-
-    async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
-        """Read up to 100 posts at once, with their counts; null for unknown ids."""
-        return {"posts": await self.posts_full(svc, post_ids, viewer)}
-
-    # --- comments ----------------------------------------------------------------
-
-    def comment_json(self, svc: str, row: asyncpg.Record) -> dict:
-        return {"id": row["id"], "user_id": row["user_id"] or "", "content": row["content"] or "",
-                "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
-                "target_user_id": row["target_user_id"], "post_id": row["post_id"],
-                "time": self.render_time(row["created_at"]), "svc": svc,
-                "child_num": row["child_num"], "extra": row["extra"]}
-
-    async def get_comment(self, svc: str, comment_id: int) -> dict:
-        """A comment as JSON (child_num null), cache-aside; an unknown id is 10006."""
-        key = comment_info_key(svc, comment_id)
-        cached = await self.cache.get(key)
-        if cached is not None:
-            return orjson.loads(cached)
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
-        if row is None:
-            raise ApiError(Err.FIND_FAILED)
-        comment = self.comment_json(svc, row)
-        await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
-        return comment
-
-    async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
-                              extra: dict | None) -> dict:
-        """Comment on a post (or on any object id of the caller's)."""
-        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
-        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
-            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
-                               content, extra)
-            await self._count_change(conn, svc, [("comments", post_id, 1)])
-            await self.emit(conn, svc, "comment.published", {"comment_id": comment_id, "post_id": post_id,
-                                                             "user_id": user_id, "content": content, "extra": extra})
-        return {"comment_id": comment_id}
-
-    async def reply_comment(self, svc: str, post_id: int, root_comment_id: int, father_comment_id: int,
-                            user_id: str, content: str, extra: dict | None) -> dict:
-        """Reply to a comment of a thread."""
-        if root_comment_id == 0 or father_comment_id == 0:
-            raise ApiError(Err.PARAMS_WRONG)
-        father = await self.get_comment(svc, father_comment_id)
-        father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
-        if father["post_id"] != post_id or father_root != root_comment_id:
-            raise ApiError(Err.PARAMS_WRONG)
-        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
-        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
-            await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
-                               father_comment_id, father["user_id"], post_id, content, extra)
-            await self._count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
-            await self.emit(conn, svc, "comment.replied", {
-                "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
-                "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
-                "content": content, "extra": extra})
-        return {"comment_id": comment_id}
-
-    async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
-                             extra: dict | None) -> None:
-        """Update your comment: only the fields given."""
-        if content is None and extra is None:
-            raise ApiError(Err.UPDATE_EMPTY)
-        key = comment_info_key(svc, comment_id)
-        await self.cache.invalidate([key])
-        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
-            post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
-            await self.emit(conn, svc, "comment.updated", {"comment_id": comment_id, "post_id": post_id,
-                                                           "user_id": user_id, **_given(content=content, extra=extra)})
-        self.invalidate_later([key])
-
-    async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
-        """Delete your comment and its sub-comments; their likes go in the background."""
-        await self.cache.invalidate([comment_info_key(svc, comment_id)])
-        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
-            rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
-            deleted = [row["id"] for row in rows]
-            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
-            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
-            await self._count_removed_comments(conn, svc, rows)
-            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
-                                                           "user_id": user_id, "deleted_ids": deleted})
-        log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
-                 svc, comment_id, len(deleted) - 1)
-        self.background.cleanup_wakeup.set()
-        keys = [key for cid in deleted for key in (comment_info_key(svc, cid), comment_like_key(svc, cid))]
-        with contextlib.suppress(ApiError):  # the sub-comments' entries: now, and once more later
-            await self.cache.invalidate(keys)
-        self.invalidate_later(keys)
-
-    async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
-        """Deleted comments leave comment_count and child_num in the delete's transaction."""
-        deleted = {row["id"] for row in rows}
-        changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None)
-        changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted)
-        await self._count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
-        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
-
-    async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
-                            limit: int | None, viewer: str | None = None, sort: str | None = None) -> dict:
-        """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
-        limit, top, target = self.page_size(limit), sort == "top", post_id if root_comment_id == 0 else root_comment_id
-        if top:
-            if cursor is not None and not (isinstance(cursor, Keyset) and cursor.order == "top"):
-                raise bad_param("sort=top pages with the next_cursor of sort=top")
-            statement = COMMENT_ROOTS_TOP if root_comment_id == 0 else COMMENT_REPLIES_TOP
-            args: tuple = ((cursor.moment, limit, viewer, cursor.count, cursor.id) if cursor else
-                           (None, limit, viewer, None, None))
-        else:
-            if isinstance(cursor, Keyset):
-                raise bad_param("a cursor of sort=top")
-            statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
-            args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
-        near, generation = self.cache.near, self.cache.near.generation(svc)
-        key = feed_page_key(svc, generation, "comments", post_id, root_comment_id, top, cursor, limit)
-        page, liked = near.get(key), None
-        if viewer is not None and page is not None:
-            liked = near.get(feed_liked_key(svc, generation, viewer, key))
-        if page is None or (viewer is not None and liked is None):
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if page is None:
-                    rows = await conn.fetch(sql(svc, statement), target, *args)
-                    page = self._comment_page(svc, rows, top)
-                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"),
-                                                                   ("children", "child_num")))
-                    liked = frozenset(row["id"] for row in rows if row["liked"])
-                    near.put(key, page)
-                else:
-                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, COMMENTS_LIKED),
-                                                                     [c["id"] for c in page[0]], viewer))
-            if viewer is not None:
-                near.put(feed_liked_key(svc, generation, viewer, key), liked)
-        comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
-        return {"comments": comments, "next_cursor": page[1]}
-
-    def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
-        """(comments with like_count, next_cursor) of a page's rows."""
-        comments = []
-        for row in rows:
-            comment = self.comment_json(svc, row)
-            comment["like_count"] = row["like_count"]
-            comments.append(comment)
-        if not top or not rows:
-            return comments, next_cursor(rows)
-        last = rows[-1]
-        return comments, Keyset("top", last["created_at"], last["id"], last["like_count"]).encode()
-
-    # --- likes -------------------------------------------------------------------
-
-    async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
-        """Like or unlike a post (idempotent)."""
-        key = post_like_key(svc, post_id)
-        invalidated = await self.cache.invalidate_unless_hot(key)
-        kind = "post.liked" if like else "post.unliked"
-        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn:  # one statement, one commit
-            exists, changed = await conn.fetchrow(
-                sql(svc, POST_LIKE_SET_EMITTING if like else POST_LIKE_UNSET_EMITTING), post_id, user_id,
-                random.randrange(COUNTER_SLOTS), kind, {"post_id": post_id, "user_id": user_id},
-                self.delivered(svc, kind))
-            if changed:
-                self.emitted(conn, svc)
-        if not exists:
-            raise ApiError(Err.FIND_FAILED)
-        if invalidated:
-            self.invalidate_later([key])
-
-    async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
-        """Like or unlike a comment (idempotent)."""
-        key = comment_like_key(svc, comment_id)
-        invalidated = await self.cache.invalidate_unless_hot(key)
-        async with self.db(svc, Err.CREATE_FAILED if like else Err.DELETE_FAILED) as conn, conn.transaction():
-            statement = COMMENT_LIKE_SET if like else COMMENT_LIKE_UNSET
-            owner_post, changed = await conn.fetchrow(sql(svc, statement), comment_id, user_id,
-                                                      random.randrange(COUNTER_SLOTS)) or (None, False)
-            if owner_post is None:
-                raise ApiError(Err.FIND_FAILED)
-            if owner_post != post_id:  # roll the like back: the comment is not on that post
-                raise ApiError(Err.PARAMS_WRONG)
-            if changed:
-                await self.emit(conn, svc, "comment.liked" if like else "comment.unliked",
-                                {"comment_id": comment_id, "post_id": post_id, "user_id": user_id})
-        if invalidated:
-            self.invalidate_later([key])
-
-    async def post_likes(self, svc: str, post_id: int) -> dict:
-        """Count the likes of a post (0 for an unknown post)."""
-        key = post_like_key(svc, post_id)
-        cached = await self.cache.get(key)
-        if cached is not None and cached.isdigit():
-            return {"like": int(cached)}
-        async with self.db(svc, Err.COUNT_FAILED) as conn:
-            count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id)
-            if count is None:  # no base yet: made from the rows, once (none for an unknown post)
-                await conn.execute(sql(svc, POST_LIKES_INIT), [post_id])
-                count = await conn.fetchval(sql(svc, POST_LIKES_READ), post_id) or 0
-        await self.cache.set_many([(key, count, self.config.cache.postlike_expire)])
-        return {"like": count}
-
-    async def comment_likes(self, svc: str, comment_ids: list[int] | None) -> dict | None:
-        """Count the likes of comments, in request order (0 for unknown ids)."""
-        if not comment_ids:
-            return None
-        keys = [comment_like_key(svc, cid) for cid in comment_ids]
-        counts: dict[int, int] = {}
-        for cid, cached in zip(comment_ids, await self.cache.get_many(keys), strict=True):
-            if cached is not None and cached.isdigit():
-                counts[cid] = int(cached)
-        missing = sorted({cid for cid in comment_ids if cid not in counts})
-        if missing:
-            async with self.db(svc, Err.COUNT_FAILED) as conn:
-                found = dict(await conn.fetch(sql(svc, COUNTS_READ), "comment", missing))
-                uncounted = [cid for cid in missing if cid not in found]
-                if uncounted:  # no base yet: made from the rows, once (none for unknown ids)
-                    await conn.execute(sql(svc, COMMENT_LIKES_INIT), uncounted)
-                    found.update(await conn.fetch(sql(svc, COUNTS_READ), "comment", uncounted))
-            ttl = self.config.cache.commentlike_expire
-            await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
-            counts.update((cid, found.get(cid, 0)) for cid in missing)
-        return {"likes": [counts[cid] for cid in comment_ids]}
-
-    # --- events ------------------------------------------------------------------
-
-    async def event_stream(self, svc: str, post_id: int | None, types: frozenset[str] | None,
-                           last_event_id: int | None) -> EventStream:
-        """Follow the service's events live (Server-Sent Events); resume after Last-Event-ID."""
-        return await self.background.events.open_stream(self, svc, post_id, types, last_event_id)
-
-    # --- background clean-up -------------------------------------------------------
-    # Deleting a post enqueues ('post', post_id): its comments are removed commentbatch at a time, each batch
-    # enqueuing ('comment', id) for the likes of those comments, and its likes postlikebatch at a time.
-    # Deleting comments enqueues ('comment', id) for each; their likes go commentlikebatch at a time.
-    # Every batch is one transaction holding its queue rows with FOR UPDATE SKIP LOCKED: processes share
-    # the queue without doing anything twice, and a crash rolls back to work that is still queued.
-
-    async def clean_once(self, svc: str) -> int:
-        """One batch of clean-up work for svc; returns how many rows it removed (0: nothing to do)."""
-        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            job = await conn.fetchrow(sql(svc, CLEANUP_CLAIM_POST))
-            if job is not None:
-                removed, done_keys = await self._clean_post_batch(conn, svc, job)
-            else:
-                jobs = await conn.fetch(sql(svc, CLEANUP_CLAIM_COMMENTS), self.config.clean.commentlikebatch)
-                removed, done_keys = await self._clean_comment_likes_batch(conn, svc, jobs) if jobs else (0, [])
-        if done_keys:
-            with contextlib.suppress(ApiError):
-                await self.cache.invalidate(done_keys)
-        if removed:
-            self.cache.near.bump(svc)
-        return removed
-
-    async def _clean_post_batch(self, conn: asyncpg.Connection, svc: str, job: asyncpg.Record) -> tuple[int, list]:
-        """Some comments and likes of a deleted post; the job is done when a batch comes back short."""
-        batch, post_id = self.config.clean, job["target_id"]
-        comments = [r["id"] for r in await conn.fetch(sql(svc, CLEAN_POST_COMMENTS), post_id, batch.commentbatch)]
-        await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", comments)
-        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
-        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", comments)
-        likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
-        done_keys = [comment_info_key(svc, cid) for cid in comments]
-        if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
-            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
-            done_keys.append(post_like_key(svc, post_id))
-        log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
-        return len(comments) + likes + 1, done_keys
-
-    async def _clean_comment_likes_batch(self, conn: asyncpg.Connection, svc: str,
-                                         jobs: list[asyncpg.Record]) -> tuple[int, list]:
-        """Some likes of deleted comments; their jobs are done when a batch comes back short."""
-        batch, ids = self.config.clean.commentlikebatch, [job["target_id"] for job in jobs]
-        likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch))
-        done_keys = []
-        if likes < batch:
-            await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
-            done_keys = [comment_like_key(svc, cid) for cid in ids]
-        log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
-        return likes + 1, done_keys
-
-    async def cleanup_depth(self) -> dict[str, int | str]:
-        """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
-        depth: dict[str, int | str] = {}
-        async with self.pool.acquire() as conn:
-            for svc in sorted(self.ready):
-                try:
-                    depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
-                except asyncpg.PostgresError as exc:
-                    log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
-                    depth[svc] = f"error: {exc!r}"
-        return depth
-
-    async def run_cleanup(self) -> None:
-        """Drain the clean-up queues of every service; wake on a local delete or every clean.interval."""
-        while True:
-            worked = False
-            for svc in list(self.ready):
-                try:
-                    while await self.clean_once(svc):
-                        worked = True
-                except ApiError:
-                    await asyncio.sleep(CLEANUP_RETRY_PAUSE)  # database trouble was logged; next round
-            if worked:
-                continue
-            wakeup = self.background.cleanup_wakeup
-            wakeup.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
-
-
-def _given(**fields: Any) -> dict:
-    """The fields of an update that were given (an event lists only what changed)."""
-    return {name: value for name, value in fields.items() if value is not None}
-
-
-def next_cursor(rows: list[asyncpg.Record]) -> str | None:
-    """Every list page carries `next_cursor`: the creation time of its last row (UTC, microseconds), to pass as
-    `cursor` for the rows after it; null when the page is empty (keep the cursor you sent)."""
-    if not rows or rows[-1]["created_at"] is None:
-        return None
-    return rows[-1]["created_at"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _count(status: str) -> int:
-    """Rows affected, from a command status such as 'DELETE 30'."""
-    return int(status.rsplit(" ", 1)[-1])
-
 
 # ============================================================================
-# 7. HTTP layer: parameters, the route table, OpenAPI
+# 8. HTTP layer: parameters, the route table, OpenAPI
 # ============================================================================
 
 
@@ -3022,6 +3054,45 @@ class Request:
         if self._form is None:
             self._form = parse_body(self.header(b"content-type"), self.body)
         return self._form
+
+
+def bodiless(scope: dict, limit: int) -> bool:
+    """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
+
+    Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
+    has no body (RFC 9112 §6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
+    such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
+    comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
+    none = scope.get("http_version") in ("1.1", "1.0")
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise ApiError(Err.BODY_TOO_LARGE)
+            none = none and value == b"0"
+        elif name == b"transfer-encoding":
+            none = False
+    return none
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to be larger than the limit."""
+    return b"" if bodiless(scope, limit) else await receive_body(receive, limit)
+
+
+async def receive_body(receive: Callable, limit: int) -> bytes:
+    """The body from receive(), for a request that may have one (bodiless() said no); 413 past the limit."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(Err.BIND_PARAM)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(Err.BODY_TOO_LARGE)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def json_object(raw: str | bytes, what: str) -> dict:
@@ -3095,6 +3166,37 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
     except (FormParserError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
         raise bad_param(f"broken multipart body: {exc}") from None
     return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyset:
+    """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
+    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
+    moment: dt.datetime
+    id: int
+    count: int = 0
+
+    EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    MAX_LEN = 120  # characters of an encoded cursor at most
+
+    def encode(self) -> str:
+        micros = (self.moment - self.EPOCH) // dt.timedelta(microseconds=1)
+        text = f"{self.order}:{self.count}:{micros}:{self.id}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, raw: str) -> "Keyset":
+        """ValueError (or OverflowError) unless raw is a cursor that encode() could have made."""
+        if len(raw) > cls.MAX_LEN or not raw.isascii():
+            raise ValueError("cursor too long")
+        order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
+        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
+                                                  for x in (count, micros, ident)):
+            raise ValueError("not a cursor")
+        value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
+        if not (0 <= value.count <= MAX_ID and -1 <= value.id <= MAX_ID):
+            raise ValueError("cursor out of range")
+        return value
 
 
 # --- parameter kinds: each turns the raw value (str from a query/form, anything from JSON) into its type ---
@@ -3410,9 +3512,16 @@ PARSED_QUERY_MAX_BYTES = 512  # longer query strings are parsed every time (a ho
 class Route:
     method: str
     path: str  # below PREFIX
-    operation: Callable[..., Awaitable[Any]]  # the Service method that does the work; its docstring is the summary
+    operation: Callable[..., Awaitable[Any]]  # the method of a Service part that does the work (its docstring is
+    #                                           the summary): Posts.get_post runs as service.posts.get_post
     data: dict | None  # OpenAPI schema of `data` on success
+    writer: Param | None  # a write: the parameter naming the user who writes (the per-user write limit counts it)
     params: tuple[Param, ...]
+    part: str = ""  # the Service attribute holding the operation's part: "posts" for Posts.get_post (the default)
+
+    def __post_init__(self) -> None:
+        if not self.part:
+            object.__setattr__(self, "part", self.operation.__qualname__.partition(".")[0].lower())
 
     @functools.cached_property
     def query_only(self) -> bool:
@@ -3463,38 +3572,35 @@ EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` typ
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 ROUTES: tuple[Route, ...] = (
-    #     method    path                 operation                data          parameters
-    Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
-    Route("GET",    "/getinfo",          Service.get_post,        A_POST,       (POST_ID, COUNTS, VIEWER)),
-    Route("PUT",    "/update",           Service.update_post,     None,         (POST_ID, USER_ID, CONTENT_OPT,
-                                                                                 EXTRA_OPT, TITLE_OPT)),
-    Route("DELETE", "/delete",           Service.delete_post,     None,         (POST_ID, USER_ID)),
-    Route("PUT",    "/like",             Service.like_post,       None,         (POST_ID, USER_ID, LIKE)),
-    Route("GET",    "/getlike",          Service.post_likes,      LIKE_COUNT,   (POST_ID,)),
-    Route("GET",    "/getlist",          Service.list_posts,      POST_PAGE,    (PAGE_CURSOR, LIMIT, EXPAND,
-                                                                                 AUTHOR_FILTER, VIEWER)),
-    Route("GET",    "/getbatch",         Service.get_batch,       POST_BATCH,   (POST_IDS_IN, VIEWER)),
-    Route("POST",   "/comments/publish", Service.publish_comment, NEW_COMMENT,  (POST_ID, USER_ID, CONTENT, EXTRA_OPT)),
-    Route("POST",   "/comments/reply",   Service.reply_comment,   NEW_COMMENT,  (POST_ID, ROOT_COMMENT_ID,
-                                                                                 FATHER_COMMENT_ID, USER_ID, CONTENT,
-                                                                                 EXTRA_OPT)),
-    Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
-                                                                                 EXTRA_OPT)),
-    Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
-    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, PAGE_CURSOR,
-                                                                                 LIMIT, VIEWER, SORT)),
-    Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
-    Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
-    Route("GET",    "/events",           Service.event_stream,    EVENT_STREAM, (POST_ID_OPT, TYPES_OPT,
-                                                                                 LAST_EVENT_ID)),
+    #     method    path                 operation                 data          writer   parameters
+    Route("POST",   "/publish",          Posts.publish_post,       NEW_POST,     AUTHOR,  (AUTHOR, CONTENT, TITLE_OPT,
+                                                                                           EXTRA_OPT)),
+    Route("GET",    "/getinfo",          Posts.get_post,           A_POST,       None,    (POST_ID, COUNTS, VIEWER)),
+    Route("PUT",    "/update",           Posts.update_post,        None,         USER_ID, (POST_ID, USER_ID, CONTENT_OPT,
+                                                                                           EXTRA_OPT, TITLE_OPT)),
+    Route("DELETE", "/delete",           Posts.delete_post,        None,         USER_ID, (POST_ID, USER_ID)),
+    Route("PUT",    "/like",             Likes.like_post,          None,         USER_ID, (POST_ID, USER_ID, LIKE)),
+    Route("GET",    "/getlike",          Likes.post_likes,         LIKE_COUNT,   None,    (POST_ID,)),
+    Route("GET",    "/getlist",          Posts.list_posts,         POST_PAGE,    None,    (PAGE_CURSOR, LIMIT, EXPAND,
+                                                                                           AUTHOR_FILTER, VIEWER)),
+    Route("GET",    "/getbatch",         Posts.get_batch,          POST_BATCH,   None,    (POST_IDS_IN, VIEWER)),
+    Route("POST",   "/comments/publish", Comments.publish_comment, NEW_COMMENT,  USER_ID, (POST_ID, USER_ID, CONTENT,
+                                                                                           EXTRA_OPT)),
+    Route("POST",   "/comments/reply",   Comments.reply_comment,   NEW_COMMENT,  USER_ID, (POST_ID, ROOT_COMMENT_ID,
+                                                                                           FATHER_COMMENT_ID, USER_ID,
+                                                                                           CONTENT, EXTRA_OPT)),
+    Route("PUT",    "/comments/update",  Comments.update_comment,  None,         USER_ID, (COMMENT_ID, USER_ID,
+                                                                                           CONTENT_OPT, EXTRA_OPT)),
+    Route("DELETE", "/comments/delete",  Comments.delete_comment,  None,         USER_ID, (COMMENT_ID, USER_ID)),
+    Route("GET",    "/comments/getinfo", Comments.list_comments,   COMMENT_PAGE, None,    (POST_ID, THREAD_ID,
+                                                                                           PAGE_CURSOR, LIMIT, VIEWER,
+                                                                                           SORT)),
+    Route("PUT",    "/comments/like",    Likes.like_comment,       None,         USER_ID, (POST_ID, COMMENT_ID, USER_ID,
+                                                                                           LIKE)),
+    Route("GET",    "/comments/getlike", Likes.comment_likes,      LIKE_COUNTS,  None,    (COMMENT_IDS,)),
+    Route("GET",    "/events",           Streams.event_stream,     EVENT_STREAM, None,    (POST_ID_OPT, TYPES_OPT,
+                                                                                           LAST_EVENT_ID)),
 )
-
-# Writes, for the per-user write limit (SPEC 11.2): the parameter naming the user who writes.
-WRITERS: dict[Callable, Param] = {
-    Service.publish_post: AUTHOR, Service.update_post: USER_ID, Service.delete_post: USER_ID,
-    Service.like_post: USER_ID, Service.publish_comment: USER_ID, Service.reply_comment: USER_ID,
-    Service.update_comment: USER_ID, Service.delete_comment: USER_ID, Service.like_comment: USER_ID,
-}
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}
 PARSED_QUERIES = ParsedQueries()
@@ -3622,7 +3728,7 @@ def openapi_document(root_path: str = "") -> dict:
 
 
 # ============================================================================
-# 8. Observability: metrics, request ids, log format
+# 9. Observability: metrics, request ids, log format
 # ============================================================================
 # A cached read costs 15-20 µs in all, so what happens per request must cost well under a microsecond:
 # requests and cache reads are counted in plain dicts and lists, and handed to prometheus-client in batches
@@ -3805,7 +3911,7 @@ class Metrics:
         if service is not None:
             try:
                 async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
-                    depths = await service.cleanup_depth()
+                    depths = await service.cleanup.cleanup_depth()
             except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("metrics: clean-up queue depth unavailable: %r", exc)
             try:
@@ -3877,6 +3983,7 @@ def request_id(scope: dict) -> bytes:
 # --- log format ------------------------------------------------------------------------------------------------
 
 LOGGERS_FORMATTED = ("", "im_backend", "uvicorn", "uvicorn.error", "uvicorn.access")  # their handlers
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def current_request_id() -> str:
@@ -3941,19 +4048,49 @@ def apply_log_format(fmt: str) -> None:
             handler.setFormatter(JsonFormatter() if fmt == "json" else RequestIdFormatter(own))
 
 
+def _ensure_logging() -> None:
+    """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
+
+
+APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
+
+
+class RedactAppKeys(logging.Filter):
+    """Access log lines show `appKey=...` (SPEC 11.1): a logged appKey opens the service to whoever reads it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(APPKEY_IN_LOG.sub(r"\1...", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = APPKEY_IN_LOG.sub(r"\1...", record.msg)
+        return True
+
+
+def _redact_access_log() -> None:
+    """Installed at start-up, so it holds under `uvicorn im_backend:app` as under `python im_backend.py`."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAppKeys) for f in access.filters):
+        access.addFilter(RedactAppKeys())
+
+
 def configure_observability(config: AppConfig) -> None:
     METRICS.configure(config)
     apply_log_format(config.log.format)
 
 
 # ============================================================================
-# 9. The ASGI application and its lifespan
+# 10. The ASGI application and its lifespan
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Exit status of a process that could not start (bad configuration, PostgreSQL unreachable or refusing, Nacos
 # unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
 # `python im_backend.py` uses too, so that both ways of running the server exit alike. (2: bad command line.)
@@ -4044,7 +4181,7 @@ class App:
     async def _run_cleanup(self) -> None:
         """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
         assert self.service is not None
-        await self.service.run_cleanup()
+        await self.service.cleanup.run_cleanup()
 
     def _end_streams_on_signals(self) -> None:
         """uvicorn waits for open responses before the lifespan shut-down: end event streams on its signals."""
@@ -4254,7 +4391,7 @@ class App:
                 args, ids_mode = parsed[2], parsed[3]
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
                 written = svc
-            data = await route.operation(service, svc, **args)
+            data = await route.operation(getattr(service, route.part), svc, **args)
             if ids_mode == "string":
                 if isinstance(data, EventStream):
                     data.ids_string = True
@@ -4338,7 +4475,7 @@ class App:
         if ok:  # the queue depth is information (per service): a failure to read it is shown, not fatal
             try:
                 async with asyncio.timeout(READY_CHECK_TIMEOUT):
-                    checks["cleanup_queue"] = await service.cleanup_depth()
+                    checks["cleanup_queue"] = await service.cleanup.cleanup_depth()
             except Exception as exc:
                 log.warning("readiness: cannot read the clean-up queues: %r", exc)
                 checks["cleanup_queue"] = f"error: {exc!r}"
@@ -4399,45 +4536,6 @@ class Deadlines:
             self._sweeper = None  # a later start-up (the same App started again) starts a new one
 
 
-def bodiless(scope: dict, limit: int) -> bool:
-    """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
-
-    Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
-    has no body (RFC 9112 §6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
-    such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
-    comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
-    none = scope.get("http_version") in ("1.1", "1.0")
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise ApiError(Err.BODY_TOO_LARGE)
-            none = none and value == b"0"
-        elif name == b"transfer-encoding":
-            none = False
-    return none
-
-
-async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to be larger than the limit."""
-    return b"" if bodiless(scope, limit) else await receive_body(receive, limit)
-
-
-async def receive_body(receive: Callable, limit: int) -> bytes:
-    """The body from receive(), for a request that may have one (bodiless() said no); 413 past the limit."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(Err.BIND_PARAM)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(Err.BODY_TOO_LARGE)
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 async def _close_later(cache: Cache) -> None:
     await asyncio.sleep(OLD_CLIENT_GRACE)  # let requests that picked up the old client finish
     await cache.aclose()
@@ -4462,37 +4560,6 @@ def _note_startup_failure() -> None:
             pathlib.Path(path).touch()
 
 
-def _ensure_logging() -> None:
-    """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        log.addHandler(handler)
-        log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
-
-
-APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
-
-
-class RedactAppKeys(logging.Filter):
-    """Access log lines show `appKey=...` (SPEC 11.1): a logged appKey opens the service to whoever reads it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(APPKEY_IN_LOG.sub(r"\1...", arg) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        elif isinstance(record.msg, str):
-            record.msg = APPKEY_IN_LOG.sub(r"\1...", record.msg)
-        return True
-
-
-def _redact_access_log() -> None:
-    """Installed at start-up, so it holds under `uvicorn im_backend:app` as under `python im_backend.py`."""
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactAppKeys) for f in access.filters):
-        access.addFilter(RedactAppKeys())
-
-
 def create_app(bootstrap_path: str | os.PathLike | None = None) -> App:
     """An application reading the bootstrap file at `bootstrap_path` (default: $IM_CONF, configs/config.yaml)."""
     return App(bootstrap_path)
@@ -4502,7 +4569,7 @@ app = create_app()
 
 
 # ============================================================================
-# 10. The HTTP server protocol
+# 11. The HTTP server protocol
 # ============================================================================
 # uvicorn's httptools protocol (the fast one) limits nothing before a request reaches the app: a request head
 # may be any size (httptools keeps growing its buffer), a connection may send its head one byte at a time
@@ -4900,7 +4967,7 @@ class GuardedHttpProtocol(_HttpTools):
 
 
 # ============================================================================
-# 11. Command line
+# 12. Command line
 # ============================================================================
 
 GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -4956,7 +5023,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto",
-        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 10)
+        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 11)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
     metrics_dir = prepare_metrics_dir(args.workers)
     try:

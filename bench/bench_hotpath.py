@@ -12,7 +12,7 @@ configuration once per round, order reversed every other round; the median of th
   - `getinfo`: IM-Backend's cached getinfo (near-cache hit) through the same protocol.
   - the stages of IM-Backend's work, each timed alone in a loop with the same inputs: the ASGI receive() and a
     response without content-length (both as variants of the ceiling app), routing, query parsing, the appKey
-    check, parameter extraction, the near cache read in Service.get_post, the envelope, the request deadline.
+    check, parameter extraction, the near cache read in Posts.get_post, the envelope, the request deadline.
     What getinfo costs beyond the ceiling and the listed stages is "glue" (coroutine calls, try blocks...).
 
 --app-dir measures the im_backend.py of another directory; --vs-app-dir adds a second version's getinfo to the
@@ -191,7 +191,8 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             return message
 
         services = service.config.services
-        data = await service.get_post(svc, post_id)
+        posts = getattr(service, "posts", service)  # the part that holds get_post (the Service itself before)
+        data = await posts.get_post(svc, post_id)
 
         def routing():
             p, root = cur["scope"]["path"], cur["scope"].get("root_path", "")
@@ -227,7 +228,7 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             else (lambda: app.auth.check(cur["req"], service, route)) if hasattr(app, "auth")
             else (lambda: app.appkeys.check(services, svc, cur["key"])),
             "parameters (extract)": lambda: im.extract(cur["req"], route.params),
-            "near cache (Service.get_post, hit)": lambda: service.get_post(svc, post_id),
+            "near cache (Posts.get_post, hit)": lambda: posts.get_post(svc, post_id),
             "envelope (prefix + data + })": lambda: im.SUCCESS_PREFIX + data + b"}",
             "deadline (current_task, start, finish)": deadline,
         }
