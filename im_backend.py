@@ -147,8 +147,12 @@ def bad_param(detail: str = "") -> ApiError:
     return ApiError(Err.BIND_PARAM)
 
 
+OK = 200  # the HTTP status and envelope code of success
+LAST_HTTP_CODE = 600  # envelope codes above it (the Go version's 100xx) are answered with Err.INTERNAL's status
+
+
 def http_status(code: int) -> int:
-    return code if code <= 600 else 500
+    return code if code <= LAST_HTTP_CODE else Err.INTERNAL.code
 
 
 def envelope(code: int, msg: str, data: Any = None) -> bytes:
@@ -159,7 +163,12 @@ def error_envelope(err: Err) -> bytes:
     return envelope(err.code, err.msg)
 
 
-SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
+def error_answer(err: Err) -> tuple[int, bytes]:
+    """(HTTP status, body) of an answer other than success."""
+    return http_status(err.code), error_envelope(err)
+
+
+SUCCESS_PREFIX = b'{"code":%d,"msg":"success","data":' % OK
 
 
 def success(data: Any) -> bytes:
@@ -167,14 +176,16 @@ def success(data: Any) -> bytes:
 
 
 ENVELOPE_START = b'{"code":'
+CODE_AT = len(ENVELOPE_START)  # where the code's digits start in an envelope
+CODE_END_BY = 20  # the comma after the code comes before this offset (a code has at most a few digits)
 
 
 def envelope_code(body: bytes, status: int) -> int:
     """The code of an answer made by envelope()/success() (they start with it); `status` for other bodies."""
     if body.startswith(ENVELOPE_START):
-        end = body.find(b",", 8, 20)
-        if end > 8 and body[8:end].isdigit():
-            return int(body[8:end])
+        end = body.find(b",", CODE_AT, CODE_END_BY)
+        if end > CODE_AT and body[CODE_AT:end].isdigit():
+            return int(body[CODE_AT:end])
     return status
 
 
@@ -203,6 +214,7 @@ EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
 CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
+WEBHOOK_SECRET_BYTES = (16, 64)  # the shortest and longest key a webhook secret (whsec_<base64>) may hold
 
 
 class ConfigError(Exception):
@@ -467,8 +479,10 @@ def parse_webhook(svc: str, raw: Any) -> Webhook | None:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if isinstance(secret, str) else b""
     except ValueError:
         key = b""
-    if not isinstance(secret, str) or not secret.startswith("whsec_") or not 16 <= len(key) <= 64:
-        raise ConfigError(f"the webhook secret of service {svc!r} must be whsec_ and 16-64 bytes in base64")
+    if not isinstance(secret, str) or not secret.startswith("whsec_") or not (
+            WEBHOOK_SECRET_BYTES[0] <= len(key) <= WEBHOOK_SECRET_BYTES[1]):
+        raise ConfigError(f"the webhook secret of service {svc!r} must be whsec_ and {WEBHOOK_SECRET_BYTES[0]}-"
+                          f"{WEBHOOK_SECRET_BYTES[1]} bytes in base64")
     if events is None:
         events = EVENT_TYPES
     if not isinstance(events, list | tuple) or not events or not set(events) <= set(EVENT_TYPES):
@@ -809,12 +823,13 @@ def config_source(boot: dict) -> FileSource | NacosSource:
 
 APPKEY_WINDOW = 10  # seconds either side of now
 _APPKEY_CACHE_SIZE = 4096
+APPKEY_IV_BYTES = 16  # AES-CFB's IV (one AES block), the first bytes of an appKey
 APPKEY_HEX_CHARS = (34, 128)  # shortest and longest appKey: hex of a 16-byte IV and 1 to 48 bytes of timestamp
 
 
 def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
     """What a client does: hex(IV || AES-CFB-128(secret, IV, str(unix seconds)))."""
-    iv = secrets.token_bytes(16)
+    iv = secrets.token_bytes(APPKEY_IV_BYTES)
     plain = str(int(time.time()) if timestamp is None else timestamp).encode()
     cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=iv, segment_size=128)
     return (iv + cipher.encrypt(plain)).hex()
@@ -828,22 +843,35 @@ def decrypt_appkey(secret: str, appkey: str) -> int | None:
         raw = bytes.fromhex(appkey)
     except ValueError:
         return None
-    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=raw[:16], segment_size=128)
-    plain = cipher.decrypt(raw[16:])
+    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=raw[:APPKEY_IV_BYTES], segment_size=128)
+    plain = cipher.decrypt(raw[APPKEY_IV_BYTES:])
     if not re.fullmatch(rb"-?[0-9]{1,19}", plain):
         return None
     return int(plain)
 
 
+class AuthReason(enum.StrEnum):
+    """Why a request is not authenticated: the value of its `IM-Auth-Error` header and of the `reason` label of
+    im_auth_failures_total, as written here."""
+
+    MISSING = "missing"  # no svc, or neither an appKey nor a signature
+    UNKNOWN_SERVICE = "unknown-service"  # svc names no configured service
+    MALFORMED = "malformed"  # an appKey, signature or Signature-Input that cannot be read
+    EXPIRED = "expired"  # an appKey or signature outside its time window
+    BAD_APPKEY = "bad-appkey"  # an appKey made with none of the service's secrets
+    BAD_SIGNATURE = "bad-signature"  # a signature made with none of the service's secrets (or for another service)
+    DIGEST_MISMATCH = "digest-mismatch"  # a body without a signed Content-Digest, or not the one signed
+    REPLAYED = "replayed"  # a signature's nonce seen before within its window
+    APPKEY_NOT_ACCEPTED = "appkey-not-accepted"  # an appKey for a service that takes signatures only
+
+
 class AuthFailure(Exception):
-    """Why a request is not authenticated: its `IM-Auth-Error` reason (SPEC 11.1)."""
+    """Why a request is not authenticated (an AuthReason)."""
 
-    REASONS = frozenset({"missing", "unknown-service", "malformed", "expired", "bad-appkey", "bad-signature",
-                         "digest-mismatch", "replayed", "appkey-not-accepted"})
-
-    def __init__(self, reason: str) -> None:
-        assert reason in self.REASONS, reason
-        super().__init__(reason)
+    def __init__(self, reason: AuthReason) -> None:
+        if not isinstance(reason, AuthReason):  # a raise, not an assert: python -O keeps it
+            raise TypeError(f"AuthFailure takes an AuthReason, not {reason!r}")
+        super().__init__(reason.value)
         self.reason = reason
 
 
@@ -863,18 +891,18 @@ class AppKeyChecker:
         else:
             accepted = (tenant.secret, *tenant.previous_secrets)
             if not APPKEY_SHAPE.fullmatch(appkey):
-                raise AuthFailure("malformed")
+                raise AuthFailure(AuthReason.MALFORMED)
             for secret in accepted:
                 timestamp = decrypt_appkey(secret, appkey)
                 if timestamp is not None:
                     break
             else:
-                raise AuthFailure("bad-appkey")
+                raise AuthFailure(AuthReason.BAD_APPKEY)
             if len(self._seen) >= _APPKEY_CACHE_SIZE:
                 self._seen.clear()
             self._seen[(tenant.name, appkey)] = (secret, timestamp)
         if abs(time.time() - timestamp) > APPKEY_WINDOW:
-            raise AuthFailure("expired")
+            raise AuthFailure(AuthReason.EXPIRED)
 
 
 # --- signed requests: RFC 9421 HTTP Message Signatures, hmac-sha256, keyed with the service secret ---------
@@ -916,9 +944,9 @@ def _parse_sf_dictionary(text: str) -> dict:
     try:
         parsed = http_sf.parse(text.encode("latin-1"), tltype="dictionary")
     except Exception:  # untrusted input: whatever the parser refuses, and however it does, is malformed
-        raise AuthFailure("malformed") from None
+        raise AuthFailure(AuthReason.MALFORMED) from None
     if not isinstance(parsed, dict):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     return parsed
 
 
@@ -957,15 +985,15 @@ def _check_content_digest(scope: dict, body: bytes, covered: bool) -> None:
     """RFC 9530: the signed Content-Digest holds the SHA-256 of exactly this body."""
     field = _field(scope, b"content-digest")
     if not covered or field is None:
-        raise AuthFailure("digest-mismatch")
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH)
     try:
         digests = canonical_signature(field) or _parse_sf_dictionary(field)
     except AuthFailure:
-        raise AuthFailure("digest-mismatch") from None
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH) from None
     sha256 = digests.get("sha-256")
     if not (isinstance(sha256, tuple) and isinstance(sha256[0], bytes)
             and hmac.compare_digest(sha256[0], hashlib.sha256(body).digest())):
-        raise AuthFailure("digest-mismatch")
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH)
 
 
 def is_signed(scope: dict) -> bool:
@@ -983,7 +1011,7 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
     verifier costs ~6 times as much and does not give the reasons apart)."""
     sig_input, signature = _field(scope, b"signature-input"), _field(scope, b"signature")
     if not sig_input or not signature or max(len(sig_input), len(signature)) > MAX_SIGNATURE_FIELD:
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     inputs, values = canonical_signature_input(sig_input), canonical_signature(signature)
     canonical = inputs is not None  # then the signature parameters are serialised as received
     inputs = inputs if inputs is not None else _parse_sf_dictionary(sig_input)
@@ -993,21 +1021,21 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
     if not mine:  # signed for another service, or not for any
         keyed = any(isinstance(m, tuple) and isinstance(m[1], dict) and isinstance(m[1].get("keyid"), str)
                     for m in inputs.values())
-        raise AuthFailure("bad-signature" if keyed else "malformed")
+        raise AuthFailure(AuthReason.BAD_SIGNATURE if keyed else AuthReason.MALFORMED)
     label, (covered, params) = mine[0]
     value = values.get(label)
     if not isinstance(covered, list) or not isinstance(value, tuple) or not isinstance(value[0], bytes):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     names = [item[0] for item in covered if isinstance(item, tuple) and isinstance(item[0], str) and not item[1]]
     if len(names) != len(covered) or len(set(names)) != len(names) or not SIGNED_ALWAYS <= set(names):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     created, nonce, expires = params.get("created"), params.get("nonce"), params.get("expires")
     if (type(created) is not int or not isinstance(nonce, str) or not NONCE.fullmatch(nonce)
             or params.get("alg", SIGNATURE_ALG) != SIGNATURE_ALG or expires is not None and type(expires) is not int):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     now = time.time()
     if abs(now - created) > window or expires is not None and expires < now:
-        raise AuthFailure("expired")
+        raise AuthFailure(AuthReason.EXPIRED)
     if body or "content-digest" in names:
         _check_content_digest(scope, body, "content-digest" in names)
     lines = []
@@ -1015,18 +1043,18 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
         known = name in DERIVED_COMPONENTS if name.startswith("@") else FIELD_NAME.fullmatch(name)
         component = _component(scope, name) if known else None
         if component is None:
-            raise AuthFailure("malformed")
+            raise AuthFailure(AuthReason.MALFORMED)
         lines.append(f'"{name}": {component}')
     try:
         lines.append('"@signature-params": ' + (sig_input[len(label) + 1:] if canonical else
                                                  http_sf.ser({label: (covered, params)})[len(label) + 1:]))
     except Exception:  # a parameter value the serialiser refuses
-        raise AuthFailure("malformed") from None
+        raise AuthFailure(AuthReason.MALFORMED) from None
     base = "\n".join(lines).encode("latin-1", errors="replace")
     for secret in (tenant.secret, *tenant.previous_secrets):
         if hmac.compare_digest(hmac.digest(secret.encode(), base, "sha256"), value[0]):
             return nonce
-    raise AuthFailure("bad-signature")
+    raise AuthFailure(AuthReason.BAD_SIGNATURE)
 
 
 def sign_request(svc: str, secret: str, method: str, path: str, query: str = "", body: bytes = b"",
@@ -1263,15 +1291,15 @@ class Authenticator:
             return self.authenticate(req, service, svc)
         except AuthFailure as exc:
             self.on_auth_failure(svc, exc.reason)
-            raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.encode())]) from None
+            raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.value.encode())]) from None
 
     async def admit(self, req: Request, service: Service, route: Route, tenant: Tenant, nonce: str | None) -> None:
         """Claim the signature's nonce (each signature is accepted once), then apply the tenant's limits."""
         if nonce is not None:
             window = service.config.server.auth_window
             if not await self.nonces.claim(service.cache, nonce_key(tenant.name, nonce), 2 * window):
-                self.on_auth_failure(tenant.name, "replayed")
-                raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", b"replayed")])
+                self.on_auth_failure(tenant.name, AuthReason.REPLAYED)
+                raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", AuthReason.REPLAYED.value.encode())])
         if not tenant.limits.any:
             return  # no limit configured for this service: RateLimiter.check would let it go on
         refused = await self.limiter.check(req, service.cache, tenant, route)
@@ -1282,24 +1310,24 @@ class Authenticator:
     def authenticate(self, req: Request, service: Service, svc: str | None) -> tuple[Tenant, str | None]:
         """The caller's tenant, and the nonce of its signature still to be claimed (None for an appKey)."""
         if not svc:
-            raise AuthFailure("missing")
+            raise AuthFailure(AuthReason.MISSING)
         tenant = service.config.tenants.get(svc)
         if tenant is None:
-            raise AuthFailure("unknown-service")
+            raise AuthFailure(AuthReason.UNKNOWN_SERVICE)
         if tenant.auth != "appkey" and is_signed(req.scope):  # a signature, when there is one, is what counts
             return tenant, verify_signature(req.scope, req.body, tenant, service.config.server.auth_window)
         appkey = req.arg("appKey")
         if not appkey:
-            raise AuthFailure("missing")
+            raise AuthFailure(AuthReason.MISSING)
         if tenant.auth == "signed":
-            raise AuthFailure("appkey-not-accepted")
+            raise AuthFailure(AuthReason.APPKEY_NOT_ACCEPTED)
         self.appkeys.check(tenant, appkey)
         return tenant, None
 
     @staticmethod
-    def on_auth_failure(svc: str | None, reason: str) -> None:
-        log.debug("authentication failed: svc %.64r, %s", svc, reason)
-        METRICS.auth_failure(svc, reason)
+    def on_auth_failure(svc: str | None, reason: AuthReason) -> None:
+        log.debug("authentication failed: svc %.64r, %s", svc, reason.value)
+        METRICS.auth_failure(svc, reason.value)
 
     @staticmethod
     def on_rate_limited(svc: str, policy: str) -> None:
@@ -1316,6 +1344,7 @@ class Authenticator:
 MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
 DB_STATEMENT_CACHE = 2048  # prepared statements kept per connection (14 routes x services)
 DB_COMMAND_TIMEOUT = 60  # seconds one statement may run before the driver gives up on it
+DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to connect to PostgreSQL (a pool, a LISTEN connection) may take
 SQL_CACHE_SIZE = 4096  # (service, statement) pairs whose SQL text sql() keeps ready
 
 DDL = """
@@ -2699,6 +2728,12 @@ class Events:
     STREAM_BACKLOG = 1000  # batches a stream may fall behind before it is closed (the client resumes)
     RETENTION_BATCH = 1000  # rows deleted per statement
     HELD_RETRY = 0.25  # seconds at most between reads while a transaction in flight holds events back
+    HELD_FIRST_RETRY = 0.02  # seconds before the first read again when a transaction in flight holds events back
+    LISTEN_CHECK = 1.0  # seconds between looks at the LISTEN connection (closed? another database?)
+    LISTEN_RETRY = 1.0  # seconds before another try to LISTEN after a failure
+    CLOSE_TIMEOUT = 2.0  # seconds a connection's close, or handing claimed events back, may take at shut-down
+    STOP_TIMEOUT = 5.0  # seconds stop() waits for its tasks once cancelled
+    ERROR_CHARS = 500  # characters of a delivery's error kept with the event
 
     def __init__(self) -> None:
         self.service: Service | None = None
@@ -2743,7 +2778,7 @@ class Events:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=5)
+            await asyncio.wait(tasks, timeout=self.STOP_TIMEOUT)
         self.workers.clear()
         self.hubs.clear()  # their readers are gone; a later start makes new ones
         if self.http is not None:
@@ -2796,21 +2831,21 @@ class Events:
             try:
                 conn = await asyncio.wait_for(asyncpg.connect(
                     host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None,
-                    database=cfg.dbname), 10)
+                    database=cfg.dbname), DB_ATTEMPT_TIMEOUT)
                 await conn.add_listener(EVENTS_CHANNEL, self._notified)
                 self._listening = conn
                 self._wake_all()  # anything committed while nobody listened
                 while not conn.is_closed() and self.service is not None and self.service.config.db == cfg:
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(self.LISTEN_CHECK)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("events: cannot LISTEN (%r); polling until it works again", exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.LISTEN_RETRY)
             finally:
                 if conn is not None:
                     if self._listening is conn:
                         self._listening = None
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        await asyncio.wait_for(conn.close(), self.CLOSE_TIMEOUT)
 
     def _wake_all(self) -> None:
         for event in [hub.wake for hub in self.hubs.values()] + list(self.wakeups.values()):
@@ -2865,7 +2900,7 @@ class Events:
 
     async def _feed(self, svc: str, hub: _Hub) -> None:
         """Read the outbox of svc when woken (or on a timer) and hand every new event to every stream."""
-        delay = 0.02
+        delay = self.HELD_FIRST_RETRY
         while True:
             hub.wake.clear()
             if not hub.streams:
@@ -2897,7 +2932,7 @@ class Events:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hub.wake.wait(), delay)
             if not held:
-                delay = 0.02
+                delay = self.HELD_FIRST_RETRY
 
     async def follow(self, stream: EventStream):
         """The frames of one stream: stored events after its position first (on resume), then live ones, and a
@@ -2956,7 +2991,7 @@ class Events:
                     with contextlib.suppress(Exception):
                         async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
                             await asyncio.wait_for(conn.execute(
-                                sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), 2)
+                                sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), self.CLOSE_TIMEOUT)
                 raise
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), cfg.poll_interval)
@@ -2976,7 +3011,7 @@ class Events:
         try:
             response = await self.http.post(hook.url, content=body.encode(), headers=headers, timeout=cfg.timeout)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:500]
+            return f"{type(exc).__name__}: {exc}"[:self.ERROR_CHARS]
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 
     async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
@@ -3518,6 +3553,8 @@ class Route:
     writer: Param | None  # a write: the parameter naming the user who writes (the per-user write limit counts it)
     params: tuple[Param, ...]
     part: str = ""  # the Service attribute holding the operation's part: "posts" for Posts.get_post (the default)
+    api: bool = True  # False: a path outside the API (no svc, no authentication); operation(app, scope)
+    early: bool = False  # (not api) answered before, and whether or not, the application has started
 
     def __post_init__(self) -> None:
         if not self.part:
@@ -3602,10 +3639,45 @@ ROUTES: tuple[Route, ...] = (
                                                                                            LAST_EVENT_ID)),
 )
 
-ROUTE_TABLE: dict[str, dict[str, Route]] = {}
+ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
 PARSED_QUERIES = ParsedQueries()
 for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
+
+
+# --- the paths outside the API: operations of the App, called as operation(app, scope) -> (status, body) ---
+
+async def serve_healthz(app: App, scope: dict) -> tuple[int, bytes]:
+    """liveness: the process answers (checks nothing else)"""
+    return OK, envelope(OK, "success", {"status": "up"})
+
+
+async def serve_openapi(app: App, scope: dict) -> tuple[int, bytes]:
+    """this document"""
+    return OK, app.openapi(scope.get("root_path", ""))
+
+
+async def serve_readyz(app: App, scope: dict) -> tuple[int, bytes]:
+    """readiness: PostgreSQL and Redis answer; shows the clean-up queues"""
+    return await app.readiness()
+
+
+async def serve_metrics(app: App, scope: dict) -> tuple[int, bytes]:
+    """the Prometheus metrics (metrics.enabled; the bearer token metrics.token when set)"""
+    return await METRICS.page(scope, app.service)
+
+
+METRICS_PATH = "/metrics"
+SYSTEM_ROUTES: tuple[Route, ...] = (
+    #     method  path             operation      data  writer params
+    Route("GET",  "/healthz",      serve_healthz, None, None, (), part="app", api=False, early=True),
+    Route("GET",  "/openapi.json", serve_openapi, None, None, (), part="app", api=False, early=True),
+    Route("GET",  "/readyz",       serve_readyz,  None, None, (), part="app", api=False),
+    Route("GET",  METRICS_PATH,    serve_metrics, None, None, (), part="app", api=False),
+)
+PATHS: dict[str, dict[str, Route]] = dict(ROUTE_TABLE)  # every path served: the API and the system paths
+for _route in SYSTEM_ROUTES:
+    PATHS.setdefault(_route.path, {})[_route.method] = _route
 
 
 SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
@@ -3734,7 +3806,6 @@ def openapi_document(root_path: str = "") -> dict:
 # requests and cache reads are counted in plain dicts and lists, and handed to prometheus-client in batches
 # (at each scrape and, with several workers, once a second into its multiprocess files, which one scrape sums).
 
-METRICS_PATH = "/metrics"
 METRICS_HEADERS = [(b"content-type", prom.exposition.CONTENT_TYPE_PLAIN_0_0_4.encode())]
 METRICS_FLUSH = 1.0  # seconds between hand-overs to the multiprocess files (several workers only)
 SCRAPE_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for PostgreSQL (the clean-up queue depths)
@@ -3745,7 +3816,7 @@ TIERS = ("near", "redis", "db")
 WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
 # Label values come from these tables only: never a raw path, an id or a name a caller made up.
 UNMATCHED = "unmatched"  # the route of a path no route has
-ROUTE_LABELS = {path: path for path in (*ROUTE_TABLE, "/healthz", "/readyz", "/openapi.json", METRICS_PATH)}
+ROUTE_LABELS = {path: path for path in PATHS}
 METHOD_LABELS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}  # others: "other"
 SVC_SCOPE_KEY = "im_backend.svc"  # dispatch() leaves the request's `svc` argument here for the metrics
 
@@ -3817,7 +3888,7 @@ class Metrics:
     # --- per request (the hot path) -------------------------------------------------
 
     def record(self, method: str, path: str, status: int, body: bytes, svc: str | None, seconds: float) -> None:
-        code = status if status == 200 else envelope_code(body, status)
+        code = status if status == OK else envelope_code(body, status)
         cell = self._raw.get((method, path, status, code, svc))
         if cell is None:
             cell = self._cell(method, path, status, code, svc)
@@ -3927,7 +3998,7 @@ class Metrics:
             registry = prom.CollectorRegistry()
             prom.multiprocess.MultiProcessCollector(registry)
             registry.register(self.scrape_time)
-        return 200, prom.generate_latest(registry)
+        return OK, prom.generate_latest(registry)
 
 
 def forget_dead_workers() -> None:
@@ -4095,7 +4166,6 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 # unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
 # `python im_backend.py` uses too, so that both ways of running the server exit alike. (2: bad command line.)
 EXIT_STARTUP_FAILED = 3
-DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may take
 DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
 DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
 READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
@@ -4326,18 +4396,18 @@ class App:
         headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
-            if path == METRICS_PATH and status == 200:
+            if path == METRICS_PATH and status == OK:
                 headers = METRICS_HEADERS
         except ApiError as exc:  # answered before a route ran (404, 405) or with headers of its own
-            status, body = http_status(exc.code), error_envelope(exc.err)
+            status, body = error_answer(exc.err)
             if exc.headers:
                 headers = JSON_HEADERS + exc.headers
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
-            status, body = 500, error_envelope(Err.INTERNAL)
+            status, body = error_answer(Err.INTERNAL)
         if isinstance(body, EventStream):  # written out until it ends; counted when it opens
             if METRICS.enabled:
-                METRICS.record(scope["method"], path, 200, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+                METRICS.record(scope["method"], path, OK, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
             try:
                 return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
             finally:
@@ -4353,22 +4423,19 @@ class App:
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
         """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""
-        if path == "/healthz":
-            return 200, envelope(200, "success", {"status": "up"})
-        if path == "/openapi.json":
-            return 200, self.openapi(scope.get("root_path", ""))
+        methods = PATHS.get(path)
+        route = None if methods is None else methods.get(scope["method"])
+        if route is not None and route.early:  # answered whether or not the application could start
+            return await route.operation(self, scope)
         if self.service is None:
             await self._ensure_started()
-        if path == "/readyz":
-            return await self.readiness()
-        if path == METRICS_PATH:
-            return await METRICS.page(scope, self.service)
-        methods = ROUTE_TABLE.get(path)
-        if methods is None:
-            raise ApiError(Err.NOT_FOUND)
-        route = methods.get(scope["method"])
-        if route is None:  # RFC 9110: a 405 lists the methods the resource has
+        if route is None:
+            if methods is None:
+                raise ApiError(Err.NOT_FOUND)
+            # RFC 9110: a 405 lists the methods the resource has
             raise ApiError(Err.METHOD_NOT_ALLOWED, [(b"allow", ", ".join(sorted(methods)).encode())])
+        if not route.api:
+            return await route.operation(self, scope)
         service, task, written = self.service, asyncio.current_task(), None
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
@@ -4400,22 +4467,22 @@ class App:
         except ApiError as exc:
             if exc.headers:
                 raise
-            return http_status(exc.code), error_envelope(exc.err)
+            return error_answer(exc.err)
         except asyncio.CancelledError:
             if not self.deadlines.expired(task):
                 raise
             task.uncancel()
             log.warning("request timed out after %ss: %s %s", service.config.server.timeout, route.method, path)
-            return 504, error_envelope(Err.TIMEOUT)
+            return error_answer(Err.TIMEOUT)
         finally:
             self.deadlines.finish(task)
             if written is not None:
                 service.cache.near.bump(written)
         if isinstance(data, EventStream):
-            return 200, data  # type: ignore[return-value]  # written out by handle_http
+            return OK, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
-            return 200, SUCCESS_PREFIX + data + b"}"
-        return 200, success(data)
+            return OK, SUCCESS_PREFIX + data + b"}"
+        return OK, success(data)
 
     async def stream_events(self, stream: EventStream, receive: Callable, send: Callable,
                             headers: list[tuple[bytes, bytes]]) -> None:
@@ -4428,7 +4495,7 @@ class App:
         events = self.background.events
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+            await send({"type": "http.response.start", "status": OK, "headers": SSE_HEADERS + headers})
             await send({"type": "http.response.body", "body": b": stream\n\n", "more_body": True})
             async for frame in events.follow(stream):
                 if watcher.done():
@@ -4485,7 +4552,7 @@ class App:
             except Exception as exc:
                 log.warning("readiness: cannot read the event counts: %r", exc)
                 checks["events"] = f"error: {exc!r}"
-        code = 200 if ok else 503
+        code = OK if ok else Err.UNAVAILABLE.code
         return code, envelope(code, "success" if ok else "not ready", checks)
 
 
@@ -4595,6 +4662,10 @@ UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was w
 FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
 RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
 ACCEPT_BATCH = 256  # connections Acceptor takes from the accept queue per wake-up
+ACCEPT_PAUSE = 1.0  # seconds Acceptor pauses after a failed accept (out of descriptors), as asyncio's accept does
+OVERDUE_GRACE = 0.01  # seconds a passed deadline waits, once, for reads already pending (a busy loop runs timers late)
+FD_UNLIMITED = 1 << 20  # descriptors assumed when RLIMIT_NOFILE is unlimited
+MIN_CONNECTIONS = 16  # the default server.max_connections is never below this
 LINGER = 2.0  # seconds the rest of a body is read (and dropped) after an early answer, so that it arrives
 
 
@@ -4602,8 +4673,8 @@ def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
     """server.max_connections when not configured: the soft RLIMIT_NOFILE less the pools and a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(16, soft - db.max_conns - cache.pool_size - FD_RESERVE)
+        soft = FD_UNLIMITED
+    return max(MIN_CONNECTIONS, soft - db.max_conns - cache.pool_size - FD_RESERVE)
 
 
 @dataclasses.dataclass
@@ -4638,7 +4709,7 @@ RAW_ANSWERS = {err: _raw_answer(err) for err in (Err.HEADERS_TOO_LARGE, Err.HEAD
 
 async def over_capacity(scope: dict, receive: Callable, send: Callable) -> None:
     """The ASGI app of a connection opened beyond server.max_connections: 503, come back in a second."""
-    await send({"type": "http.response.start", "status": 503,
+    await send({"type": "http.response.start", "status": http_status(Err.UNAVAILABLE.code),
                 "headers": JSON_HEADERS + [(b"retry-after", RETRY_AFTER), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": error_envelope(Err.UNAVAILABLE)})
 
@@ -4773,7 +4844,7 @@ class Acceptor:
             except OSError as exc:  # out of descriptors (or the like): pause a second, as asyncio's accept does
                 log.warning("accept failed: %s", exc)
                 self.loop.remove_reader(self.sock.fileno())
-                self.loop.call_later(1.0, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
+                self.loop.call_later(ACCEPT_PAUSE, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
                     self.sock.fileno(), self._accept))
                 return
             conn.setblocking(False)
@@ -4798,9 +4869,22 @@ class _CloseBy:
         return getattr(self._transport, name)
 
 
-# what a connection waits for: a request head, the rest of a body, the app's answer, the end of an unwanted body
+# The phases of a connection, and what moves it from one to the next, as data (the model is h11's _state.py).
+# A phase is what the connection waits for: a request head, the rest of a body, the app's answer, the end of an
+# unwanted body. An event in a phase the table does not list for it is a bug of this protocol: PhaseError.
 _HEAD, _BODY, _APP, _LINGER = 0, 1, 2, 3
-_ANSWERED = (_HEAD, _APP)  # phases in which an answer completing means: the next request's head is due
+PHASE_NAMES = ("HEAD", "BODY", "APP", "LINGER")
+HEAD_PARSED = {_HEAD: _BODY, _APP: _BODY, _BODY: _BODY}  # a pipelined head may come in one read with the body before
+BODY_COMPLETE = {_BODY: _APP}  # the whole body is in: the app's answer is next
+UPGRADED = {_BODY: _APP}  # uvicorn handed the connection to a WebSocket protocol
+EARLY_ANSWER = {_BODY: _LINGER}  # an answer went out before the body was all in
+ANSWERED = {_HEAD: _HEAD, _APP: _HEAD}  # an answer completed: the next request's head is due
+PHASE_MOVES = {"head parsed": HEAD_PARSED, "body complete": BODY_COMPLETE, "upgraded": UPGRADED,
+               "early answer": EARLY_ANSWER, "answered": ANSWERED}
+
+
+class PhaseError(RuntimeError):
+    """A connection event in a phase where it cannot happen (see PHASE_MOVES)."""
 UvicornSeam.check_version()
 
 
@@ -4825,6 +4909,14 @@ class GuardedHttpProtocol(_HttpTools):
         self._timer: asyncio.TimerHandle | None = None
         self._overdue = False  # the deadline has passed once: enforced at the next tick, after pending reads
         self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
+
+    def _move(self, moves: dict[int, int]) -> None:
+        """To the phase `moves` (one of PHASE_MOVES) leads to from this one; PhaseError where it leads nowhere."""
+        phase = moves.get(self._phase)
+        if phase is None:
+            event = next(name for name, table in PHASE_MOVES.items() if table is moves)
+            raise PhaseError(f"{event} in phase {PHASE_NAMES[self._phase]}")
+        self._phase = phase
 
     # --- connection and timer ---------------------------------------------------
 
@@ -4863,7 +4955,7 @@ class GuardedHttpProtocol(_HttpTools):
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
         elif not self._overdue:  # first let the loop read what may be waiting (a busy loop runs timers late)
             self._overdue = True
-            self._timer = self.loop.call_at(now + 0.01, self._on_timer)
+            self._timer = self.loop.call_at(now + OVERDUE_GRACE, self._on_timer)
         elif self._phase == _LINGER:
             self.transport.close()
         elif self._phase == _BODY:
@@ -4899,7 +4991,7 @@ class GuardedHttpProtocol(_HttpTools):
         _HttpTools.data_received(self, data)  # (not super(): this runs per request; super() costs a little)
         if self._phase == _BODY:  # a head was parsed (now or before): is its body all in?
             if UvicornSeam.body_complete(self):
-                self._phase = _APP
+                self._move(BODY_COMPLETE)
                 if self._keep_alive is not None:  # held by _body_pending()
                     UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
                     self._keep_alive = None
@@ -4909,7 +5001,7 @@ class GuardedHttpProtocol(_HttpTools):
     def _body_pending(self) -> None:
         """The body must keep arriving; an answer given before it is all in closes the connection."""
         if self.transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
-            self._phase = _APP
+            self._move(UPGRADED)
             return
         if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
             cycle = UvicornSeam.cycle(self)
@@ -4927,7 +5019,8 @@ class GuardedHttpProtocol(_HttpTools):
         if self._phase != _BODY or self.transport.is_closing() or not self.transport.can_write_eof():
             return self.transport.close()
         self.transport.write_eof()
-        self._phase, self._deadline = _LINGER, self.loop.time() + LINGER
+        self._move(EARLY_ANSWER)
+        self._deadline = self.loop.time() + LINGER
         if self._timer is None:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
@@ -4956,12 +5049,14 @@ class GuardedHttpProtocol(_HttpTools):
             self._refusal = Err.HEADERS_TOO_LARGE
             raise ValueError("too many header fields")  # stops the parser: see send_400_response
         _HttpTools.on_headers_complete(self)
-        self._phase, self._head_bytes, self._head_done = _BODY, 0, True
+        self._move(HEAD_PARSED)
+        self._head_bytes, self._head_done = 0, True
 
     def on_response_complete(self) -> None:
         _HttpTools.on_response_complete(self)
-        if self._phase in _ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
-            self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        if self._phase in ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
+            self._move(ANSWERED)
+            self._deadline = self.loop.time() + SERVER_LIMITS.header_timeout
             if self._timer is None:
                 self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
