@@ -189,6 +189,19 @@ def envelope_code(body: bytes, status: int) -> int:
     return status
 
 
+class UntestedVersion(RuntimeError):
+    """An installed library whose internals a seam reaches into is not a version that seam was checked against."""
+
+
+def require_tested(dist: str, tested: tuple[str, ...], seam: str) -> None:
+    """Refuse (UntestedVersion) an installed `dist` whose version is not one of `tested`."""
+    version = importlib.metadata.version(dist)
+    if version not in tested:
+        raise UntestedVersion(f"{dist} {version} is installed, but {seam} was checked against {dist} "
+                              f"{', '.join(tested)} only: install {dist}=={tested[-1]} (the requirements pin it), "
+                              f"or re-check {seam} against {version} and add it to the versions tested")
+
+
 LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
 
 
@@ -3821,6 +3834,53 @@ METHOD_LABELS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
 SVC_SCOPE_KEY = "im_backend.svc"  # dispatch() leaves the request's `svc` argument here for the metrics
 
 
+PROMETHEUS_CLIENT = "prometheus-client"
+PROMETHEUS_SEAM_TESTED = ("0.26.0",)  # the versions whose internals PrometheusSeam was checked against
+
+
+class PrometheusSeam:
+    """Every use Metrics makes of prometheus-client beyond its documented API, in one place: how it tells whether
+    it stores in multiprocess files, a histogram child's bucket and sum values (to add a batch of observations at
+    once), and the names of its multiprocess files. check_version() refuses another version when Metrics is made."""
+
+    GAUGE_LIVE_FILES = "gauge_live*_*.db"  # the files of live-summed gauges: gauge_live<mode>_<pid>.db
+    METRIC_FILES = "*.db"  # every file it writes into $PROMETHEUS_MULTIPROC_DIR
+
+    @staticmethod
+    def check_version() -> None:
+        require_tested(PROMETHEUS_CLIENT, PROMETHEUS_SEAM_TESTED, "PrometheusSeam (Metrics)")
+
+    @staticmethod
+    def multiprocess() -> bool:
+        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
+        return prom.values.ValueClass is not prom.values.MutexValue
+
+    @staticmethod
+    def observe_batch(child: Any, counts: list, total: float) -> None:
+        """Add observations to a histogram child at once: counts[i] of them in bucket i, summing to `total`.
+        prometheus-client keeps one (non-cumulative) value per bucket, in child._buckets, and the sum in _sum."""
+        for bucket, count in zip(child._buckets, counts, strict=False):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(total)
+
+    @classmethod
+    def live_gauge_pids(cls, directory: str) -> list[int]:
+        """The process ids that have live-summed gauge files in the multiprocess directory."""
+        pids = []
+        for path in pathlib.Path(directory).glob(cls.GAUGE_LIVE_FILES):
+            pid = path.stem.rsplit("_", 1)[1]
+            if pid.isdigit():
+                pids.append(int(pid))
+        return pids
+
+    @classmethod
+    def remove_files(cls, directory: str) -> None:
+        """Remove the metric files of an earlier run from the multiprocess directory."""
+        for old in pathlib.Path(directory).glob(cls.METRIC_FILES):
+            old.unlink()
+
+
 class Metrics:
     """Every series of SPEC §11.5, in one place. Label `svc` is a configured service name, "unknown" for any
     other name, "none" when the request named none.
@@ -3836,8 +3896,8 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
-        self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue
+        PrometheusSeam.check_version()
+        self.multiprocess = PrometheusSeam.multiprocess()
         prom.disable_created_metrics()  # no *_created series next to every counter and histogram
         self.registry = prom.CollectorRegistry()
         registry = None if self.multiprocess else self.registry  # multiprocess: read back from the files
@@ -3932,12 +3992,7 @@ class Metrics:
         """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
         cells, self._cells, self._raw = self._cells, {}, {}
         for (method, route, status, code, svc), cell in cells.items():
-            child = self.duration.labels(method, route, str(status))
-            # a batch of observations at once: prometheus-client keeps one (non-cumulative) value per bucket
-            for bucket, count in zip(child._buckets, cell, strict=False):
-                if count:
-                    bucket.inc(count)
-            child._sum.inc(cell[-1])
+            PrometheusSeam.observe_batch(self.duration.labels(method, route, str(status)), cell[:-1], cell[-1])
             self.requests.labels(svc, route, str(code)).inc(sum(cell[:-1]))
         counts, self._counts = self._counts, {}
         for (counter, labels), count in counts.items():
@@ -4004,15 +4059,13 @@ class Metrics:
 def forget_dead_workers() -> None:
     """Live-summed gauges of workers that died without shutting down (killed; uvicorn starts another) leave
     the sums; their counters stay, as counts that happened."""
-    for path in pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                prom.multiprocess.mark_process_dead(int(pid))
-            except PermissionError:  # alive, someone else's
-                pass
+    for pid in PrometheusSeam.live_gauge_pids(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            prom.multiprocess.mark_process_dead(pid)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 class ScrapeTimeGauges:
@@ -4715,17 +4768,36 @@ async def over_capacity(scope: dict, receive: Callable, send: Callable) -> None:
 
 
 class UvicornSeam:
-    """Every use GuardedHttpProtocol makes of uvicorn internals (attributes of httptools_impl.HttpToolsProtocol
-    and of its RequestResponseCycle that are not a documented interface), in one place. Written against uvicorn
-    UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py checks the pin): re-read
-    httptools_impl.py and these methods when upgrading uvicorn."""
+    """Every use GuardedHttpProtocol and Acceptor make of uvicorn internals (attributes of
+    httptools_impl.HttpToolsProtocol and of its RequestResponseCycle that are not a documented interface), in one
+    place. Written against uvicorn UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py
+    checks the pin): check_version() refuses any other version when this module is imported; re-read
+    httptools_impl.py and these methods (and the HOOKS GuardedHttpProtocol overrides) before allowing one."""
+
+    # HttpToolsProtocol methods GuardedHttpProtocol overrides or calls, beyond asyncio.Protocol's
+    HOOKS = ("on_headers_complete", "on_response_complete", "send_400_response", "shutdown")
+
+    @classmethod
+    def check_version(cls) -> None:
+        require_tested("uvicorn", (UVICORN_SEAM_VERSION,), "UvicornSeam (GuardedHttpProtocol)")
+        missing = [hook for hook in cls.HOOKS if not callable(getattr(_uvicorn_httptools.HttpToolsProtocol, hook, None))]
+        if missing:
+            raise UntestedVersion(f"uvicorn's HttpToolsProtocol has no {', '.join(missing)}: re-check UvicornSeam")
 
     @staticmethod
-    def check_version() -> None:
-        import uvicorn
-        if uvicorn.__version__ != UVICORN_SEAM_VERSION:
-            log.warning("GuardedHttpProtocol was written against uvicorn %s, this is %s: check UvicornSeam",
-                        UVICORN_SEAM_VERSION, uvicorn.__version__)
+    def loop(proto: _uvicorn_httptools.HttpToolsProtocol) -> asyncio.AbstractEventLoop:
+        # The event loop uvicorn gave the protocol (its timers run on it).
+        return proto.loop
+
+    @staticmethod
+    def ssl(proto: _uvicorn_httptools.HttpToolsProtocol) -> Any:
+        # The SSL context of uvicorn's Config (None without TLS), for connections Acceptor hands to the loop.
+        return proto.config.ssl
+
+    @staticmethod
+    def header_count(proto: _uvicorn_httptools.HttpToolsProtocol) -> int:
+        # proto.headers: the (name, value) fields of the request head just parsed.
+        return len(proto.headers)
 
     @staticmethod
     def protocol_factory(proto: _uvicorn_httptools.HttpToolsProtocol) -> Callable[[], asyncio.Protocol]:
@@ -4815,9 +4887,9 @@ class Acceptor:
         self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
-    def install(cls, proto: GuardedHttpProtocol) -> None:
+    def install(cls, proto: GuardedHttpProtocol, transport: asyncio.Transport) -> None:
         cls.tried = True
-        conn = proto.transport.get_extra_info("socket")
+        conn = transport.get_extra_info("socket")
         if conn is None or conn.family not in (socket.AF_INET, socket.AF_INET6) or not os.path.isdir("/proc/self/fd"):
             return
         port = conn.getsockname()[1]
@@ -4829,7 +4901,7 @@ class Acceptor:
             try:
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
                     sock.setblocking(False)
-                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), proto.config.ssl)
+                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), UvicornSeam.ssl(proto))
                     return
             except OSError:
                 pass
@@ -4901,6 +4973,8 @@ class GuardedHttpProtocol(_HttpTools):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._loop = UvicornSeam.loop(self)
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made()
         self._phase = _HEAD
         self._head_bytes = 0  # bytes of the request head received so far
         self._head_done = False  # set when a head is complete (for _oversized_head)
@@ -4921,11 +4995,12 @@ class GuardedHttpProtocol(_HttpTools):
     # --- connection and timer ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._transport = transport
         super().connection_made(transport)
         if UvicornSeam.open_connections(self) > SERVER_LIMITS.max_connections:
             UvicornSeam.serve_with(self, over_capacity)
         if not Acceptor.tried:
-            Acceptor.install(self)
+            Acceptor.install(self, transport)
         self._expect_head()
 
     def shutdown(self) -> None:
@@ -4940,30 +5015,30 @@ class GuardedHttpProtocol(_HttpTools):
             self._timer = None
 
     def _expect_head(self) -> None:
-        self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        self._phase, self._deadline = _HEAD, self._loop.time() + SERVER_LIMITS.header_timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase == _APP or self.transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
+        if self._phase == _APP or self._transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
             self._overdue = False  # the app's own timeout (504) rules while it works on a request
             return
-        now = self.loop.time()
+        now = self._loop.time()
         if now < self._deadline:
             self._overdue = False
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
         elif not self._overdue:  # first let the loop read what may be waiting (a busy loop runs timers late)
             self._overdue = True
-            self._timer = self.loop.call_at(now + OVERDUE_GRACE, self._on_timer)
+            self._timer = self._loop.call_at(now + OVERDUE_GRACE, self._on_timer)
         elif self._phase == _LINGER:
-            self.transport.close()
+            self._transport.close()
         elif self._phase == _BODY:
             self._refuse(Err.BODY_TIMEOUT)
         elif self._head_bytes:
             self._refuse(Err.HEADER_TIMEOUT)
         else:  # nothing of a next request came: a silent close, as uvicorn's keep-alive timeout does
-            self.transport.close()
+            self._transport.close()
 
     def _refuse(self, err: Err) -> None:
         """Answer err (unless another answer is due on this connection first) and close: nothing more is read."""
@@ -4975,8 +5050,8 @@ class GuardedHttpProtocol(_HttpTools):
         if cycle is not None and not UvicornSeam.answered(cycle):
             UvicornSeam.abandon(cycle)
         if answer:
-            self.transport.write(RAW_ANSWERS[err])
-        self.transport.close()
+            self._transport.write(RAW_ANSWERS[err])
+        self._transport.close()
 
     # --- reading ------------------------------------------------------------------
 
@@ -5000,29 +5075,29 @@ class GuardedHttpProtocol(_HttpTools):
 
     def _body_pending(self) -> None:
         """The body must keep arriving; an answer given before it is all in closes the connection."""
-        if self.transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
+        if self._transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
             self._move(UPGRADED)
             return
         if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
             cycle = UvicornSeam.cycle(self)
             self._keep_alive = UvicornSeam.hold_keep_alive(cycle)
             UvicornSeam.close_by(cycle, self._close_after_early_answer)
-        self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+        self._deadline = self._loop.time() + SERVER_LIMITS.body_timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _close_after_early_answer(self) -> None:
         """An answer (413, 504...) went out before the request body was all in. Closing at once, with the client
         still sending, would make the kernel reset the connection, and the client could lose the answer: so
         half-close (the client reads the answer, then the end), drop what still comes for up to LINGER seconds,
         then close."""
-        if self._phase != _BODY or self.transport.is_closing() or not self.transport.can_write_eof():
-            return self.transport.close()
-        self.transport.write_eof()
+        if self._phase != _BODY or self._transport.is_closing() or not self._transport.can_write_eof():
+            return self._transport.close()
+        self._transport.write_eof()
         self._move(EARLY_ANSWER)
-        self._deadline = self.loop.time() + LINGER
+        self._deadline = self._loop.time() + LINGER
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _oversized_head(self, data: bytes, room: int) -> None:
         """More bytes than a head may have: parse only those that fit; unless the head ends there, answer 431."""
@@ -5030,7 +5105,7 @@ class GuardedHttpProtocol(_HttpTools):
         if room > 0:
             self._head_bytes += room
             super().data_received(data[:room])
-        if self.transport.is_closing():  # the parser refused it already
+        if self._transport.is_closing():  # the parser refused it already
             return
         if not self._head_done:
             return self._refuse(Err.HEADERS_TOO_LARGE)
@@ -5045,7 +5120,7 @@ class GuardedHttpProtocol(_HttpTools):
     # --- parser callbacks -------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > SERVER_LIMITS.max_headers:
+        if UvicornSeam.header_count(self) > SERVER_LIMITS.max_headers:
             self._refusal = Err.HEADERS_TOO_LARGE
             raise ValueError("too many header fields")  # stops the parser: see send_400_response
         _HttpTools.on_headers_complete(self)
@@ -5056,9 +5131,9 @@ class GuardedHttpProtocol(_HttpTools):
         _HttpTools.on_response_complete(self)
         if self._phase in ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
             self._move(ANSWERED)
-            self._deadline = self.loop.time() + SERVER_LIMITS.header_timeout
+            self._deadline = self._loop.time() + SERVER_LIMITS.header_timeout
             if self._timer is None:
-                self._timer = self.loop.call_at(self._deadline, self._on_timer)
+                self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
 
 # ============================================================================
@@ -5143,8 +5218,7 @@ def prepare_metrics_dir(workers: int) -> str | None:
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         os.makedirs(given, exist_ok=True)
-        for old in pathlib.Path(given).glob("*.db"):
-            old.unlink()
+        PrometheusSeam.remove_files(given)
         return None
     if workers <= 1:
         return None

@@ -437,6 +437,17 @@ def test_the_seam_matches_the_pinned_uvicorn():
     assert re.search(rf"^uvicorn=={re.escape(im_backend.UVICORN_SEAM_VERSION)}$", pins, re.M)
 
 
+def test_the_uvicorn_seam_refuses_an_untested_uvicorn(monkeypatch):
+    real = im_backend.importlib.metadata.version
+    monkeypatch.setattr(im_backend.importlib.metadata, "version",
+                        lambda dist: "0.99.0" if dist == "uvicorn" else real(dist))
+    with pytest.raises(im_backend.UntestedVersion, match=r"^uvicorn 0\.99\.0 is installed, but UvicornSeam .*"
+                                                         rf"{re.escape(im_backend.UVICORN_SEAM_VERSION)} only"):
+        im_backend.UvicornSeam.check_version()
+    monkeypatch.undo()
+    im_backend.UvicornSeam.check_version()  # the pinned version passes
+
+
 async def test_python_im_backend_py_serves_with_the_guarded_protocol(workdir, backing):
     srv = Server(workdir / "hostile-cli", app_config(backing, {SVC: SECRET}))
     port = free_port()
