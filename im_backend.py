@@ -1,18 +1,26 @@
 """IM-Backend: posts, threaded comments and likes for other back-end services.
 
-One hand-written ASGI module, read top to bottom in the order data flows:
+One hand-written ASGI module, read top to bottom in the order data flows (leaves first). Contents:
 
-  1. errors and the JSON envelope
-  2. configuration (bootstrap file, application configuration, hot reload)
-  3. authentication: appKey, signed requests (RFC 9421), rate limits
-  4. storage: PostgreSQL tables and every SQL statement
-  5. cache (Redis) and id generation
-  6. domain operations: posts, comments, likes, counts, events, clean-up, webhook delivery
-  7. HTTP layer: parameter parsing, the route table, OpenAPI
-  8. observability: metrics, request ids, log format
-  9. the ASGI application and its lifespan
- 10. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
- 11. command line
+  1. Errors and the JSON envelope ........ Err, ApiError, UntestedVersion (the seams' version checks)
+  2. Configuration ........................ AppConfig and its sections (DbConfig, CacheConfig, ServerConfig, Limits,
+                                            EventsConfig, ...), Tenant, Webhook; FileSource, NacosSource, _NacosSdkSeam
+  3. Authentication ....................... AuthReason, AuthFailure, AppKeyChecker, signatures (verify_signature),
+                                            RedisFirst, NonceStore, RateLimiter, Authenticator
+  4. Storage: PostgreSQL .................. the tables (DDL) and every SQL statement, sql(), ensure_tables()
+  5. Cache (Redis) and id generation ...... the Redis keys, NearCache, Cache
+  6. Domain operations .................... Service (one per configuration) and its parts: Store (transactions,
+                                            events emitted, counters), Render (JSON, times), Invalidator (the delayed
+                                            double delete), Posts, Comments, Likes, Streams, Cleanup; Background
+  7. Events ............................... EventStream, Events (the outbox, live streams, webhook delivery)
+  8. HTTP layer ........................... Request, body reading (bodiless), parameter kinds (as_*), Keyset, Param,
+                                            ParsedQueries, Route, ROUTES and SYSTEM_ROUTES, openapi_document()
+  9. Observability ........................ PrometheusSeam, Metrics, request ids, log formats (JsonFormatter, ...),
+                                            RedactAppKeys
+ 10. The ASGI application ................. App (lifespan, reload, dispatch), Deadlines
+ 11. The HTTP server protocol ............. ServerLimits, UvicornSeam, Acceptor, the phase table (PHASE_MOVES),
+                                            GuardedHttpProtocol (uvicorn's httptools protocol with limits)
+ 12. Command line ......................... main(), appkey and sign
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -86,7 +94,7 @@ class Err(enum.Enum):
     The 100xx codes and their messages are the Go version's contract; those marked (Go) are never produced here
     but stay listed because Go-era callers may test for them."""
 
-    # --- 400 variants (SPEC section 3) ---
+    # --- 400 variants: a request the API refuses as it stands ---
     BIND_PARAM = (400, "bind param failed")  # a parameter or body cannot be parsed, or is missing
     PARAMS_WRONG = (400, "something of params is wrong")  # parsed but inconsistent
     AUTHENTICATION = (400, "bind authentication")  # appKey or signature check failed
@@ -284,7 +292,7 @@ class ServerConfig:
     max_limit: int = 100  # largest page a list endpoint returns
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
-    auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
+    auth_window: int = 60  # seconds: a signature's `created` may be this far from now (its nonce is kept twice as long)
     # Enforced by GuardedHttpProtocol (section 11), per process:
     header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
     max_headers: int = 100  # header fields per request; more → 431 and closed
@@ -295,7 +303,7 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Rate limits (SPEC 11.2): top-level `limits:` is the default, `svc[].limits` overrides key by key."""
+    """Rate limits: top-level `limits:` is the default, `svc[].limits` overrides key by key; 429 beyond them."""
     requests_per_second: float = 0.0  # per service, across all replicas; 0 = unlimited
     burst: int = 0  # requests allowed at once; 0 = requests_per_second (at least 1)
     writes_per_user_per_minute: int = 0  # per (svc, user_id or author); 0 = unlimited
@@ -322,7 +330,7 @@ METRICS_TOKEN = re.compile(r"^[\x21-\x7e]{16,256}$")  # visible ASCII, no spaces
 
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
-    """`events:` (SPEC 11.4): the live stream, webhook delivery and how long events are kept. Seconds."""
+    """`events:`: the live stream, webhook delivery and how long events are kept. Seconds."""
     max_streams: int = 1000  # open event streams per process; beyond: 503
     keepalive: float = 15.0  # a comment line on an idle stream this often
     retention_hours: float = 72.0  # delivered (or never to be delivered) events are removed after this
@@ -348,7 +356,7 @@ class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
     name: str
     secret: str
-    auth: str = "any"  # any | appkey | signed: which credentials are accepted (SPEC 11.1)
+    auth: str = "any"  # any | appkey | signed: which credentials are accepted (appKey, RFC 9421 signature, both)
     previous_secrets: tuple[str, ...] = ()  # still accepted until removed: rotation without downtime
     limits: Limits = Limits()
     webhook: Webhook | None = None
@@ -467,7 +475,7 @@ def _limits(given: Any, default: Limits, where: str) -> Limits:
 
 
 def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
-    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits (SPEC 11.1, 11.2)."""
+    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits, webhook."""
     auth = str(entry.get("auth") or "any")
     if auth not in AUTH_MODES:
         raise ConfigError(f"service {name!r}: 'auth' must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
@@ -1072,8 +1080,10 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
 
 def sign_request(svc: str, secret: str, method: str, path: str, query: str = "", body: bytes = b"",
                  created: int | None = None, nonce: str | None = None) -> dict[str, str]:
-    """What a client does (SPEC 11.1): the headers that sign one request. Used by `python im_backend.py sign`
-    and the benchmark; the tests sign with an independent implementation (http-message-signatures)."""
+    """What a client does: the RFC 9421 headers that sign one request (hmac-sha256 keyed with the service
+    secret, keyid = svc, covering @method, @path, @query and a Content-Digest of any body). Used by
+    `python im_backend.py sign` and the benchmark; the tests sign with an independent implementation
+    (http-message-signatures)."""
     headers, values = {}, {"@method": method.upper(), "@path": path or "/", "@query": "?" + query}
     if body:
         headers["Content-Digest"] = values["content-digest"] = (
@@ -1192,7 +1202,7 @@ class NonceStore(RedisFirst):
         return True
 
 
-# --- rate limits (SPEC 11.2): GCRA in Redis (section 5's script), per-process while Redis is down ------------
+# --- rate limits: GCRA in Redis (section 5's script), per-process while Redis is down -----------------------
 
 LEASE_SECONDS = 0.02  # a process takes up to 20 ms worth of a service's rate from Redis at once...
 LEASE_SHARE = 10  # ...and at most a tenth of its burst
@@ -1284,7 +1294,7 @@ def _limit_headers(policy: str, quota: int, window: float, retry_us: int) -> lis
 
 
 class Authenticator:
-    """Who is calling (appKey or signature, SPEC 11.1), then whether they may now (rate limits, SPEC 11.2).
+    """Who is calling (appKey or RFC 9421 signature), then whether they may now (rate limits).
 
     on_auth_failure() and on_rate_limited() are the one place where each of those events passes (metrics)."""
 
@@ -1549,7 +1559,7 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
                           WHERE comment_id = ANY($1::bigint[]) LIMIT $2)"""
 
 
-# The outbox ({events}, SPEC 11.4): one row per change, written in the change's transaction. After the commit the
+# The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
 # its LISTEN connection, coalesced (Events.committed): a NOTIFY inside each write's transaction would serialise
 # the commits of every process on PostgreSQL's notification queue (a third of a publish's throughput, measured).
@@ -1678,8 +1688,8 @@ if count >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
-# GCRA (SPEC 11.2), one key per limited subject, on Redis's clock: KEYS[1] holds the theoretical arrival time in
-# µs; ARGV = emission interval (µs), burst, tokens wanted. Returns {tokens taken, µs until one is free if none}.
+# GCRA (generic cell rate algorithm), one key per limited subject, on Redis's clock: KEYS[1] holds the theoretical
+# arrival time in µs; ARGV = emission interval (µs), burst, tokens wanted. Returns {tokens taken, µs until one is free if none}.
 TAKE_TOKENS = """
 local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
@@ -2074,7 +2084,7 @@ class Store:
             raise ApiError(failure) from None
 
     async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
-        """Record the event of a change in the change's own transaction (SPEC 11.4)."""
+        """Record the event of a change in the change's own transaction (it happened if and only if it commits)."""
         await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
         self.emitted(conn, svc)
 
@@ -2632,12 +2642,9 @@ class Service:
 
     def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
                  background: Background) -> None:
-        self.config = config
-        self.pool = pool
-        self.cache = cache
-        self.ready = ready  # services whose tables exist
-        self.background = background
         self.store = Store(config, pool, cache, ready, background)
+        # what App, Events and Metrics read of a Service (the same objects the store holds)
+        self.config, self.pool, self.cache, self.ready, self.background = config, pool, cache, ready, background
         self.render = Render(config)
         self.invalidator = Invalidator(cache, background)
         parts = (self.store, self.render, self.invalidator)
@@ -2717,7 +2724,7 @@ class EventStream:
 
 
 def string_ids_frame(frame: bytes) -> bytes:
-    """An event frame with every id inside its `data:` JSON as a decimal string (the ids=string of SPEC 11.3)."""
+    """An event frame with every id inside its `data:` JSON as a decimal string (what ids=string asks for)."""
     head, sep, rest = frame.partition(b"data: ")
     body, _, tail = rest.partition(b"\n")
     return head + sep + orjson.dumps(ids_as_strings(orjson.loads(body))) + b"\n" + tail
@@ -3108,7 +3115,7 @@ def bodiless(scope: dict, limit: int) -> bool:
     """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
 
     Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
-    has no body (RFC 9112 §6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
+    has no body (RFC 9112 section 6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
     such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
     comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
     none = scope.get("http_version") in ("1.1", "1.0")
@@ -3626,8 +3633,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST",   "/publish",          Posts.publish_post,       NEW_POST,     AUTHOR,  (AUTHOR, CONTENT, TITLE_OPT,
                                                                                            EXTRA_OPT)),
     Route("GET",    "/getinfo",          Posts.get_post,           A_POST,       None,    (POST_ID, COUNTS, VIEWER)),
-    Route("PUT",    "/update",           Posts.update_post,        None,         USER_ID, (POST_ID, USER_ID, CONTENT_OPT,
-                                                                                           EXTRA_OPT, TITLE_OPT)),
+    Route("PUT",    "/update",           Posts.update_post,        None,         USER_ID, (POST_ID, USER_ID,
+                                                                                           CONTENT_OPT, EXTRA_OPT,
+                                                                                           TITLE_OPT)),
     Route("DELETE", "/delete",           Posts.delete_post,        None,         USER_ID, (POST_ID, USER_ID)),
     Route("PUT",    "/like",             Likes.like_post,          None,         USER_ID, (POST_ID, USER_ID, LIKE)),
     Route("GET",    "/getlike",          Likes.post_likes,         LIKE_COUNT,   None,    (POST_ID,)),
@@ -3882,7 +3890,7 @@ class PrometheusSeam:
 
 
 class Metrics:
-    """Every series of SPEC §11.5, in one place. Label `svc` is a configured service name, "unknown" for any
+    """Every series /metrics shows, in one place. Label `svc` is a configured service name, "unknown" for any
     other name, "none" when the request named none.
 
     For producers in other sections (each costs a dict update; the counts reach Prometheus at the next flush):
@@ -4185,7 +4193,7 @@ APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
 
 
 class RedactAppKeys(logging.Filter):
-    """Access log lines show `appKey=...` (SPEC 11.1): a logged appKey opens the service to whoever reads it."""
+    """Access log lines show `appKey=...`: a logged appKey opens the service to whoever reads it within its window."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -4466,7 +4474,7 @@ class App:
             finally:
                 REQUEST_ID.reset(rid_token)
         # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
-        # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 §6.1).
+        # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 section 6.1).
         headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -4780,7 +4788,8 @@ class UvicornSeam:
     @classmethod
     def check_version(cls) -> None:
         require_tested("uvicorn", (UVICORN_SEAM_VERSION,), "UvicornSeam (GuardedHttpProtocol)")
-        missing = [hook for hook in cls.HOOKS if not callable(getattr(_uvicorn_httptools.HttpToolsProtocol, hook, None))]
+        protocol = _uvicorn_httptools.HttpToolsProtocol
+        missing = [hook for hook in cls.HOOKS if not callable(getattr(protocol, hook, None))]
         if missing:
             raise UntestedVersion(f"uvicorn's HttpToolsProtocol has no {', '.join(missing)}: re-check UvicornSeam")
 
@@ -5158,7 +5167,8 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--svc", help="service name, its secret read from the configuration")
     key.add_argument("--secret", help="the secret itself")
     key.add_argument("-conf", "--conf", dest="key_conf", help="bootstrap configuration file")
-    sign = sub.add_parser("sign", help="print a curl command for a request signed as SPEC 11.1 says (RFC 9421)")
+    sign = sub.add_parser("sign", help="print a curl command for a request signed with the service secret "
+                                       "(RFC 9421, hmac-sha256)")
     sign.add_argument("url", help="the whole URL, svc= in its query: 'http://127.0.0.1:8181/api/v1/posts/getlist?svc=cc'")
     sign.add_argument("-X", "--method", help="default: GET, or POST with --data")
     sign.add_argument("-d", "--data", help="the body, sent as is (signed with a Content-Digest)")

@@ -205,7 +205,7 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             app.deadlines.start(t, service.config.server.timeout)
             app.deadlines.finish(t)
 
-        kept = getattr(im, "PARSED_QUERIES", None)  # since issue 13: the parse of a repeated query string is kept
+        kept = getattr(im, "PARSED_QUERIES", None)  # in newer versions: the parse of a repeated query string is kept
 
         def kept_parse():
             parsed = kept.get(route, cur["scope"]["query_string"])
@@ -214,14 +214,14 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
         stages = {
             "receive(): await the empty GET body (uvicorn)": None,  # filled from the ceiling variant
             "response without content-length (chunked)": None,
-            # bodiless() (a plain function) since issue 13; read_body() (a coroutine) before
+            # bodiless() (a plain function) in newer versions; read_body() (a coroutine) before
             "body: header scan (bodiless / read_body)":
                 (lambda: im.bodiless(cur["scope"], service.config.server.body_limit)) if hasattr(im, "bodiless")
                 else (lambda: im.read_body(cur["scope"], receive, service.config.server.body_limit)),
             "routing (path, route table, method)": routing,
             "query parsing (Request + parse_query)": lambda: im.Request(cur["scope"], b""),
             "kept parse (ParsedQueries.get + Request)": kept_parse if kept is not None else None,
-            # App.auth.identify (plain) since issue 13, App.auth.check (a coroutine) since signed requests,
+            # App.auth.identify (plain) in newer versions, App.auth.check (a coroutine) since signed requests,
             # App.appkeys.check before
             "appKey check (decryption cached)": (lambda: app.auth.identify(cur["req"], service, svc))
             if hasattr(app.auth if hasattr(app, "auth") else None, "identify")

@@ -1,4 +1,4 @@
-"""Hostile connections (issue 14): header limits, read timeouts, the connection cap, pools that wait instead of
+"""Hostile connections: header limits, read timeouts, the connection cap, pools that wait instead of
 failing, and request smuggling shapes. Black-box: raw sockets on 127.0.0.1 against real server processes
 started with `--http im_backend:GuardedHttpProtocol`, configured with short timeouts so the suite stays fast."""
 from __future__ import annotations

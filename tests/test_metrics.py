@@ -1,4 +1,4 @@
-"""SPEC §11.5: GET /metrics (counters that move by exactly what was done, histograms that add up, labels from
+"""GET /metrics (counters that move by exactly what was done, histograms that add up, labels from
 fixed tables only, a bearer token, several workers in one scrape), X-Request-ID, JSON logs."""
 import asyncio
 import os
