@@ -1,18 +1,26 @@
 """IM-Backend: posts, threaded comments and likes for other back-end services.
 
-One hand-written ASGI module, read top to bottom in the order data flows:
+One hand-written ASGI module, read top to bottom in the order data flows (leaves first). Contents:
 
-  1. errors and the JSON envelope
-  2. configuration (bootstrap file, application configuration, hot reload)
-  3. authentication: appKey, signed requests (RFC 9421), rate limits
-  4. storage: PostgreSQL tables and every SQL statement
-  5. cache (Redis) and id generation
-  6. domain operations: posts, comments, likes, counts, events, clean-up, webhook delivery
-  7. HTTP layer: parameter parsing, the route table, OpenAPI
-  8. observability: metrics, request ids, log format
-  9. the ASGI application and its lifespan
- 10. the HTTP server protocol: header limits, read timeouts, a connection cap (uvicorn's httptools protocol+)
- 11. command line
+  1. Errors and the JSON envelope ........ Err, ApiError, UntestedVersion (the seams' version checks)
+  2. Configuration ........................ AppConfig and its sections (DbConfig, CacheConfig, ServerConfig, Limits,
+                                            EventsConfig, ...), Tenant, Webhook; FileSource, NacosSource, _NacosSdkSeam
+  3. Authentication ....................... AuthReason, AuthFailure, AppKeyChecker, signatures (verify_signature),
+                                            RedisFirst, NonceStore, RateLimiter, Authenticator
+  4. Storage: PostgreSQL .................. the tables (DDL) and every SQL statement, sql(), ensure_tables()
+  5. Cache (Redis) and id generation ...... the Redis keys, NearCache, Cache
+  6. Domain operations .................... Service (one per configuration) and its parts: Store (transactions,
+                                            events emitted, counters), Render (JSON, times), Invalidator (the delayed
+                                            double delete), Posts, Comments, Likes, Streams, Cleanup; Background
+  7. Events ............................... EventStream, Events (the outbox, live streams, webhook delivery)
+  8. HTTP layer ........................... Request, body reading (bodiless), parameter kinds (as_*), Keyset, Param,
+                                            ParsedQueries, Route, ROUTES and SYSTEM_ROUTES, openapi_document()
+  9. Observability ........................ PrometheusSeam, Metrics, request ids, log formats (JsonFormatter, ...),
+                                            RedactAppKeys
+ 10. The ASGI application ................. App (lifespan, reload, dispatch), Deadlines
+ 11. The HTTP server protocol ............. ServerLimits, UvicornSeam, Acceptor, the phase table (PHASE_MOVES),
+                                            GuardedHttpProtocol (uvicorn's httptools protocol with limits)
+ 12. Command line ......................... main(), appkey and sign
 
 A drop-in replacement for the Go IM-Backend (same URLs, bodies, envelopes, error codes, tables, configuration).
 README.md is the user guide, docs/internals.md describes the design.
@@ -86,7 +94,7 @@ class Err(enum.Enum):
     The 100xx codes and their messages are the Go version's contract; those marked (Go) are never produced here
     but stay listed because Go-era callers may test for them."""
 
-    # --- 400 variants (SPEC section 3) ---
+    # --- 400 variants: a request the API refuses as it stands ---
     BIND_PARAM = (400, "bind param failed")  # a parameter or body cannot be parsed, or is missing
     PARAMS_WRONG = (400, "something of params is wrong")  # parsed but inconsistent
     AUTHENTICATION = (400, "bind authentication")  # appKey or signature check failed
@@ -147,8 +155,12 @@ def bad_param(detail: str = "") -> ApiError:
     return ApiError(Err.BIND_PARAM)
 
 
+OK = 200  # the HTTP status and envelope code of success
+LAST_HTTP_CODE = 600  # envelope codes above it (the Go version's 100xx) are answered with Err.INTERNAL's status
+
+
 def http_status(code: int) -> int:
-    return code if code <= 600 else 500
+    return code if code <= LAST_HTTP_CODE else Err.INTERNAL.code
 
 
 def envelope(code: int, msg: str, data: Any = None) -> bytes:
@@ -159,7 +171,12 @@ def error_envelope(err: Err) -> bytes:
     return envelope(err.code, err.msg)
 
 
-SUCCESS_PREFIX = b'{"code":200,"msg":"success","data":'
+def error_answer(err: Err) -> tuple[int, bytes]:
+    """(HTTP status, body) of an answer other than success."""
+    return http_status(err.code), error_envelope(err)
+
+
+SUCCESS_PREFIX = b'{"code":%d,"msg":"success","data":' % OK
 
 
 def success(data: Any) -> bytes:
@@ -167,15 +184,30 @@ def success(data: Any) -> bytes:
 
 
 ENVELOPE_START = b'{"code":'
+CODE_AT = len(ENVELOPE_START)  # where the code's digits start in an envelope
+CODE_END_BY = 20  # the comma after the code comes before this offset (a code has at most a few digits)
 
 
 def envelope_code(body: bytes, status: int) -> int:
     """The code of an answer made by envelope()/success() (they start with it); `status` for other bodies."""
     if body.startswith(ENVELOPE_START):
-        end = body.find(b",", 8, 20)
-        if end > 8 and body[8:end].isdigit():
-            return int(body[8:end])
+        end = body.find(b",", CODE_AT, CODE_END_BY)
+        if end > CODE_AT and body[CODE_AT:end].isdigit():
+            return int(body[CODE_AT:end])
     return status
+
+
+class UntestedVersion(RuntimeError):
+    """An installed library whose internals a seam reaches into is not a version that seam was checked against."""
+
+
+def require_tested(dist: str, tested: tuple[str, ...], seam: str) -> None:
+    """Refuse (UntestedVersion) an installed `dist` whose version is not one of `tested`."""
+    version = importlib.metadata.version(dist)
+    if version not in tested:
+        raise UntestedVersion(f"{dist} {version} is installed, but {seam} was checked against {dist} "
+                              f"{', '.join(tested)} only: install {dist}=={tested[-1]} (the requirements pin it), "
+                              f"or re-check {seam} against {version} and add it to the versions tested")
 
 
 LOOP_RESTART_PAUSE = 1.0  # seconds before a background loop that failed unexpectedly runs again
@@ -203,6 +235,7 @@ EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
 CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
+WEBHOOK_SECRET_BYTES = (16, 64)  # the shortest and longest key a webhook secret (whsec_<base64>) may hold
 
 
 class ConfigError(Exception):
@@ -259,8 +292,8 @@ class ServerConfig:
     max_limit: int = 100  # largest page a list endpoint returns
     time_zone: str = "Asia/Shanghai"  # zone of the "time" field in posts and comments
     startup_wait: float = 30.0  # seconds to wait at start-up for a PostgreSQL that is not up yet
-    auth_window: int = 60  # seconds: a signature's `created` may be this far from now (SPEC 11.1)
-    # Enforced by GuardedHttpProtocol (section 10), per process:
+    auth_window: int = 60  # seconds: a signature's `created` may be this far from now (its nonce is kept twice as long)
+    # Enforced by GuardedHttpProtocol (section 11), per process:
     header_limit: int = 16384  # bytes of request line + headers; more → 431 and the connection is closed
     max_headers: int = 100  # header fields per request; more → 431 and closed
     header_timeout: float = 10.0  # seconds for a request's head to arrive (from connect / the previous answer)
@@ -270,7 +303,7 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Rate limits (SPEC 11.2): top-level `limits:` is the default, `svc[].limits` overrides key by key."""
+    """Rate limits: top-level `limits:` is the default, `svc[].limits` overrides key by key; 429 beyond them."""
     requests_per_second: float = 0.0  # per service, across all replicas; 0 = unlimited
     burst: int = 0  # requests allowed at once; 0 = requests_per_second (at least 1)
     writes_per_user_per_minute: int = 0  # per (svc, user_id or author); 0 = unlimited
@@ -297,7 +330,7 @@ METRICS_TOKEN = re.compile(r"^[\x21-\x7e]{16,256}$")  # visible ASCII, no spaces
 
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
-    """`events:` (SPEC 11.4): the live stream, webhook delivery and how long events are kept. Seconds."""
+    """`events:`: the live stream, webhook delivery and how long events are kept. Seconds."""
     max_streams: int = 1000  # open event streams per process; beyond: 503
     keepalive: float = 15.0  # a comment line on an idle stream this often
     retention_hours: float = 72.0  # delivered (or never to be delivered) events are removed after this
@@ -323,7 +356,7 @@ class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
     name: str
     secret: str
-    auth: str = "any"  # any | appkey | signed: which credentials are accepted (SPEC 11.1)
+    auth: str = "any"  # any | appkey | signed: which credentials are accepted (appKey, RFC 9421 signature, both)
     previous_secrets: tuple[str, ...] = ()  # still accepted until removed: rotation without downtime
     limits: Limits = Limits()
     webhook: Webhook | None = None
@@ -442,7 +475,7 @@ def _limits(given: Any, default: Limits, where: str) -> Limits:
 
 
 def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
-    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits (SPEC 11.1, 11.2)."""
+    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits, webhook."""
     auth = str(entry.get("auth") or "any")
     if auth not in AUTH_MODES:
         raise ConfigError(f"service {name!r}: 'auth' must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
@@ -467,8 +500,10 @@ def parse_webhook(svc: str, raw: Any) -> Webhook | None:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if isinstance(secret, str) else b""
     except ValueError:
         key = b""
-    if not isinstance(secret, str) or not secret.startswith("whsec_") or not 16 <= len(key) <= 64:
-        raise ConfigError(f"the webhook secret of service {svc!r} must be whsec_ and 16-64 bytes in base64")
+    if not isinstance(secret, str) or not secret.startswith("whsec_") or not (
+            WEBHOOK_SECRET_BYTES[0] <= len(key) <= WEBHOOK_SECRET_BYTES[1]):
+        raise ConfigError(f"the webhook secret of service {svc!r} must be whsec_ and {WEBHOOK_SECRET_BYTES[0]}-"
+                          f"{WEBHOOK_SECRET_BYTES[1]} bytes in base64")
     if events is None:
         events = EVENT_TYPES
     if not isinstance(events, list | tuple) or not events or not set(events) <= set(EVENT_TYPES):
@@ -809,12 +844,13 @@ def config_source(boot: dict) -> FileSource | NacosSource:
 
 APPKEY_WINDOW = 10  # seconds either side of now
 _APPKEY_CACHE_SIZE = 4096
+APPKEY_IV_BYTES = 16  # AES-CFB's IV (one AES block), the first bytes of an appKey
 APPKEY_HEX_CHARS = (34, 128)  # shortest and longest appKey: hex of a 16-byte IV and 1 to 48 bytes of timestamp
 
 
 def encrypt_appkey(secret: str, timestamp: int | None = None) -> str:
     """What a client does: hex(IV || AES-CFB-128(secret, IV, str(unix seconds)))."""
-    iv = secrets.token_bytes(16)
+    iv = secrets.token_bytes(APPKEY_IV_BYTES)
     plain = str(int(time.time()) if timestamp is None else timestamp).encode()
     cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=iv, segment_size=128)
     return (iv + cipher.encrypt(plain)).hex()
@@ -828,22 +864,35 @@ def decrypt_appkey(secret: str, appkey: str) -> int | None:
         raw = bytes.fromhex(appkey)
     except ValueError:
         return None
-    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=raw[:16], segment_size=128)
-    plain = cipher.decrypt(raw[16:])
+    cipher = AES.new(secret.encode(), AES.MODE_CFB, iv=raw[:APPKEY_IV_BYTES], segment_size=128)
+    plain = cipher.decrypt(raw[APPKEY_IV_BYTES:])
     if not re.fullmatch(rb"-?[0-9]{1,19}", plain):
         return None
     return int(plain)
 
 
+class AuthReason(enum.StrEnum):
+    """Why a request is not authenticated: the value of its `IM-Auth-Error` header and of the `reason` label of
+    im_auth_failures_total, as written here."""
+
+    MISSING = "missing"  # no svc, or neither an appKey nor a signature
+    UNKNOWN_SERVICE = "unknown-service"  # svc names no configured service
+    MALFORMED = "malformed"  # an appKey, signature or Signature-Input that cannot be read
+    EXPIRED = "expired"  # an appKey or signature outside its time window
+    BAD_APPKEY = "bad-appkey"  # an appKey made with none of the service's secrets
+    BAD_SIGNATURE = "bad-signature"  # a signature made with none of the service's secrets (or for another service)
+    DIGEST_MISMATCH = "digest-mismatch"  # a body without a signed Content-Digest, or not the one signed
+    REPLAYED = "replayed"  # a signature's nonce seen before within its window
+    APPKEY_NOT_ACCEPTED = "appkey-not-accepted"  # an appKey for a service that takes signatures only
+
+
 class AuthFailure(Exception):
-    """Why a request is not authenticated: its `IM-Auth-Error` reason (SPEC 11.1)."""
+    """Why a request is not authenticated (an AuthReason)."""
 
-    REASONS = frozenset({"missing", "unknown-service", "malformed", "expired", "bad-appkey", "bad-signature",
-                         "digest-mismatch", "replayed", "appkey-not-accepted"})
-
-    def __init__(self, reason: str) -> None:
-        assert reason in self.REASONS, reason
-        super().__init__(reason)
+    def __init__(self, reason: AuthReason) -> None:
+        if not isinstance(reason, AuthReason):  # a raise, not an assert: python -O keeps it
+            raise TypeError(f"AuthFailure takes an AuthReason, not {reason!r}")
+        super().__init__(reason.value)
         self.reason = reason
 
 
@@ -863,18 +912,18 @@ class AppKeyChecker:
         else:
             accepted = (tenant.secret, *tenant.previous_secrets)
             if not APPKEY_SHAPE.fullmatch(appkey):
-                raise AuthFailure("malformed")
+                raise AuthFailure(AuthReason.MALFORMED)
             for secret in accepted:
                 timestamp = decrypt_appkey(secret, appkey)
                 if timestamp is not None:
                     break
             else:
-                raise AuthFailure("bad-appkey")
+                raise AuthFailure(AuthReason.BAD_APPKEY)
             if len(self._seen) >= _APPKEY_CACHE_SIZE:
                 self._seen.clear()
             self._seen[(tenant.name, appkey)] = (secret, timestamp)
         if abs(time.time() - timestamp) > APPKEY_WINDOW:
-            raise AuthFailure("expired")
+            raise AuthFailure(AuthReason.EXPIRED)
 
 
 # --- signed requests: RFC 9421 HTTP Message Signatures, hmac-sha256, keyed with the service secret ---------
@@ -916,9 +965,9 @@ def _parse_sf_dictionary(text: str) -> dict:
     try:
         parsed = http_sf.parse(text.encode("latin-1"), tltype="dictionary")
     except Exception:  # untrusted input: whatever the parser refuses, and however it does, is malformed
-        raise AuthFailure("malformed") from None
+        raise AuthFailure(AuthReason.MALFORMED) from None
     if not isinstance(parsed, dict):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     return parsed
 
 
@@ -957,15 +1006,15 @@ def _check_content_digest(scope: dict, body: bytes, covered: bool) -> None:
     """RFC 9530: the signed Content-Digest holds the SHA-256 of exactly this body."""
     field = _field(scope, b"content-digest")
     if not covered or field is None:
-        raise AuthFailure("digest-mismatch")
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH)
     try:
         digests = canonical_signature(field) or _parse_sf_dictionary(field)
     except AuthFailure:
-        raise AuthFailure("digest-mismatch") from None
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH) from None
     sha256 = digests.get("sha-256")
     if not (isinstance(sha256, tuple) and isinstance(sha256[0], bytes)
             and hmac.compare_digest(sha256[0], hashlib.sha256(body).digest())):
-        raise AuthFailure("digest-mismatch")
+        raise AuthFailure(AuthReason.DIGEST_MISMATCH)
 
 
 def is_signed(scope: dict) -> bool:
@@ -983,7 +1032,7 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
     verifier costs ~6 times as much and does not give the reasons apart)."""
     sig_input, signature = _field(scope, b"signature-input"), _field(scope, b"signature")
     if not sig_input or not signature or max(len(sig_input), len(signature)) > MAX_SIGNATURE_FIELD:
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     inputs, values = canonical_signature_input(sig_input), canonical_signature(signature)
     canonical = inputs is not None  # then the signature parameters are serialised as received
     inputs = inputs if inputs is not None else _parse_sf_dictionary(sig_input)
@@ -993,21 +1042,21 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
     if not mine:  # signed for another service, or not for any
         keyed = any(isinstance(m, tuple) and isinstance(m[1], dict) and isinstance(m[1].get("keyid"), str)
                     for m in inputs.values())
-        raise AuthFailure("bad-signature" if keyed else "malformed")
+        raise AuthFailure(AuthReason.BAD_SIGNATURE if keyed else AuthReason.MALFORMED)
     label, (covered, params) = mine[0]
     value = values.get(label)
     if not isinstance(covered, list) or not isinstance(value, tuple) or not isinstance(value[0], bytes):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     names = [item[0] for item in covered if isinstance(item, tuple) and isinstance(item[0], str) and not item[1]]
     if len(names) != len(covered) or len(set(names)) != len(names) or not SIGNED_ALWAYS <= set(names):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     created, nonce, expires = params.get("created"), params.get("nonce"), params.get("expires")
     if (type(created) is not int or not isinstance(nonce, str) or not NONCE.fullmatch(nonce)
             or params.get("alg", SIGNATURE_ALG) != SIGNATURE_ALG or expires is not None and type(expires) is not int):
-        raise AuthFailure("malformed")
+        raise AuthFailure(AuthReason.MALFORMED)
     now = time.time()
     if abs(now - created) > window or expires is not None and expires < now:
-        raise AuthFailure("expired")
+        raise AuthFailure(AuthReason.EXPIRED)
     if body or "content-digest" in names:
         _check_content_digest(scope, body, "content-digest" in names)
     lines = []
@@ -1015,24 +1064,26 @@ def verify_signature(scope: dict, body: bytes, tenant: Tenant, window: int) -> s
         known = name in DERIVED_COMPONENTS if name.startswith("@") else FIELD_NAME.fullmatch(name)
         component = _component(scope, name) if known else None
         if component is None:
-            raise AuthFailure("malformed")
+            raise AuthFailure(AuthReason.MALFORMED)
         lines.append(f'"{name}": {component}')
     try:
         lines.append('"@signature-params": ' + (sig_input[len(label) + 1:] if canonical else
                                                  http_sf.ser({label: (covered, params)})[len(label) + 1:]))
     except Exception:  # a parameter value the serialiser refuses
-        raise AuthFailure("malformed") from None
+        raise AuthFailure(AuthReason.MALFORMED) from None
     base = "\n".join(lines).encode("latin-1", errors="replace")
     for secret in (tenant.secret, *tenant.previous_secrets):
         if hmac.compare_digest(hmac.digest(secret.encode(), base, "sha256"), value[0]):
             return nonce
-    raise AuthFailure("bad-signature")
+    raise AuthFailure(AuthReason.BAD_SIGNATURE)
 
 
 def sign_request(svc: str, secret: str, method: str, path: str, query: str = "", body: bytes = b"",
                  created: int | None = None, nonce: str | None = None) -> dict[str, str]:
-    """What a client does (SPEC 11.1): the headers that sign one request. Used by `python im_backend.py sign`
-    and the benchmark; the tests sign with an independent implementation (http-message-signatures)."""
+    """What a client does: the RFC 9421 headers that sign one request (hmac-sha256 keyed with the service
+    secret, keyid = svc, covering @method, @path, @query and a Content-Digest of any body). Used by
+    `python im_backend.py sign` and the benchmark; the tests sign with an independent implementation
+    (http-message-signatures)."""
     headers, values = {}, {"@method": method.upper(), "@path": path or "/", "@query": "?" + query}
     if body:
         headers["Content-Digest"] = values["content-digest"] = (
@@ -1151,7 +1202,7 @@ class NonceStore(RedisFirst):
         return True
 
 
-# --- rate limits (SPEC 11.2): GCRA in Redis (section 5's script), per-process while Redis is down ------------
+# --- rate limits: GCRA in Redis (section 5's script), per-process while Redis is down -----------------------
 
 LEASE_SECONDS = 0.02  # a process takes up to 20 ms worth of a service's rate from Redis at once...
 LEASE_SHARE = 10  # ...and at most a tenth of its burst
@@ -1186,7 +1237,7 @@ class RateLimiter(RedisFirst):
                                      limits.burst, _lease_size(limits))
             if retry:
                 return "svc", _limit_headers("svc", limits.burst, limits.burst / limits.requests_per_second, retry)
-        writer = WRITERS.get(route.operation) if limits.writes_per_user_per_minute else None
+        writer = route.writer if limits.writes_per_user_per_minute else None
         if writer is not None:
             user = req.arg(writer.name) if writer.where == "query" else req.form().get(writer.name)
             if user is not None and user != "":
@@ -1243,7 +1294,7 @@ def _limit_headers(policy: str, quota: int, window: float, retry_us: int) -> lis
 
 
 class Authenticator:
-    """Who is calling (appKey or signature, SPEC 11.1), then whether they may now (rate limits, SPEC 11.2).
+    """Who is calling (appKey or RFC 9421 signature), then whether they may now (rate limits).
 
     on_auth_failure() and on_rate_limited() are the one place where each of those events passes (metrics)."""
 
@@ -1263,15 +1314,15 @@ class Authenticator:
             return self.authenticate(req, service, svc)
         except AuthFailure as exc:
             self.on_auth_failure(svc, exc.reason)
-            raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.encode())]) from None
+            raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", exc.reason.value.encode())]) from None
 
     async def admit(self, req: Request, service: Service, route: Route, tenant: Tenant, nonce: str | None) -> None:
         """Claim the signature's nonce (each signature is accepted once), then apply the tenant's limits."""
         if nonce is not None:
             window = service.config.server.auth_window
             if not await self.nonces.claim(service.cache, nonce_key(tenant.name, nonce), 2 * window):
-                self.on_auth_failure(tenant.name, "replayed")
-                raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", b"replayed")])
+                self.on_auth_failure(tenant.name, AuthReason.REPLAYED)
+                raise ApiError(Err.AUTHENTICATION, [(b"im-auth-error", AuthReason.REPLAYED.value.encode())])
         if not tenant.limits.any:
             return  # no limit configured for this service: RateLimiter.check would let it go on
         refused = await self.limiter.check(req, service.cache, tenant, route)
@@ -1282,24 +1333,24 @@ class Authenticator:
     def authenticate(self, req: Request, service: Service, svc: str | None) -> tuple[Tenant, str | None]:
         """The caller's tenant, and the nonce of its signature still to be claimed (None for an appKey)."""
         if not svc:
-            raise AuthFailure("missing")
+            raise AuthFailure(AuthReason.MISSING)
         tenant = service.config.tenants.get(svc)
         if tenant is None:
-            raise AuthFailure("unknown-service")
+            raise AuthFailure(AuthReason.UNKNOWN_SERVICE)
         if tenant.auth != "appkey" and is_signed(req.scope):  # a signature, when there is one, is what counts
             return tenant, verify_signature(req.scope, req.body, tenant, service.config.server.auth_window)
         appkey = req.arg("appKey")
         if not appkey:
-            raise AuthFailure("missing")
+            raise AuthFailure(AuthReason.MISSING)
         if tenant.auth == "signed":
-            raise AuthFailure("appkey-not-accepted")
+            raise AuthFailure(AuthReason.APPKEY_NOT_ACCEPTED)
         self.appkeys.check(tenant, appkey)
         return tenant, None
 
     @staticmethod
-    def on_auth_failure(svc: str | None, reason: str) -> None:
-        log.debug("authentication failed: svc %.64r, %s", svc, reason)
-        METRICS.auth_failure(svc, reason)
+    def on_auth_failure(svc: str | None, reason: AuthReason) -> None:
+        log.debug("authentication failed: svc %.64r, %s", svc, reason.value)
+        METRICS.auth_failure(svc, reason.value)
 
     @staticmethod
     def on_rate_limited(svc: str, policy: str) -> None:
@@ -1316,6 +1367,7 @@ class Authenticator:
 MAX_ID = (1 << 63) - 1  # the id columns are BIGINT
 DB_STATEMENT_CACHE = 2048  # prepared statements kept per connection (14 routes x services)
 DB_COMMAND_TIMEOUT = 60  # seconds one statement may run before the driver gives up on it
+DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to connect to PostgreSQL (a pool, a LISTEN connection) may take
 SQL_CACHE_SIZE = 4096  # (service, statement) pairs whose SQL text sql() keeps ready
 
 DDL = """
@@ -1507,7 +1559,7 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
                           WHERE comment_id = ANY($1::bigint[]) LIMIT $2)"""
 
 
-# The outbox ({events}, SPEC 11.4): one row per change, written in the change's transaction. After the commit the
+# The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
 # its LISTEN connection, coalesced (Events.committed): a NOTIFY inside each write's transaction would serialise
 # the commits of every process on PostgreSQL's notification queue (a third of a publish's throughput, measured).
@@ -1636,8 +1688,8 @@ if count >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
-# GCRA (SPEC 11.2), one key per limited subject, on Redis's clock: KEYS[1] holds the theoretical arrival time in
-# µs; ARGV = emission interval (µs), burst, tokens wanted. Returns {tokens taken, µs until one is free if none}.
+# GCRA (generic cell rate algorithm), one key per limited subject, on Redis's clock: KEYS[1] holds the theoretical
+# arrival time in µs; ARGV = emission interval (µs), burst, tokens wanted. Returns {tokens taken, µs until one is free if none}.
 TAKE_TOKENS = """
 local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
@@ -1968,7 +2020,7 @@ def open_cache(cfg: CacheConfig) -> Cache:
 
 
 # ============================================================================
-# 6. Domain operations: posts, comments, likes, counts, events, clean-up, delivery
+# 6. Domain operations: posts, comments, likes, counts, clean-up
 # ============================================================================
 
 DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
@@ -1994,431 +2046,9 @@ class Background:
             await asyncio.wait(list(self.tasks), timeout=DOUBLE_DELETE_DELAY + DRAIN_GRACE)
 
 
-# --- events (SPEC 11.4): the outbox, webhook delivery, live streams -----------------------------------------
-
-Position = tuple[int, int]  # (xid, id): the order in which streams hand out events
-WEBHOOK_CONNECTIONS = 100  # the process's connection pool for webhook deliveries, all endpoints together
-
-
-def event_json(svc: str, row: asyncpg.Record) -> bytes:
-    """An event as sent everywhere: {"id": str, "type", "svc", "time": RFC 3339 UTC, "data": {...}}."""
-    moment = row["created_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-    return orjson.dumps({"id": str(row["id"]), "type": row["type"], "svc": svc, "time": moment,
-                         "data": row["data"]})
-
-
-def _position(row: asyncpg.Record | None) -> Position | None:
-    return None if row is None else (int(row["xid"]), row["id"])
-
-
-@functools.lru_cache(maxsize=64)
-def _webhook_signer(secret: str) -> standardwebhooks.Webhook:
-    return standardwebhooks.Webhook(secret)
-
-
-class EventStream:
-    """One open live stream: an operation returns it, the HTTP layer writes it out (Events.follow)."""
-
-    def __init__(self, svc: str, post_id: int | None, types: frozenset[str] | None, position: Position,
-                 replay: bool) -> None:
-        self.svc, self.post_id, self.types = svc, post_id, types
-        self.position = position  # of the last event handed to this stream (or skipped by its filters)
-        self.replay = replay  # read the stored events after `position` before going live
-        self.ids_string = False  # ids=string: each frame's data gets its ids as decimal strings (string_ids_frame)
-        self.queue: asyncio.Queue[list | None] = asyncio.Queue()  # batches from the hub; None: end
-
-    def wants(self, kind: str, post_id: int | None) -> bool:
-        return (self.types is None or kind in self.types) and (self.post_id is None or self.post_id == post_id)
-
-    def render(self, frame: bytes) -> bytes:
-        """The frame as this stream sends it: shared by every stream, or rewritten for ids=string."""
-        return string_ids_frame(frame) if self.ids_string else frame
-
-    def end(self) -> None:
-        self.queue.put_nowait(None)
-
-
-def string_ids_frame(frame: bytes) -> bytes:
-    """An event frame with every id inside its `data:` JSON as a decimal string (the ids=string of SPEC 11.3)."""
-    head, sep, rest = frame.partition(b"data: ")
-    body, _, tail = rest.partition(b"\n")
-    return head + sep + orjson.dumps(ids_as_strings(orjson.loads(body))) + b"\n" + tail
-
-
-class _Hub:
-    """The streams of one service in this process, and the one reader of its outbox that feeds them all."""
-
-    def __init__(self, cursor: Position) -> None:
-        self.cursor = cursor
-        self.streams: set[EventStream] = set()
-        self.wake = asyncio.Event()
-
-
-class Events:
-    """Outlives configuration reloads: the LISTEN connection, the stream hubs, one webhook worker per service
-    with a webhook, and retention. `service` is the current Service (App swaps it on reload)."""
-
-    REPLAY_PAGE = 500  # events read per query while a stream catches up
-    HUB_PAGE = 1000  # events read per query by a hub
-    STREAM_BACKLOG = 1000  # batches a stream may fall behind before it is closed (the client resumes)
-    RETENTION_BATCH = 1000  # rows deleted per statement
-    HELD_RETRY = 0.25  # seconds at most between reads while a transaction in flight holds events back
-
-    def __init__(self) -> None:
-        self.service: Service | None = None
-        self.hubs: dict[str, _Hub] = {}
-        self.streams: set[EventStream] = set()  # open in this process
-        self.stopping = False
-        self.workers: dict[str, asyncio.Task] = {}  # svc -> webhook worker
-        self.wakeups: dict[str, asyncio.Event] = {}  # svc -> wakes its webhook worker
-        self.tasks: set[asyncio.Task] = set()
-        self.http: httpx.AsyncClient | None = None
-        self._listening: asyncpg.Connection | None = None  # the LISTEN connection, also used to send the hints
-        self._hints: set[str] = set()  # services whose committed events the other processes are yet to be told of
-        self._hinter: asyncio.Task | None = None
-
-    # --- life cycle ----------------------------------------------------------
-
-    def start(self, service: Service) -> None:
-        self.service, self.stopping = service, False
-        self._spawn(self._listen())
-        self._spawn(self._retention())
-        self.sync(service)
-
-    def sync(self, service: Service) -> None:
-        """After a (re)load: a webhook worker for each service that has a webhook, none for the others."""
-        self.service = service
-        wanted = {svc for svc, tenant in service.config.tenants.items() if tenant.webhook and svc in service.ready}
-        for svc in set(self.workers) - wanted:
-            self.workers.pop(svc).cancel()
-        for svc in wanted - set(self.workers):
-            self.wakeups.setdefault(svc, asyncio.Event())
-            self.workers[svc] = self._spawn(self._deliver(svc))
-
-    def end_streams(self) -> None:
-        """Shut-down: every stream ends cleanly now, and no new one opens."""
-        self.stopping = True
-        for stream in self.streams:
-            stream.end()
-
-    async def stop(self) -> None:
-        self.end_streams()
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-        self.workers.clear()
-        self.hubs.clear()  # their readers are gone; a later start makes new ones
-        if self.http is not None:
-            await self.http.aclose()
-            self.http = None
-
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    # --- notifications: a dedicated connection LISTENs; any commit with events wakes hubs and workers -----
-
-    def committed(self, svcs: set[str]) -> None:
-        """This process committed events of these services: wake its hubs and webhook workers now, and have the
-        other processes told (_send_hints: one NOTIFY per service, after the commit, coalesced)."""
-        for svc in svcs:
-            self._notified(None, 0, EVENTS_CHANNEL, svc)
-        self._hints |= svcs
-        if self._hinter is None or self._hinter.done():
-            self._hinter = self._spawn(self._send_hints())
-
-    async def _send_hints(self) -> None:
-        """NOTIFY the services in _hints from the LISTEN connection, then wait EVENT_HINT_INTERVAL: the commits of
-        that interval share the next NOTIFY. Without a LISTEN connection the others find the events by polling."""
-        while self._hints:
-            svcs, self._hints = sorted(self._hints), set()
-            conn = self._listening
-            if conn is None or conn.is_closed():
-                return
-            try:
-                await conn.execute(EVENT_HINT, EVENTS_CHANNEL, svcs)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                log.debug("events: NOTIFY failed (%r); the other processes will poll", exc)
-                return
-            await asyncio.sleep(EVENT_HINT_INTERVAL)
-
-    def _notified(self, _conn: Any, _pid: int, _channel: str, svc: str) -> None:
-        for hub in self.hubs.values():  # any commit may be the one that held back another service's events
-            hub.wake.set()
-        if (wakeup := self.wakeups.get(svc)) is not None:
-            wakeup.set()
-
-    async def _listen(self) -> None:
-        while True:
-            service = self.service
-            assert service is not None
-            cfg, conn = service.config.db, None
-            try:
-                conn = await asyncio.wait_for(asyncpg.connect(
-                    host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None,
-                    database=cfg.dbname), 10)
-                await conn.add_listener(EVENTS_CHANNEL, self._notified)
-                self._listening = conn
-                self._wake_all()  # anything committed while nobody listened
-                while not conn.is_closed() and self.service is not None and self.service.config.db == cfg:
-                    await asyncio.sleep(1.0)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-                log.warning("events: cannot LISTEN (%r); polling until it works again", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                if conn is not None:
-                    if self._listening is conn:
-                        self._listening = None
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
-
-    def _wake_all(self) -> None:
-        for event in [hub.wake for hub in self.hubs.values()] + list(self.wakeups.values()):
-            event.set()
-
-    # --- live streams --------------------------------------------------------
-
-    async def open_stream(self, service: Service, svc: str, post_id: int | None, types: frozenset[str] | None,
-                          last_event_id: int | None) -> EventStream:
-        if self.stopping or len(self.streams) >= service.config.events.max_streams:
-            raise ApiError(Err.UNAVAILABLE)
-        async with service.db(svc, Err.FIND_FAILED) as conn:
-            head = _position(await conn.fetchrow(sql(svc, EVENTS_HEAD))) or (0, 0)
-            start = None
-            if last_event_id is not None:
-                start = _position(await conn.fetchrow(sql(svc, EVENT_POSITION), last_event_id))
-                if start is None:  # removed by retention (or never stored): from the next stored one on
-                    first = _position(await conn.fetchrow(sql(svc, EVENT_FIRST_AFTER), last_event_id))
-                    start = (first[0], first[1] - 1) if first else head
-        if self.stopping or len(self.streams) >= service.config.events.max_streams:
-            raise ApiError(Err.UNAVAILABLE)
-        hub = self.hubs.get(svc)
-        if hub is None:
-            hub = self.hubs[svc] = _Hub(head)
-            self._spawn(self._feed(svc, hub))
-        stream = EventStream(svc, post_id, types, hub.cursor if start is None else start, start is not None)
-        hub.streams.add(stream)
-        self.streams.add(stream)
-        return stream
-
-    def close_stream(self, stream: EventStream) -> None:
-        self.streams.discard(stream)
-        hub = self.hubs.get(stream.svc)
-        if hub is not None and stream in hub.streams:
-            hub.streams.discard(stream)
-            hub.wake.set()  # a hub left without streams ends
-
-    async def _read_after(self, svc: str, position: Position, limit: int) -> tuple[list, bool]:
-        """The events after `position` that may be handed out, as (position, type, post_id, frame); and whether
-        more are stored that may not be handed out yet (a transaction older than them is still in flight)."""
-        service = self.service
-        assert service is not None
-        async with service.db(svc, Err.FIND_FAILED) as conn:
-            rows = await conn.fetch(sql(svc, EVENTS_AFTER), str(position[0]), position[1], limit)
-        ready = []
-        for row in rows:
-            if not row["ready"]:
-                return ready, True
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (row["id"], row["type"].encode(), event_json(svc, row))
-            ready.append(((int(row["xid"]), row["id"]), row["type"], row["post_id"], frame))
-        return ready, False
-
-    async def _feed(self, svc: str, hub: _Hub) -> None:
-        """Read the outbox of svc when woken (or on a timer) and hand every new event to every stream."""
-        delay = 0.02
-        while True:
-            hub.wake.clear()
-            if not hub.streams:
-                if self.hubs.get(svc) is hub:
-                    del self.hubs[svc]
-                return
-            try:
-                batch, held = await self._read_after(svc, hub.cursor, self.HUB_PAGE)
-            except ApiError:
-                batch, held = [], True
-            except Exception:  # never leave the streams without a reader
-                log.exception("events: reading the outbox of %s failed", svc)
-                batch, held = [], True
-            if batch:
-                hub.cursor = batch[-1][0]
-                for stream in list(hub.streams):
-                    if stream.queue.qsize() >= self.STREAM_BACKLOG:
-                        log.warning("events: a stream of %s fell too far behind; closing it", svc)
-                        while not stream.queue.empty():  # drop what it could not read: it resumes from its last id
-                            stream.queue.get_nowait()
-                        stream.end()
-                    else:
-                        stream.queue.put_nowait(batch)
-            if len(batch) == self.HUB_PAGE:
-                continue
-            assert self.service is not None
-            poll = self.service.config.events.poll_interval
-            delay = min(delay * 2, poll, self.HELD_RETRY) if held else poll  # soon again while a commit is due
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(hub.wake.wait(), delay)
-            if not held:
-                delay = 0.02
-
-    async def follow(self, stream: EventStream):
-        """The frames of one stream: stored events after its position first (on resume), then live ones, and a
-        keep-alive comment when idle; ends on shut-down, on disconnect, or when it falls too far behind."""
-        if stream.replay:
-            while True:
-                batch, held = await self._read_after(stream.svc, stream.position, self.REPLAY_PAGE)
-                for position, kind, post_id, frame in batch:
-                    stream.position = position
-                    if stream.wants(kind, post_id):
-                        yield stream.render(frame)
-                if held or len(batch) < self.REPLAY_PAGE:
-                    break
-        assert self.service is not None
-        while True:
-            try:
-                batch = await asyncio.wait_for(stream.queue.get(), self.service.config.events.keepalive)
-            except asyncio.TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
-            if batch is None:
-                return
-            for position, kind, post_id, frame in batch:
-                if position > stream.position:
-                    stream.position = position
-                    if stream.wants(kind, post_id):
-                        yield stream.render(frame)
-
-    # --- webhooks ------------------------------------------------------------
-
-    async def _deliver(self, svc: str) -> None:
-        """The webhook worker of one service: claim due events, POST them concurrently, record the outcome."""
-        wakeup = self.wakeups[svc]
-        while True:
-            service = self.service
-            assert service is not None
-            tenant = service.config.tenants.get(svc)
-            if tenant is None or tenant.webhook is None:
-                return
-            cfg, claimed = service.config.events, []
-            wakeup.clear()
-            try:
-                async with service.db(svc, Err.FIND_FAILED) as conn:
-                    claimed = await conn.fetch(sql(svc, EVENTS_CLAIM), cfg.concurrency, cfg.lease)
-                if claimed:
-                    outcomes = await asyncio.gather(*(self._post(svc, tenant.webhook, cfg, row) for row in claimed))
-                    await self._record(service, svc, cfg, claimed, outcomes)
-                    claimed = []
-                    continue
-            except ApiError:
-                pass  # the database error was logged; the lease brings the events back
-            except Exception:  # never leave a service without a sender
-                log.exception("events: the webhook sender of %s failed; the lease brings its events back", svc)
-            except asyncio.CancelledError:
-                if claimed:  # shut-down or webhook removed: hand them back at once, for a replica or a restart
-                    with contextlib.suppress(Exception):
-                        async with service.db(svc, Err.UPDATE_FAILED) as conn:
-                            await asyncio.wait_for(conn.execute(
-                                sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), 2)
-                raise
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), cfg.poll_interval)
-
-    async def _post(self, svc: str, hook: Webhook, cfg: EventsConfig, row: asyncpg.Record) -> str | None:
-        """POST one event; None when delivered, else what went wrong."""
-        if row["type"] not in hook.events:
-            return None  # no longer subscribed: nothing to send
-        if self.http is None:
-            self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS,
-                                                              max_keepalive_connections=WEBHOOK_CONNECTIONS // 4))
-        body = event_json(svc, row).decode()
-        msg_id, now = f"{svc}_{row['id']}", dt.datetime.now(dt.timezone.utc)
-        headers = {"content-type": "application/json", "webhook-id": msg_id,
-                   "webhook-timestamp": str(int(now.timestamp())),
-                   "webhook-signature": _webhook_signer(hook.secret).sign(msg_id, now, body)}
-        try:
-            response = await self.http.post(hook.url, content=body.encode(), headers=headers, timeout=cfg.timeout)
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:500]
-        return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-
-    async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
-        delivered = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
-        async with service.db(svc, Err.UPDATE_FAILED) as conn:
-            if delivered:
-                await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
-            for row, error in zip(rows, outcomes, strict=True):
-                METRICS.webhook_delivery(svc, "delivered" if error is None else "failed")
-                if error is not None:
-                    schedule = cfg.retry_schedule
-                    delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
-                    failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
-                    if failed:
-                        METRICS.webhook_delivery(svc, "gave_up")
-                    log.log(logging.ERROR if failed else logging.WARNING, "webhook of %s: event %d %s (%s)",
-                            svc, row["id"], "failed for good" if failed else f"retried in {delay:g}s", error)
-
-    # --- retention and counts ------------------------------------------------
-
-    async def _retention(self) -> None:
-        while True:
-            service = self.service
-            assert service is not None
-            cfg = service.config.events
-            cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=cfg.retention_hours)
-            for svc in sorted(service.ready):
-                with contextlib.suppress(ApiError, asyncio.TimeoutError):
-                    async with service.db(svc, Err.DELETE_FAILED) as conn:
-                        while _count(await conn.execute(sql(svc, EVENTS_EXPIRE), cutoff,
-                                                        self.RETENTION_BATCH)) == self.RETENTION_BATCH:
-                            pass
-            await asyncio.sleep(cfg.cleanup_interval)
-
-    async def counts(self) -> dict[str, dict[str, int]]:
-        """Per service: events waiting for their webhook (backlog) and events that failed for good."""
-        service, counts = self.service, {}
-        assert service is not None
-        async with service.pool.acquire() as conn:
-            for svc in sorted(service.ready):
-                with contextlib.suppress(asyncpg.PostgresError):
-                    counts[svc] = dict(await conn.fetchrow(sql(svc, EVENTS_COUNTS)))
-        return counts
-
-
-@dataclasses.dataclass(frozen=True)
-class Keyset:
-    """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
-    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
-    moment: dt.datetime
-    id: int
-    count: int = 0
-
-    EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-    MAX_LEN = 120  # characters of an encoded cursor at most
-
-    def encode(self) -> str:
-        micros = (self.moment - self.EPOCH) // dt.timedelta(microseconds=1)
-        text = f"{self.order}:{self.count}:{micros}:{self.id}"
-        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, raw: str) -> "Keyset":
-        """ValueError (or OverflowError) unless raw is a cursor that encode() could have made."""
-        if len(raw) > cls.MAX_LEN or not raw.isascii():
-            raise ValueError("cursor too long")
-        order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
-        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
-                                                  for x in (count, micros, ident)):
-            raise ValueError("not a cursor")
-        value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
-        if not (0 <= value.count <= MAX_ID and -1 <= value.id <= MAX_ID):
-            raise ValueError("cursor out of range")
-        return value
-
-
-class Service:
-    """The domain operations, bound to one configuration; a reload builds a new one and swaps it in whole."""
+class Store:
+    """The database of one configuration: connections and transactions (db()), the events a transaction writes
+    (emit(), emitted(): announced once it commits), and counter maintenance (count_change(), settle_counts())."""
 
     def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
                  background: Background) -> None:
@@ -2427,73 +2057,7 @@ class Service:
         self.cache = cache
         self.ready = ready  # services whose tables exist
         self.background = background
-        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
         self._emitted: dict[Any, set[str]] = {}  # connection -> services with events in its open transaction
-
-    # --- helpers ---------------------------------------------------------------
-
-    def invalidate_later(self, keys: list[str]) -> None:
-        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
-        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
-        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
-        if len(self._later) == 1:
-            self.background.spawn(self._invalidate_due())
-
-    async def _invalidate_due(self) -> None:
-        while self._later:
-            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
-            due, until = set(), time.monotonic() + LATER_BATCH
-            while self._later and self._later[0][0] <= until:
-                due.update(self._later.popleft()[1])
-            with contextlib.suppress(ApiError):
-                await self.cache.invalidate(sorted(due))
-
-    def page_size(self, limit: int | None) -> int:
-        """Missing or 0: 20; never above the configured maximum."""
-        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
-
-    @staticmethod
-    async def _count_change(conn: asyncpg.Connection, svc: str, changes: list[tuple[str, int, int]]) -> None:
-        """Add to counts, in the transaction of the change: one slot at random; sorted, so every transaction
-        takes its counter rows in one order (no deadlocks)."""
-        changes = sorted(changes)
-        await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
-                           random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
-
-    @staticmethod
-    async def _settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
-                             counts: tuple[tuple[str, str], ...]) -> None:
-        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
-        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
-        items = list(items)
-        for kind, field in counts:
-            missing = sorted({item["id"] for item in items
-                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
-            if missing:
-                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
-                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
-                for item in items:
-                    if item["id"] in missing:
-                        item[field] = found.get(item["id"], 0)
-
-    def render_time(self, moment: dt.datetime | None) -> str:
-        if moment is None:  # the Go version's columns allow it
-            return ""
-        return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
-
-    async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
-        """Record the event of a change in the change's own transaction (SPEC 11.4)."""
-        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
-        self.emitted(conn, svc)
-
-    def delivered(self, svc: str, kind: str) -> bool:
-        """Does svc's webhook take events of this kind? (Then the event row is due for delivery at once.)"""
-        tenant = self.config.tenants.get(svc)
-        return tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
-
-    def emitted(self, conn: asyncpg.Connection, svc: str) -> None:
-        """An event of svc was written on conn: db() hands svc to Events.committed once it is committed."""
-        self._emitted.setdefault(conn, set()).add(svc)
 
     @contextlib.asynccontextmanager
     async def db(self, svc: str, failure: Err):
@@ -2519,12 +2083,142 @@ class Service:
             log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
 
-    # --- posts -------------------------------------------------------------------
+    async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
+        """Record the event of a change in the change's own transaction (it happened if and only if it commits)."""
+        await conn.execute(sql(svc, EVENT_INSERT), kind, data.get("post_id"), data, self.delivered(svc, kind))
+        self.emitted(conn, svc)
+
+    def delivered(self, svc: str, kind: str) -> bool:
+        """Does svc's webhook take events of this kind? (Then the event row is due for delivery at once.)"""
+        tenant = self.config.tenants.get(svc)
+        return tenant is not None and tenant.webhook is not None and kind in tenant.webhook.events
+
+    def emitted(self, conn: asyncpg.Connection, svc: str) -> None:
+        """An event of svc was written on conn: db() hands svc to Events.committed once it is committed."""
+        self._emitted.setdefault(conn, set()).add(svc)
+
+    @staticmethod
+    async def count_change(conn: asyncpg.Connection, svc: str, changes: list[tuple[str, int, int]]) -> None:
+        """Add to counts, in the transaction of the change: one slot at random; sorted, so every transaction
+        takes its counter rows in one order (no deadlocks)."""
+        changes = sorted(changes)
+        await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
+                           random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
+
+    @staticmethod
+    async def settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
+                             counts: tuple[tuple[str, str], ...]) -> None:
+        """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
+        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
+        items = list(items)
+        for kind, field in counts:
+            missing = sorted({item["id"] for item in items
+                              if item[field] is None and (kind != "children" or item["root_id"] == 0)})
+            if missing:
+                await conn.execute(sql(svc, COUNTER_INIT[kind]), missing)
+                found = dict(await conn.fetch(sql(svc, COUNTS_READ), kind, missing))
+                for item in items:
+                    if item["id"] in missing:
+                        item[field] = found.get(item["id"], 0)
+
+
+class Render:
+    """Rows as the JSON the API answers with, times in the configured zone (server.time_zone)."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+
+    def render_time(self, moment: dt.datetime | None) -> str:
+        if moment is None:  # the Go version's columns allow it
+            return ""
+        return moment.astimezone(self.config.zone).replace(tzinfo=None, microsecond=0).isoformat()
 
     def post_json(self, svc: str, row: asyncpg.Record) -> dict:
         return {"id": row["id"], "title": row["title"] or "", "content": row["content"] or "",
                 "author": row["author"] or "", "time": self.render_time(row["created_at"]), "svc": svc,
                 "extra": row["extra"]}
+
+    def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
+        post = self.post_json(svc, row)
+        post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
+        if viewer is not None:
+            post["liked"] = row["liked"]
+        return post
+
+    def comment_json(self, svc: str, row: asyncpg.Record) -> dict:
+        return {"id": row["id"], "user_id": row["user_id"] or "", "content": row["content"] or "",
+                "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
+                "target_user_id": row["target_user_id"], "post_id": row["post_id"],
+                "time": self.render_time(row["created_at"]), "svc": svc,
+                "child_num": row["child_num"], "extra": row["extra"]}
+
+
+class Invalidator:
+    """The delayed double delete: a write deletes its cache keys before it runs, and once more
+    DOUBLE_DELETE_DELAY later, in case a read refilled one from a snapshot older than the write."""
+
+    def __init__(self, cache: Cache, background: Background) -> None:
+        self.cache = cache
+        self.background = background
+        self._later: collections.deque[tuple[float, list[str]]] = collections.deque()  # (due, keys), by due
+
+    def invalidate_later(self, keys: list[str]) -> None:
+        """Second half of the delayed double delete: catches a read that refilled the cache mid-write.
+        One task per process sends what is due in one pipeline, each key once (a hot post's likes share one)."""
+        self._later.append((time.monotonic() + DOUBLE_DELETE_DELAY, keys))
+        if len(self._later) == 1:
+            self.background.spawn(self._invalidate_due())
+
+    async def _invalidate_due(self) -> None:
+        while self._later:
+            await asyncio.sleep(max(0.0, self._later[0][0] - time.monotonic()))
+            due, until = set(), time.monotonic() + LATER_BATCH
+            while self._later and self._later[0][0] <= until:
+                due.update(self._later.popleft()[1])
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(sorted(due))
+
+
+class Part:
+    """What every part of the domain works with: the store's connections and events, the cache, the renderer
+    and the delayed double delete (bound here, so that an operation reads `self.db(...)`, `self.emit(...)`)."""
+
+    def __init__(self, store: Store, render: Render, invalidator: Invalidator) -> None:
+        self.store, self.render = store, render
+        self.config, self.cache, self.background = store.config, store.cache, store.background
+        self.db, self.emit, self.emitted, self.delivered = store.db, store.emit, store.emitted, store.delivered
+        self.invalidate_later = invalidator.invalidate_later
+
+    def page_size(self, limit: int | None) -> int:
+        """Missing or 0: 20; never above the configured maximum."""
+        return min(limit or DEFAULT_PAGE, self.config.server.max_limit)
+
+    async def near_feed(self, svc: str, what: tuple, viewer: str | None,
+                        read: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[asyncpg.Record]]]],
+                        liked_statement: str, ids: Callable[[Any], list[int]]) -> tuple[Any, frozenset | None]:
+        """A feed read kept in this process's near cache: the page (on a miss, read(conn) -> (page, its rows)),
+        then the set of its items `viewer` likes (from the rows read, or liked_statement over ids(page) when the
+        page was cached); (page, None) when there is no viewer."""
+        near, generation = self.cache.near, self.cache.near.generation(svc)
+        key = feed_page_key(svc, generation, *what)
+        page, liked = near.get(key), None
+        if viewer is not None and page is not None:
+            liked = near.get(feed_liked_key(svc, generation, viewer, key))
+        if page is None or (viewer is not None and liked is None):
+            async with self.db(svc, Err.FIND_FAILED) as conn:
+                if page is None:
+                    page, rows = await read(conn)
+                    liked = frozenset(row["id"] for row in rows if row["liked"])
+                    near.put(key, page)
+                else:
+                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, liked_statement), ids(page), viewer))
+            if viewer is not None:
+                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        return page, liked
+
+
+class Posts(Part):
+    """Posts: publish, read (one, a batch, pages), update, delete."""
 
     async def publish_post(self, svc: str, author: str, content: str, title: str | None,
                            extra: dict | None) -> dict:
@@ -2554,7 +2248,7 @@ class Service:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
             if row is None:
                 raise ApiError(Err.FIND_FAILED)
-            cached = orjson.dumps(self.post_json(svc, row))
+            cached = orjson.dumps(self.render.post_json(svc, row))
             await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
         return b'{"post":' + cached + b"}"
 
@@ -2566,25 +2260,18 @@ class Service:
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
         async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
+            check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
             await self.emit(conn, svc, "post.updated", {"post_id": post_id, "user_id": user_id,
                                                         **_given(content=content, title=title, extra=extra)})
         self.invalidate_later([key])
-
-    @staticmethod
-    def _check_owner(owner: str | None, user_id: str) -> None:
-        if owner is None:
-            raise ApiError(Err.FIND_FAILED)
-        if owner != user_id:
-            raise ApiError(Err.NOT_OWNER)
 
     async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
         """Delete your post; its comments and likes go in the background."""
         keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
         await self.cache.invalidate(keys)
         async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
+            check_owner(await conn.fetchval(sql(svc, POST_OWNER), post_id), user_id)
             await conn.execute(sql(svc, POST_DELETE), post_id)
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
@@ -2629,35 +2316,20 @@ class Service:
             result["posts"] = await self.posts_full(svc, page[0], viewer)
         return result
 
-    def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
-        post = self.post_json(svc, row)
-        post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
-        if viewer is not None:
-            post["liked"] = row["liked"]
-        return post
-
     async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None) -> list[dict | None]:
         """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
         if not post_ids:
             return []
-        near, generation, unique = self.cache.near, self.cache.near.generation(svc), sorted(set(post_ids))
-        key = feed_page_key(svc, generation, "posts", unique)
-        found, liked = near.get(key), None
-        if viewer is not None and found is not None:
-            liked = near.get(feed_liked_key(svc, generation, viewer, key))
-        if found is None or (viewer is not None and liked is None):
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if found is None:
-                    rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
-                    found = {row["id"]: self.post_full_json(svc, row, None) for row in rows}
-                    await self._settle_counts(conn, svc, found.values(), (("post", "like_count"),
-                                                                          ("comments", "comment_count")))
-                    liked = frozenset(row["id"] for row in rows if row["liked"])
-                    near.put(key, found)
-                else:
-                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, POSTS_LIKED), list(found), viewer))
-            if viewer is not None:
-                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+        unique = sorted(set(post_ids))
+
+        async def read(conn: asyncpg.Connection) -> tuple[dict, list[asyncpg.Record]]:
+            rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
+            found = {row["id"]: self.render.post_full_json(svc, row, None) for row in rows}
+            await self.store.settle_counts(conn, svc, found.values(), (("post", "like_count"),
+                                                                       ("comments", "comment_count")))
+            return found, rows
+
+        found, liked = await self.near_feed(svc, ("posts", unique), viewer, read, POSTS_LIKED, list)
         if viewer is None:
             return [found.get(post_id) for post_id in post_ids]
         return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
@@ -2667,14 +2339,9 @@ class Service:
         """Read up to 100 posts at once, with their counts; null for unknown ids."""
         return {"posts": await self.posts_full(svc, post_ids, viewer)}
 
-    # --- comments ----------------------------------------------------------------
 
-    def comment_json(self, svc: str, row: asyncpg.Record) -> dict:
-        return {"id": row["id"], "user_id": row["user_id"] or "", "content": row["content"] or "",
-                "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
-                "target_user_id": row["target_user_id"], "post_id": row["post_id"],
-                "time": self.render_time(row["created_at"]), "svc": svc,
-                "child_num": row["child_num"], "extra": row["extra"]}
+class Comments(Part):
+    """Comments and replies: publish, reply, read (one, pages of a post or a thread), update, delete a subtree."""
 
     async def get_comment(self, svc: str, comment_id: int) -> dict:
         """A comment as JSON (child_num null), cache-aside; an unknown id is 10006."""
@@ -2686,7 +2353,7 @@ class Service:
             row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
         if row is None:
             raise ApiError(Err.FIND_FAILED)
-        comment = self.comment_json(svc, row)
+        comment = self.render.comment_json(svc, row)
         await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
         return comment
 
@@ -2697,7 +2364,7 @@ class Service:
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, 0, 0, None, post_id,
                                content, extra)
-            await self._count_change(conn, svc, [("comments", post_id, 1)])
+            await self.store.count_change(conn, svc, [("comments", post_id, 1)])
             await self.emit(conn, svc, "comment.published", {"comment_id": comment_id, "post_id": post_id,
                                                              "user_id": user_id, "content": content, "extra": extra})
         return {"comment_id": comment_id}
@@ -2715,7 +2382,7 @@ class Service:
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
             await conn.execute(sql(svc, COMMENT_INSERT), comment_id, user_id, root_comment_id,
                                father_comment_id, father["user_id"], post_id, content, extra)
-            await self._count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
+            await self.store.count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
             await self.emit(conn, svc, "comment.replied", {
                 "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
                 "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
@@ -2730,7 +2397,7 @@ class Service:
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
         async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
             await self.emit(conn, svc, "comment.updated", {"comment_id": comment_id, "post_id": post_id,
                                                            "user_id": user_id, **_given(content=content, extra=extra)})
@@ -2740,7 +2407,7 @@ class Service:
         """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            self._check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            check_owner(await conn.fetchval(sql(svc, COMMENT_OWNER), comment_id), user_id)
             rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
             deleted = [row["id"] for row in rows]
             await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
@@ -2761,7 +2428,7 @@ class Service:
         deleted = {row["id"] for row in rows}
         changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None)
         changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted)
-        await self._count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
         await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
@@ -2779,25 +2446,15 @@ class Service:
                 raise bad_param("a cursor of sort=top")
             statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
             args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
-        near, generation = self.cache.near, self.cache.near.generation(svc)
-        key = feed_page_key(svc, generation, "comments", post_id, root_comment_id, top, cursor, limit)
-        page, liked = near.get(key), None
-        if viewer is not None and page is not None:
-            liked = near.get(feed_liked_key(svc, generation, viewer, key))
-        if page is None or (viewer is not None and liked is None):
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if page is None:
-                    rows = await conn.fetch(sql(svc, statement), target, *args)
-                    page = self._comment_page(svc, rows, top)
-                    await self._settle_counts(conn, svc, page[0], (("comment", "like_count"),
-                                                                   ("children", "child_num")))
-                    liked = frozenset(row["id"] for row in rows if row["liked"])
-                    near.put(key, page)
-                else:
-                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, COMMENTS_LIKED),
-                                                                     [c["id"] for c in page[0]], viewer))
-            if viewer is not None:
-                near.put(feed_liked_key(svc, generation, viewer, key), liked)
+
+        async def read(conn: asyncpg.Connection) -> tuple[tuple[list[dict], str | None], list[asyncpg.Record]]:
+            rows = await conn.fetch(sql(svc, statement), target, *args)
+            page = self._comment_page(svc, rows, top)
+            await self.store.settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
+            return page, rows
+
+        page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit), viewer,
+                                           read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]])
         comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
         return {"comments": comments, "next_cursor": page[1]}
 
@@ -2805,7 +2462,7 @@ class Service:
         """(comments with like_count, next_cursor) of a page's rows."""
         comments = []
         for row in rows:
-            comment = self.comment_json(svc, row)
+            comment = self.render.comment_json(svc, row)
             comment["like_count"] = row["like_count"]
             comments.append(comment)
         if not top or not rows:
@@ -2813,7 +2470,9 @@ class Service:
         last = rows[-1]
         return comments, Keyset("top", last["created_at"], last["id"], last["like_count"]).encode()
 
-    # --- likes -------------------------------------------------------------------
+
+class Likes(Part):
+    """Likes of posts and comments, and their counts."""
 
     async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
         """Like or unlike a post (idempotent)."""
@@ -2886,14 +2545,18 @@ class Service:
             counts.update((cid, found.get(cid, 0)) for cid in missing)
         return {"likes": [counts[cid] for cid in comment_ids]}
 
-    # --- events ------------------------------------------------------------------
+
+class Streams(Part):
+    """The live event stream as an operation (the stream itself is section 7's Events)."""
 
     async def event_stream(self, svc: str, post_id: int | None, types: frozenset[str] | None,
                            last_event_id: int | None) -> EventStream:
         """Follow the service's events live (Server-Sent Events); resume after Last-Event-ID."""
-        return await self.background.events.open_stream(self, svc, post_id, types, last_event_id)
+        return await self.background.events.open_stream(self.store, svc, post_id, types, last_event_id)
 
-    # --- background clean-up -------------------------------------------------------
+
+class Cleanup(Part):
+    """The background clean-up of what deletes leave (and the depth of its queue, for /readyz and /metrics)."""
     # Deleting a post enqueues ('post', post_id): its comments are removed commentbatch at a time, each batch
     # enqueuing ('comment', id) for the likes of those comments, and its likes postlikebatch at a time.
     # Deleting comments enqueues ('comment', id) for each; their likes go commentlikebatch at a time.
@@ -2946,8 +2609,8 @@ class Service:
     async def cleanup_depth(self) -> dict[str, int | str]:
         """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
         depth: dict[str, int | str] = {}
-        async with self.pool.acquire() as conn:
-            for svc in sorted(self.ready):
+        async with self.store.pool.acquire() as conn:
+            for svc in sorted(self.store.ready):
                 try:
                     depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
                 except asyncpg.PostgresError as exc:
@@ -2959,7 +2622,7 @@ class Service:
         """Drain the clean-up queues of every service; wake on a local delete or every clean.interval."""
         while True:
             worked = False
-            for svc in list(self.ready):
+            for svc in list(self.store.ready):
                 try:
                     while await self.clean_once(svc):
                         worked = True
@@ -2971,6 +2634,22 @@ class Service:
             wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
+
+
+class Service:
+    """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
+    in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
+
+    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+                 background: Background) -> None:
+        self.store = Store(config, pool, cache, ready, background)
+        # what App, Events and Metrics read of a Service (the same objects the store holds)
+        self.config, self.pool, self.cache, self.ready, self.background = config, pool, cache, ready, background
+        self.render = Render(config)
+        self.invalidator = Invalidator(cache, background)
+        parts = (self.store, self.render, self.invalidator)
+        self.posts, self.comments, self.likes = Posts(*parts), Comments(*parts), Likes(*parts)
+        self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
 
 
 def _given(**fields: Any) -> dict:
@@ -2991,8 +2670,416 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+def check_owner(owner: str | None, user_id: str) -> None:
+    if owner is None:
+        raise ApiError(Err.FIND_FAILED)
+    if owner != user_id:
+        raise ApiError(Err.NOT_OWNER)
+
+
 # ============================================================================
-# 7. HTTP layer: parameters, the route table, OpenAPI
+# 7. Events: the outbox, live streams, webhook delivery
+# ============================================================================
+
+Position = tuple[int, int]  # (xid, id): the order in which streams hand out events
+WEBHOOK_CONNECTIONS = 100  # the process's connection pool for webhook deliveries, all endpoints together
+
+
+def event_json(svc: str, row: asyncpg.Record) -> bytes:
+    """An event as sent everywhere: {"id": str, "type", "svc", "time": RFC 3339 UTC, "data": {...}}."""
+    moment = row["created_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return orjson.dumps({"id": str(row["id"]), "type": row["type"], "svc": svc, "time": moment,
+                         "data": row["data"]})
+
+
+def _position(row: asyncpg.Record | None) -> Position | None:
+    return None if row is None else (int(row["xid"]), row["id"])
+
+
+@functools.lru_cache(maxsize=64)
+def _webhook_signer(secret: str) -> standardwebhooks.Webhook:
+    return standardwebhooks.Webhook(secret)
+
+
+class EventStream:
+    """One open live stream: an operation returns it, the HTTP layer writes it out (Events.follow)."""
+
+    def __init__(self, svc: str, post_id: int | None, types: frozenset[str] | None, position: Position,
+                 replay: bool) -> None:
+        self.svc, self.post_id, self.types = svc, post_id, types
+        self.position = position  # of the last event handed to this stream (or skipped by its filters)
+        self.replay = replay  # read the stored events after `position` before going live
+        self.ids_string = False  # ids=string: each frame's data gets its ids as decimal strings (string_ids_frame)
+        self.queue: asyncio.Queue[list | None] = asyncio.Queue()  # batches from the hub; None: end
+
+    def wants(self, kind: str, post_id: int | None) -> bool:
+        return (self.types is None or kind in self.types) and (self.post_id is None or self.post_id == post_id)
+
+    def render(self, frame: bytes) -> bytes:
+        """The frame as this stream sends it: shared by every stream, or rewritten for ids=string."""
+        return string_ids_frame(frame) if self.ids_string else frame
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+
+def string_ids_frame(frame: bytes) -> bytes:
+    """An event frame with every id inside its `data:` JSON as a decimal string (what ids=string asks for)."""
+    head, sep, rest = frame.partition(b"data: ")
+    body, _, tail = rest.partition(b"\n")
+    return head + sep + orjson.dumps(ids_as_strings(orjson.loads(body))) + b"\n" + tail
+
+
+class _Hub:
+    """The streams of one service in this process, and the one reader of its outbox that feeds them all."""
+
+    def __init__(self, cursor: Position) -> None:
+        self.cursor = cursor
+        self.streams: set[EventStream] = set()
+        self.wake = asyncio.Event()
+
+
+class Events:
+    """Outlives configuration reloads: the LISTEN connection, the stream hubs, one webhook worker per service
+    with a webhook, and retention. `service` is the current Service (App swaps it on reload)."""
+
+    REPLAY_PAGE = 500  # events read per query while a stream catches up
+    HUB_PAGE = 1000  # events read per query by a hub
+    STREAM_BACKLOG = 1000  # batches a stream may fall behind before it is closed (the client resumes)
+    RETENTION_BATCH = 1000  # rows deleted per statement
+    HELD_RETRY = 0.25  # seconds at most between reads while a transaction in flight holds events back
+    HELD_FIRST_RETRY = 0.02  # seconds before the first read again when a transaction in flight holds events back
+    LISTEN_CHECK = 1.0  # seconds between looks at the LISTEN connection (closed? another database?)
+    LISTEN_RETRY = 1.0  # seconds before another try to LISTEN after a failure
+    CLOSE_TIMEOUT = 2.0  # seconds a connection's close, or handing claimed events back, may take at shut-down
+    STOP_TIMEOUT = 5.0  # seconds stop() waits for its tasks once cancelled
+    ERROR_CHARS = 500  # characters of a delivery's error kept with the event
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self.hubs: dict[str, _Hub] = {}
+        self.streams: set[EventStream] = set()  # open in this process
+        self.stopping = False
+        self.workers: dict[str, asyncio.Task] = {}  # svc -> webhook worker
+        self.wakeups: dict[str, asyncio.Event] = {}  # svc -> wakes its webhook worker
+        self.tasks: set[asyncio.Task] = set()
+        self.http: httpx.AsyncClient | None = None
+        self._listening: asyncpg.Connection | None = None  # the LISTEN connection, also used to send the hints
+        self._hints: set[str] = set()  # services whose committed events the other processes are yet to be told of
+        self._hinter: asyncio.Task | None = None
+
+    # --- life cycle ----------------------------------------------------------
+
+    def start(self, service: Service) -> None:
+        self.service, self.stopping = service, False
+        self._spawn(self._listen())
+        self._spawn(self._retention())
+        self.sync(service)
+
+    def sync(self, service: Service) -> None:
+        """After a (re)load: a webhook worker for each service that has a webhook, none for the others."""
+        self.service = service
+        wanted = {svc for svc, tenant in service.config.tenants.items() if tenant.webhook and svc in service.ready}
+        for svc in set(self.workers) - wanted:
+            self.workers.pop(svc).cancel()
+        for svc in wanted - set(self.workers):
+            self.wakeups.setdefault(svc, asyncio.Event())
+            self.workers[svc] = self._spawn(self._deliver(svc))
+
+    def end_streams(self) -> None:
+        """Shut-down: every stream ends cleanly now, and no new one opens."""
+        self.stopping = True
+        for stream in self.streams:
+            stream.end()
+
+    async def stop(self) -> None:
+        self.end_streams()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.STOP_TIMEOUT)
+        self.workers.clear()
+        self.hubs.clear()  # their readers are gone; a later start makes new ones
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- notifications: a dedicated connection LISTENs; any commit with events wakes hubs and workers -----
+
+    def committed(self, svcs: set[str]) -> None:
+        """This process committed events of these services: wake its hubs and webhook workers now, and have the
+        other processes told (_send_hints: one NOTIFY per service, after the commit, coalesced)."""
+        for svc in svcs:
+            self._notified(None, 0, EVENTS_CHANNEL, svc)
+        self._hints |= svcs
+        if self._hinter is None or self._hinter.done():
+            self._hinter = self._spawn(self._send_hints())
+
+    async def _send_hints(self) -> None:
+        """NOTIFY the services in _hints from the LISTEN connection, then wait EVENT_HINT_INTERVAL: the commits of
+        that interval share the next NOTIFY. Without a LISTEN connection the others find the events by polling."""
+        while self._hints:
+            svcs, self._hints = sorted(self._hints), set()
+            conn = self._listening
+            if conn is None or conn.is_closed():
+                return
+            try:
+                await conn.execute(EVENT_HINT, EVENTS_CHANNEL, svcs)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.debug("events: NOTIFY failed (%r); the other processes will poll", exc)
+                return
+            await asyncio.sleep(EVENT_HINT_INTERVAL)
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, svc: str) -> None:
+        for hub in self.hubs.values():  # any commit may be the one that held back another service's events
+            hub.wake.set()
+        if (wakeup := self.wakeups.get(svc)) is not None:
+            wakeup.set()
+
+    async def _listen(self) -> None:
+        while True:
+            service = self.service
+            assert service is not None
+            cfg, conn = service.config.db, None
+            try:
+                conn = await asyncio.wait_for(asyncpg.connect(
+                    host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None,
+                    database=cfg.dbname), DB_ATTEMPT_TIMEOUT)
+                await conn.add_listener(EVENTS_CHANNEL, self._notified)
+                self._listening = conn
+                self._wake_all()  # anything committed while nobody listened
+                while not conn.is_closed() and self.service is not None and self.service.config.db == cfg:
+                    await asyncio.sleep(self.LISTEN_CHECK)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("events: cannot LISTEN (%r); polling until it works again", exc)
+                await asyncio.sleep(self.LISTEN_RETRY)
+            finally:
+                if conn is not None:
+                    if self._listening is conn:
+                        self._listening = None
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), self.CLOSE_TIMEOUT)
+
+    def _wake_all(self) -> None:
+        for event in [hub.wake for hub in self.hubs.values()] + list(self.wakeups.values()):
+            event.set()
+
+    # --- live streams --------------------------------------------------------
+
+    async def open_stream(self, store: Store, svc: str, post_id: int | None, types: frozenset[str] | None,
+                          last_event_id: int | None) -> EventStream:
+        if self.stopping or len(self.streams) >= store.config.events.max_streams:
+            raise ApiError(Err.UNAVAILABLE)
+        async with store.db(svc, Err.FIND_FAILED) as conn:
+            head = _position(await conn.fetchrow(sql(svc, EVENTS_HEAD))) or (0, 0)
+            start = None
+            if last_event_id is not None:
+                start = _position(await conn.fetchrow(sql(svc, EVENT_POSITION), last_event_id))
+                if start is None:  # removed by retention (or never stored): from the next stored one on
+                    first = _position(await conn.fetchrow(sql(svc, EVENT_FIRST_AFTER), last_event_id))
+                    start = (first[0], first[1] - 1) if first else head
+        if self.stopping or len(self.streams) >= store.config.events.max_streams:
+            raise ApiError(Err.UNAVAILABLE)
+        hub = self.hubs.get(svc)
+        if hub is None:
+            hub = self.hubs[svc] = _Hub(head)
+            self._spawn(self._feed(svc, hub))
+        stream = EventStream(svc, post_id, types, hub.cursor if start is None else start, start is not None)
+        hub.streams.add(stream)
+        self.streams.add(stream)
+        return stream
+
+    def close_stream(self, stream: EventStream) -> None:
+        self.streams.discard(stream)
+        hub = self.hubs.get(stream.svc)
+        if hub is not None and stream in hub.streams:
+            hub.streams.discard(stream)
+            hub.wake.set()  # a hub left without streams ends
+
+    async def _read_after(self, svc: str, position: Position, limit: int) -> tuple[list, bool]:
+        """The events after `position` that may be handed out, as (position, type, post_id, frame); and whether
+        more are stored that may not be handed out yet (a transaction older than them is still in flight)."""
+        service = self.service
+        assert service is not None
+        async with service.store.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, EVENTS_AFTER), str(position[0]), position[1], limit)
+        ready = []
+        for row in rows:
+            if not row["ready"]:
+                return ready, True
+            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (row["id"], row["type"].encode(), event_json(svc, row))
+            ready.append(((int(row["xid"]), row["id"]), row["type"], row["post_id"], frame))
+        return ready, False
+
+    async def _feed(self, svc: str, hub: _Hub) -> None:
+        """Read the outbox of svc when woken (or on a timer) and hand every new event to every stream."""
+        delay = self.HELD_FIRST_RETRY
+        while True:
+            hub.wake.clear()
+            if not hub.streams:
+                if self.hubs.get(svc) is hub:
+                    del self.hubs[svc]
+                return
+            try:
+                batch, held = await self._read_after(svc, hub.cursor, self.HUB_PAGE)
+            except ApiError:
+                batch, held = [], True
+            except Exception:  # never leave the streams without a reader
+                log.exception("events: reading the outbox of %s failed", svc)
+                batch, held = [], True
+            if batch:
+                hub.cursor = batch[-1][0]
+                for stream in list(hub.streams):
+                    if stream.queue.qsize() >= self.STREAM_BACKLOG:
+                        log.warning("events: a stream of %s fell too far behind; closing it", svc)
+                        while not stream.queue.empty():  # drop what it could not read: it resumes from its last id
+                            stream.queue.get_nowait()
+                        stream.end()
+                    else:
+                        stream.queue.put_nowait(batch)
+            if len(batch) == self.HUB_PAGE:
+                continue
+            assert self.service is not None
+            poll = self.service.config.events.poll_interval
+            delay = min(delay * 2, poll, self.HELD_RETRY) if held else poll  # soon again while a commit is due
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hub.wake.wait(), delay)
+            if not held:
+                delay = self.HELD_FIRST_RETRY
+
+    async def follow(self, stream: EventStream):
+        """The frames of one stream: stored events after its position first (on resume), then live ones, and a
+        keep-alive comment when idle; ends on shut-down, on disconnect, or when it falls too far behind."""
+        if stream.replay:
+            while True:
+                batch, held = await self._read_after(stream.svc, stream.position, self.REPLAY_PAGE)
+                for position, kind, post_id, frame in batch:
+                    stream.position = position
+                    if stream.wants(kind, post_id):
+                        yield stream.render(frame)
+                if held or len(batch) < self.REPLAY_PAGE:
+                    break
+        assert self.service is not None
+        while True:
+            try:
+                batch = await asyncio.wait_for(stream.queue.get(), self.service.config.events.keepalive)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if batch is None:
+                return
+            for position, kind, post_id, frame in batch:
+                if position > stream.position:
+                    stream.position = position
+                    if stream.wants(kind, post_id):
+                        yield stream.render(frame)
+
+    # --- webhooks ------------------------------------------------------------
+
+    async def _deliver(self, svc: str) -> None:
+        """The webhook worker of one service: claim due events, POST them concurrently, record the outcome."""
+        wakeup = self.wakeups[svc]
+        while True:
+            service = self.service
+            assert service is not None
+            tenant = service.config.tenants.get(svc)
+            if tenant is None or tenant.webhook is None:
+                return
+            cfg, claimed = service.config.events, []
+            wakeup.clear()
+            try:
+                async with service.store.db(svc, Err.FIND_FAILED) as conn:
+                    claimed = await conn.fetch(sql(svc, EVENTS_CLAIM), cfg.concurrency, cfg.lease)
+                if claimed:
+                    outcomes = await asyncio.gather(*(self._post(svc, tenant.webhook, cfg, row) for row in claimed))
+                    await self._record(service, svc, cfg, claimed, outcomes)
+                    claimed = []
+                    continue
+            except ApiError:
+                pass  # the database error was logged; the lease brings the events back
+            except Exception:  # never leave a service without a sender
+                log.exception("events: the webhook sender of %s failed; the lease brings its events back", svc)
+            except asyncio.CancelledError:
+                if claimed:  # shut-down or webhook removed: hand them back at once, for a replica or a restart
+                    with contextlib.suppress(Exception):
+                        async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
+                            await asyncio.wait_for(conn.execute(
+                                sql(svc, EVENTS_RELEASE), [row["id"] for row in claimed]), self.CLOSE_TIMEOUT)
+                raise
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), cfg.poll_interval)
+
+    async def _post(self, svc: str, hook: Webhook, cfg: EventsConfig, row: asyncpg.Record) -> str | None:
+        """POST one event; None when delivered, else what went wrong."""
+        if row["type"] not in hook.events:
+            return None  # no longer subscribed: nothing to send
+        if self.http is None:
+            self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS,
+                                                              max_keepalive_connections=WEBHOOK_CONNECTIONS // 4))
+        body = event_json(svc, row).decode()
+        msg_id, now = f"{svc}_{row['id']}", dt.datetime.now(dt.timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": msg_id,
+                   "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": _webhook_signer(hook.secret).sign(msg_id, now, body)}
+        try:
+            response = await self.http.post(hook.url, content=body.encode(), headers=headers, timeout=cfg.timeout)
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:self.ERROR_CHARS]
+        return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+
+    async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
+        delivered = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
+        async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
+            if delivered:
+                await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
+            for row, error in zip(rows, outcomes, strict=True):
+                METRICS.webhook_delivery(svc, "delivered" if error is None else "failed")
+                if error is not None:
+                    schedule = cfg.retry_schedule
+                    delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
+                    failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
+                    if failed:
+                        METRICS.webhook_delivery(svc, "gave_up")
+                    log.log(logging.ERROR if failed else logging.WARNING, "webhook of %s: event %d %s (%s)",
+                            svc, row["id"], "failed for good" if failed else f"retried in {delay:g}s", error)
+
+    # --- retention and counts ------------------------------------------------
+
+    async def _retention(self) -> None:
+        while True:
+            service = self.service
+            assert service is not None
+            cfg = service.config.events
+            cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=cfg.retention_hours)
+            for svc in sorted(service.ready):
+                with contextlib.suppress(ApiError, asyncio.TimeoutError):
+                    async with service.store.db(svc, Err.DELETE_FAILED) as conn:
+                        while _count(await conn.execute(sql(svc, EVENTS_EXPIRE), cutoff,
+                                                        self.RETENTION_BATCH)) == self.RETENTION_BATCH:
+                            pass
+            await asyncio.sleep(cfg.cleanup_interval)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Per service: events waiting for their webhook (backlog) and events that failed for good."""
+        service, counts = self.service, {}
+        assert service is not None
+        async with service.pool.acquire() as conn:
+            for svc in sorted(service.ready):
+                with contextlib.suppress(asyncpg.PostgresError):
+                    counts[svc] = dict(await conn.fetchrow(sql(svc, EVENTS_COUNTS)))
+        return counts
+
+
+
+# ============================================================================
+# 8. HTTP layer: parameters, the route table, OpenAPI
 # ============================================================================
 
 
@@ -3022,6 +3109,45 @@ class Request:
         if self._form is None:
             self._form = parse_body(self.header(b"content-type"), self.body)
         return self._form
+
+
+def bodiless(scope: dict, limit: int) -> bool:
+    """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
+
+    Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
+    has no body (RFC 9112 section 6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
+    such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
+    comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
+    none = scope.get("http_version") in ("1.1", "1.0")
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise ApiError(Err.BODY_TOO_LARGE)
+            none = none and value == b"0"
+        elif name == b"transfer-encoding":
+            none = False
+    return none
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to be larger than the limit."""
+    return b"" if bodiless(scope, limit) else await receive_body(receive, limit)
+
+
+async def receive_body(receive: Callable, limit: int) -> bytes:
+    """The body from receive(), for a request that may have one (bodiless() said no); 413 past the limit."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(Err.BIND_PARAM)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(Err.BODY_TOO_LARGE)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def json_object(raw: str | bytes, what: str) -> dict:
@@ -3095,6 +3221,37 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
     except (FormParserError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
         raise bad_param(f"broken multipart body: {exc}") from None
     return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyset:
+    """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
+    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
+    moment: dt.datetime
+    id: int
+    count: int = 0
+
+    EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    MAX_LEN = 120  # characters of an encoded cursor at most
+
+    def encode(self) -> str:
+        micros = (self.moment - self.EPOCH) // dt.timedelta(microseconds=1)
+        text = f"{self.order}:{self.count}:{micros}:{self.id}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, raw: str) -> "Keyset":
+        """ValueError (or OverflowError) unless raw is a cursor that encode() could have made."""
+        if len(raw) > cls.MAX_LEN or not raw.isascii():
+            raise ValueError("cursor too long")
+        order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
+        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
+                                                  for x in (count, micros, ident)):
+            raise ValueError("not a cursor")
+        value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
+        if not (0 <= value.count <= MAX_ID and -1 <= value.id <= MAX_ID):
+            raise ValueError("cursor out of range")
+        return value
 
 
 # --- parameter kinds: each turns the raw value (str from a query/form, anything from JSON) into its type ---
@@ -3410,9 +3567,18 @@ PARSED_QUERY_MAX_BYTES = 512  # longer query strings are parsed every time (a ho
 class Route:
     method: str
     path: str  # below PREFIX
-    operation: Callable[..., Awaitable[Any]]  # the Service method that does the work; its docstring is the summary
+    operation: Callable[..., Awaitable[Any]]  # the method of a Service part that does the work (its docstring is
+    #                                           the summary): Posts.get_post runs as service.posts.get_post
     data: dict | None  # OpenAPI schema of `data` on success
+    writer: Param | None  # a write: the parameter naming the user who writes (the per-user write limit counts it)
     params: tuple[Param, ...]
+    part: str = ""  # the Service attribute holding the operation's part: "posts" for Posts.get_post (the default)
+    api: bool = True  # False: a path outside the API (no svc, no authentication); operation(app, scope)
+    early: bool = False  # (not api) answered before, and whether or not, the application has started
+
+    def __post_init__(self) -> None:
+        if not self.part:
+            object.__setattr__(self, "part", self.operation.__qualname__.partition(".")[0].lower())
 
     @functools.cached_property
     def query_only(self) -> bool:
@@ -3463,43 +3629,76 @@ EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` typ
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 ROUTES: tuple[Route, ...] = (
-    #     method    path                 operation                data          parameters
-    Route("POST",   "/publish",          Service.publish_post,    NEW_POST,     (AUTHOR, CONTENT, TITLE_OPT, EXTRA_OPT)),
-    Route("GET",    "/getinfo",          Service.get_post,        A_POST,       (POST_ID, COUNTS, VIEWER)),
-    Route("PUT",    "/update",           Service.update_post,     None,         (POST_ID, USER_ID, CONTENT_OPT,
-                                                                                 EXTRA_OPT, TITLE_OPT)),
-    Route("DELETE", "/delete",           Service.delete_post,     None,         (POST_ID, USER_ID)),
-    Route("PUT",    "/like",             Service.like_post,       None,         (POST_ID, USER_ID, LIKE)),
-    Route("GET",    "/getlike",          Service.post_likes,      LIKE_COUNT,   (POST_ID,)),
-    Route("GET",    "/getlist",          Service.list_posts,      POST_PAGE,    (PAGE_CURSOR, LIMIT, EXPAND,
-                                                                                 AUTHOR_FILTER, VIEWER)),
-    Route("GET",    "/getbatch",         Service.get_batch,       POST_BATCH,   (POST_IDS_IN, VIEWER)),
-    Route("POST",   "/comments/publish", Service.publish_comment, NEW_COMMENT,  (POST_ID, USER_ID, CONTENT, EXTRA_OPT)),
-    Route("POST",   "/comments/reply",   Service.reply_comment,   NEW_COMMENT,  (POST_ID, ROOT_COMMENT_ID,
-                                                                                 FATHER_COMMENT_ID, USER_ID, CONTENT,
-                                                                                 EXTRA_OPT)),
-    Route("PUT",    "/comments/update",  Service.update_comment,  None,         (COMMENT_ID, USER_ID, CONTENT_OPT,
-                                                                                 EXTRA_OPT)),
-    Route("DELETE", "/comments/delete",  Service.delete_comment,  None,         (COMMENT_ID, USER_ID)),
-    Route("GET",    "/comments/getinfo", Service.list_comments,   COMMENT_PAGE, (POST_ID, THREAD_ID, PAGE_CURSOR,
-                                                                                 LIMIT, VIEWER, SORT)),
-    Route("PUT",    "/comments/like",    Service.like_comment,    None,         (POST_ID, COMMENT_ID, USER_ID, LIKE)),
-    Route("GET",    "/comments/getlike", Service.comment_likes,   LIKE_COUNTS,  (COMMENT_IDS,)),
-    Route("GET",    "/events",           Service.event_stream,    EVENT_STREAM, (POST_ID_OPT, TYPES_OPT,
-                                                                                 LAST_EVENT_ID)),
+    #     method    path                 operation                 data          writer   parameters
+    Route("POST",   "/publish",          Posts.publish_post,       NEW_POST,     AUTHOR,  (AUTHOR, CONTENT, TITLE_OPT,
+                                                                                           EXTRA_OPT)),
+    Route("GET",    "/getinfo",          Posts.get_post,           A_POST,       None,    (POST_ID, COUNTS, VIEWER)),
+    Route("PUT",    "/update",           Posts.update_post,        None,         USER_ID, (POST_ID, USER_ID,
+                                                                                           CONTENT_OPT, EXTRA_OPT,
+                                                                                           TITLE_OPT)),
+    Route("DELETE", "/delete",           Posts.delete_post,        None,         USER_ID, (POST_ID, USER_ID)),
+    Route("PUT",    "/like",             Likes.like_post,          None,         USER_ID, (POST_ID, USER_ID, LIKE)),
+    Route("GET",    "/getlike",          Likes.post_likes,         LIKE_COUNT,   None,    (POST_ID,)),
+    Route("GET",    "/getlist",          Posts.list_posts,         POST_PAGE,    None,    (PAGE_CURSOR, LIMIT, EXPAND,
+                                                                                           AUTHOR_FILTER, VIEWER)),
+    Route("GET",    "/getbatch",         Posts.get_batch,          POST_BATCH,   None,    (POST_IDS_IN, VIEWER)),
+    Route("POST",   "/comments/publish", Comments.publish_comment, NEW_COMMENT,  USER_ID, (POST_ID, USER_ID, CONTENT,
+                                                                                           EXTRA_OPT)),
+    Route("POST",   "/comments/reply",   Comments.reply_comment,   NEW_COMMENT,  USER_ID, (POST_ID, ROOT_COMMENT_ID,
+                                                                                           FATHER_COMMENT_ID, USER_ID,
+                                                                                           CONTENT, EXTRA_OPT)),
+    Route("PUT",    "/comments/update",  Comments.update_comment,  None,         USER_ID, (COMMENT_ID, USER_ID,
+                                                                                           CONTENT_OPT, EXTRA_OPT)),
+    Route("DELETE", "/comments/delete",  Comments.delete_comment,  None,         USER_ID, (COMMENT_ID, USER_ID)),
+    Route("GET",    "/comments/getinfo", Comments.list_comments,   COMMENT_PAGE, None,    (POST_ID, THREAD_ID,
+                                                                                           PAGE_CURSOR, LIMIT, VIEWER,
+                                                                                           SORT)),
+    Route("PUT",    "/comments/like",    Likes.like_comment,       None,         USER_ID, (POST_ID, COMMENT_ID, USER_ID,
+                                                                                           LIKE)),
+    Route("GET",    "/comments/getlike", Likes.comment_likes,      LIKE_COUNTS,  None,    (COMMENT_IDS,)),
+    Route("GET",    "/events",           Streams.event_stream,     EVENT_STREAM, None,    (POST_ID_OPT, TYPES_OPT,
+                                                                                           LAST_EVENT_ID)),
 )
 
-# Writes, for the per-user write limit (SPEC 11.2): the parameter naming the user who writes.
-WRITERS: dict[Callable, Param] = {
-    Service.publish_post: AUTHOR, Service.update_post: USER_ID, Service.delete_post: USER_ID,
-    Service.like_post: USER_ID, Service.publish_comment: USER_ID, Service.reply_comment: USER_ID,
-    Service.update_comment: USER_ID, Service.delete_comment: USER_ID, Service.like_comment: USER_ID,
-}
-
-ROUTE_TABLE: dict[str, dict[str, Route]] = {}
+ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
 PARSED_QUERIES = ParsedQueries()
 for _route in ROUTES:
     ROUTE_TABLE.setdefault(PREFIX + _route.path, {})[_route.method] = _route
+
+
+# --- the paths outside the API: operations of the App, called as operation(app, scope) -> (status, body) ---
+
+async def serve_healthz(app: App, scope: dict) -> tuple[int, bytes]:
+    """liveness: the process answers (checks nothing else)"""
+    return OK, envelope(OK, "success", {"status": "up"})
+
+
+async def serve_openapi(app: App, scope: dict) -> tuple[int, bytes]:
+    """this document"""
+    return OK, app.openapi(scope.get("root_path", ""))
+
+
+async def serve_readyz(app: App, scope: dict) -> tuple[int, bytes]:
+    """readiness: PostgreSQL and Redis answer; shows the clean-up queues"""
+    return await app.readiness()
+
+
+async def serve_metrics(app: App, scope: dict) -> tuple[int, bytes]:
+    """the Prometheus metrics (metrics.enabled; the bearer token metrics.token when set)"""
+    return await METRICS.page(scope, app.service)
+
+
+METRICS_PATH = "/metrics"
+SYSTEM_ROUTES: tuple[Route, ...] = (
+    #     method  path             operation      data  writer params
+    Route("GET",  "/healthz",      serve_healthz, None, None, (), part="app", api=False, early=True),
+    Route("GET",  "/openapi.json", serve_openapi, None, None, (), part="app", api=False, early=True),
+    Route("GET",  "/readyz",       serve_readyz,  None, None, (), part="app", api=False),
+    Route("GET",  METRICS_PATH,    serve_metrics, None, None, (), part="app", api=False),
+)
+PATHS: dict[str, dict[str, Route]] = dict(ROUTE_TABLE)  # every path served: the API and the system paths
+for _route in SYSTEM_ROUTES:
+    PATHS.setdefault(_route.path, {})[_route.method] = _route
 
 
 SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the calling service, as configured",
@@ -3622,13 +3821,12 @@ def openapi_document(root_path: str = "") -> dict:
 
 
 # ============================================================================
-# 8. Observability: metrics, request ids, log format
+# 9. Observability: metrics, request ids, log format
 # ============================================================================
 # A cached read costs 15-20 µs in all, so what happens per request must cost well under a microsecond:
 # requests and cache reads are counted in plain dicts and lists, and handed to prometheus-client in batches
 # (at each scrape and, with several workers, once a second into its multiprocess files, which one scrape sums).
 
-METRICS_PATH = "/metrics"
 METRICS_HEADERS = [(b"content-type", prom.exposition.CONTENT_TYPE_PLAIN_0_0_4.encode())]
 METRICS_FLUSH = 1.0  # seconds between hand-overs to the multiprocess files (several workers only)
 SCRAPE_QUERY_TIMEOUT = 2.0  # seconds a scrape waits for PostgreSQL (the clean-up queue depths)
@@ -3639,13 +3837,60 @@ TIERS = ("near", "redis", "db")
 WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
 # Label values come from these tables only: never a raw path, an id or a name a caller made up.
 UNMATCHED = "unmatched"  # the route of a path no route has
-ROUTE_LABELS = {path: path for path in (*ROUTE_TABLE, "/healthz", "/readyz", "/openapi.json", METRICS_PATH)}
+ROUTE_LABELS = {path: path for path in PATHS}
 METHOD_LABELS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}  # others: "other"
 SVC_SCOPE_KEY = "im_backend.svc"  # dispatch() leaves the request's `svc` argument here for the metrics
 
 
+PROMETHEUS_CLIENT = "prometheus-client"
+PROMETHEUS_SEAM_TESTED = ("0.26.0",)  # the versions whose internals PrometheusSeam was checked against
+
+
+class PrometheusSeam:
+    """Every use Metrics makes of prometheus-client beyond its documented API, in one place: how it tells whether
+    it stores in multiprocess files, a histogram child's bucket and sum values (to add a batch of observations at
+    once), and the names of its multiprocess files. check_version() refuses another version when Metrics is made."""
+
+    GAUGE_LIVE_FILES = "gauge_live*_*.db"  # the files of live-summed gauges: gauge_live<mode>_<pid>.db
+    METRIC_FILES = "*.db"  # every file it writes into $PROMETHEUS_MULTIPROC_DIR
+
+    @staticmethod
+    def check_version() -> None:
+        require_tested(PROMETHEUS_CLIENT, PROMETHEUS_SEAM_TESTED, "PrometheusSeam (Metrics)")
+
+    @staticmethod
+    def multiprocess() -> bool:
+        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
+        return prom.values.ValueClass is not prom.values.MutexValue
+
+    @staticmethod
+    def observe_batch(child: Any, counts: list, total: float) -> None:
+        """Add observations to a histogram child at once: counts[i] of them in bucket i, summing to `total`.
+        prometheus-client keeps one (non-cumulative) value per bucket, in child._buckets, and the sum in _sum."""
+        for bucket, count in zip(child._buckets, counts, strict=False):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(total)
+
+    @classmethod
+    def live_gauge_pids(cls, directory: str) -> list[int]:
+        """The process ids that have live-summed gauge files in the multiprocess directory."""
+        pids = []
+        for path in pathlib.Path(directory).glob(cls.GAUGE_LIVE_FILES):
+            pid = path.stem.rsplit("_", 1)[1]
+            if pid.isdigit():
+                pids.append(int(pid))
+        return pids
+
+    @classmethod
+    def remove_files(cls, directory: str) -> None:
+        """Remove the metric files of an earlier run from the multiprocess directory."""
+        for old in pathlib.Path(directory).glob(cls.METRIC_FILES):
+            old.unlink()
+
+
 class Metrics:
-    """Every series of SPEC §11.5, in one place. Label `svc` is a configured service name, "unknown" for any
+    """Every series /metrics shows, in one place. Label `svc` is a configured service name, "unknown" for any
     other name, "none" when the request named none.
 
     For producers in other sections (each costs a dict update; the counts reach Prometheus at the next flush):
@@ -3659,8 +3904,8 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        # prometheus-client picks its storage when imported: files when $PROMETHEUS_MULTIPROC_DIR was set then
-        self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue
+        PrometheusSeam.check_version()
+        self.multiprocess = PrometheusSeam.multiprocess()
         prom.disable_created_metrics()  # no *_created series next to every counter and histogram
         self.registry = prom.CollectorRegistry()
         registry = None if self.multiprocess else self.registry  # multiprocess: read back from the files
@@ -3711,7 +3956,7 @@ class Metrics:
     # --- per request (the hot path) -------------------------------------------------
 
     def record(self, method: str, path: str, status: int, body: bytes, svc: str | None, seconds: float) -> None:
-        code = status if status == 200 else envelope_code(body, status)
+        code = status if status == OK else envelope_code(body, status)
         cell = self._raw.get((method, path, status, code, svc))
         if cell is None:
             cell = self._cell(method, path, status, code, svc)
@@ -3755,12 +4000,7 @@ class Metrics:
         """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
         cells, self._cells, self._raw = self._cells, {}, {}
         for (method, route, status, code, svc), cell in cells.items():
-            child = self.duration.labels(method, route, str(status))
-            # a batch of observations at once: prometheus-client keeps one (non-cumulative) value per bucket
-            for bucket, count in zip(child._buckets, cell, strict=False):
-                if count:
-                    bucket.inc(count)
-            child._sum.inc(cell[-1])
+            PrometheusSeam.observe_batch(self.duration.labels(method, route, str(status)), cell[:-1], cell[-1])
             self.requests.labels(svc, route, str(code)).inc(sum(cell[:-1]))
         counts, self._counts = self._counts, {}
         for (counter, labels), count in counts.items():
@@ -3805,7 +4045,7 @@ class Metrics:
         if service is not None:
             try:
                 async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
-                    depths = await service.cleanup_depth()
+                    depths = await service.cleanup.cleanup_depth()
             except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("metrics: clean-up queue depth unavailable: %r", exc)
             try:
@@ -3821,21 +4061,19 @@ class Metrics:
             registry = prom.CollectorRegistry()
             prom.multiprocess.MultiProcessCollector(registry)
             registry.register(self.scrape_time)
-        return 200, prom.generate_latest(registry)
+        return OK, prom.generate_latest(registry)
 
 
 def forget_dead_workers() -> None:
     """Live-summed gauges of workers that died without shutting down (killed; uvicorn starts another) leave
     the sums; their counters stay, as counts that happened."""
-    for path in pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                prom.multiprocess.mark_process_dead(int(pid))
-            except PermissionError:  # alive, someone else's
-                pass
+    for pid in PrometheusSeam.live_gauge_pids(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            prom.multiprocess.mark_process_dead(pid)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 class ScrapeTimeGauges:
@@ -3877,6 +4115,7 @@ def request_id(scope: dict) -> bytes:
 # --- log format ------------------------------------------------------------------------------------------------
 
 LOGGERS_FORMATTED = ("", "im_backend", "uvicorn", "uvicorn.error", "uvicorn.access")  # their handlers
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def current_request_id() -> str:
@@ -3941,24 +4180,53 @@ def apply_log_format(fmt: str) -> None:
             handler.setFormatter(JsonFormatter() if fmt == "json" else RequestIdFormatter(own))
 
 
+def _ensure_logging() -> None:
+    """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
+
+
+APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
+
+
+class RedactAppKeys(logging.Filter):
+    """Access log lines show `appKey=...`: a logged appKey opens the service to whoever reads it within its window."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(APPKEY_IN_LOG.sub(r"\1...", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = APPKEY_IN_LOG.sub(r"\1...", record.msg)
+        return True
+
+
+def _redact_access_log() -> None:
+    """Installed at start-up, so it holds under `uvicorn im_backend:app` as under `python im_backend.py`."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAppKeys) for f in access.filters):
+        access.addFilter(RedactAppKeys())
+
+
 def configure_observability(config: AppConfig) -> None:
     METRICS.configure(config)
     apply_log_format(config.log.format)
 
 
 # ============================================================================
-# 9. The ASGI application and its lifespan
+# 10. The ASGI application and its lifespan
 # ============================================================================
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Exit status of a process that could not start (bad configuration, PostgreSQL unreachable or refusing, Nacos
 # unreachable with no last-good copy): uvicorn's own code for a failed lifespan start-up, which
 # `python im_backend.py` uses too, so that both ways of running the server exit alike. (2: bad command line.)
 EXIT_STARTUP_FAILED = 3
-DB_ATTEMPT_TIMEOUT = 10.0  # seconds one attempt to open the PostgreSQL pool may take
 DB_ATTEMPT_MIN_TIMEOUT = 1.0  # seconds: the least an attempt is given, even at the end of startup_wait
 DB_RETRY_INTERVAL = 1.0  # seconds between start-up attempts to reach PostgreSQL
 READY_CHECK_TIMEOUT = 2.0  # seconds each /readyz check may take
@@ -4044,7 +4312,7 @@ class App:
     async def _run_cleanup(self) -> None:
         """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
         assert self.service is not None
-        await self.service.run_cleanup()
+        await self.service.cleanup.run_cleanup()
 
     def _end_streams_on_signals(self) -> None:
         """uvicorn waits for open responses before the lifespan shut-down: end event streams on its signals."""
@@ -4189,24 +4457,24 @@ class App:
         headers = JSON_HEADERS
         try:
             status, body = await self.dispatch(scope, path, receive)
-            if path == METRICS_PATH and status == 200:
+            if path == METRICS_PATH and status == OK:
                 headers = METRICS_HEADERS
         except ApiError as exc:  # answered before a route ran (404, 405) or with headers of its own
-            status, body = http_status(exc.code), error_envelope(exc.err)
+            status, body = error_answer(exc.err)
             if exc.headers:
                 headers = JSON_HEADERS + exc.headers
         except Exception:  # the one place that turns an unexpected error into the 500 envelope
             log.exception("unexpected error on %s %s", scope.get("method"), path)
-            status, body = 500, error_envelope(Err.INTERNAL)
+            status, body = error_answer(Err.INTERNAL)
         if isinstance(body, EventStream):  # written out until it ends; counted when it opens
             if METRICS.enabled:
-                METRICS.record(scope["method"], path, 200, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+                METRICS.record(scope["method"], path, OK, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
             try:
                 return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
             finally:
                 REQUEST_ID.reset(rid_token)
         # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
-        # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 §6.1).
+        # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 section 6.1).
         headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -4216,22 +4484,19 @@ class App:
 
     async def dispatch(self, scope: dict, path: str, receive: Callable) -> tuple[int, bytes]:
         """(status, body) of one request; an ApiError carrying headers propagates to handle_http."""
-        if path == "/healthz":
-            return 200, envelope(200, "success", {"status": "up"})
-        if path == "/openapi.json":
-            return 200, self.openapi(scope.get("root_path", ""))
+        methods = PATHS.get(path)
+        route = None if methods is None else methods.get(scope["method"])
+        if route is not None and route.early:  # answered whether or not the application could start
+            return await route.operation(self, scope)
         if self.service is None:
             await self._ensure_started()
-        if path == "/readyz":
-            return await self.readiness()
-        if path == METRICS_PATH:
-            return await METRICS.page(scope, self.service)
-        methods = ROUTE_TABLE.get(path)
-        if methods is None:
-            raise ApiError(Err.NOT_FOUND)
-        route = methods.get(scope["method"])
-        if route is None:  # RFC 9110: a 405 lists the methods the resource has
+        if route is None:
+            if methods is None:
+                raise ApiError(Err.NOT_FOUND)
+            # RFC 9110: a 405 lists the methods the resource has
             raise ApiError(Err.METHOD_NOT_ALLOWED, [(b"allow", ", ".join(sorted(methods)).encode())])
+        if not route.api:
+            return await route.operation(self, scope)
         service, task, written = self.service, asyncio.current_task(), None
         assert service is not None and task is not None  # started above; a request always runs in a task
         self.deadlines.start(task, service.config.server.timeout)
@@ -4254,7 +4519,7 @@ class App:
                 args, ids_mode = parsed[2], parsed[3]
             if route.method != "GET":  # a write: this process's cached feed pages of svc are over (finally:)
                 written = svc
-            data = await route.operation(service, svc, **args)
+            data = await route.operation(getattr(service, route.part), svc, **args)
             if ids_mode == "string":
                 if isinstance(data, EventStream):
                     data.ids_string = True
@@ -4263,22 +4528,22 @@ class App:
         except ApiError as exc:
             if exc.headers:
                 raise
-            return http_status(exc.code), error_envelope(exc.err)
+            return error_answer(exc.err)
         except asyncio.CancelledError:
             if not self.deadlines.expired(task):
                 raise
             task.uncancel()
             log.warning("request timed out after %ss: %s %s", service.config.server.timeout, route.method, path)
-            return 504, error_envelope(Err.TIMEOUT)
+            return error_answer(Err.TIMEOUT)
         finally:
             self.deadlines.finish(task)
             if written is not None:
                 service.cache.near.bump(written)
         if isinstance(data, EventStream):
-            return 200, data  # type: ignore[return-value]  # written out by handle_http
+            return OK, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
-            return 200, SUCCESS_PREFIX + data + b"}"
-        return 200, success(data)
+            return OK, SUCCESS_PREFIX + data + b"}"
+        return OK, success(data)
 
     async def stream_events(self, stream: EventStream, receive: Callable, send: Callable,
                             headers: list[tuple[bytes, bytes]]) -> None:
@@ -4291,7 +4556,7 @@ class App:
         events = self.background.events
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+            await send({"type": "http.response.start", "status": OK, "headers": SSE_HEADERS + headers})
             await send({"type": "http.response.body", "body": b": stream\n\n", "more_body": True})
             async for frame in events.follow(stream):
                 if watcher.done():
@@ -4338,7 +4603,7 @@ class App:
         if ok:  # the queue depth is information (per service): a failure to read it is shown, not fatal
             try:
                 async with asyncio.timeout(READY_CHECK_TIMEOUT):
-                    checks["cleanup_queue"] = await service.cleanup_depth()
+                    checks["cleanup_queue"] = await service.cleanup.cleanup_depth()
             except Exception as exc:
                 log.warning("readiness: cannot read the clean-up queues: %r", exc)
                 checks["cleanup_queue"] = f"error: {exc!r}"
@@ -4348,7 +4613,7 @@ class App:
             except Exception as exc:
                 log.warning("readiness: cannot read the event counts: %r", exc)
                 checks["events"] = f"error: {exc!r}"
-        code = 200 if ok else 503
+        code = OK if ok else Err.UNAVAILABLE.code
         return code, envelope(code, "success" if ok else "not ready", checks)
 
 
@@ -4399,45 +4664,6 @@ class Deadlines:
             self._sweeper = None  # a later start-up (the same App started again) starts a new one
 
 
-def bodiless(scope: dict, limit: int) -> bool:
-    """Is it known from the headers alone that the request has no body? (413 when it announces too large a one.)
-
-    Hot path: an HTTP/1.x request with neither Content-Length nor Transfer-Encoding, or with Content-Length: 0,
-    has no body (RFC 9112 §6.3), so App.dispatch does not await receive() (nor read_body) — most requests are
-    such GETs, and the awaits cost a few µs of a cached read. Any other request (a GET with a body such as
-    comments/getlike with comment_ids, a chunked one, HTTP/2 where the length headers are optional) is read."""
-    none = scope.get("http_version") in ("1.1", "1.0")
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise ApiError(Err.BODY_TOO_LARGE)
-            none = none and value == b"0"
-        elif name == b"transfer-encoding":
-            none = False
-    return none
-
-
-async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to be larger than the limit."""
-    return b"" if bodiless(scope, limit) else await receive_body(receive, limit)
-
-
-async def receive_body(receive: Callable, limit: int) -> bytes:
-    """The body from receive(), for a request that may have one (bodiless() said no); 413 past the limit."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(Err.BIND_PARAM)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(Err.BODY_TOO_LARGE)
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 async def _close_later(cache: Cache) -> None:
     await asyncio.sleep(OLD_CLIENT_GRACE)  # let requests that picked up the old client finish
     await cache.aclose()
@@ -4462,37 +4688,6 @@ def _note_startup_failure() -> None:
             pathlib.Path(path).touch()
 
 
-def _ensure_logging() -> None:
-    """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        log.addHandler(handler)
-        log.setLevel(os.environ.get("IM_LOG_LEVEL", "info").upper())
-
-
-APPKEY_IN_LOG = re.compile(r"(?i)(appkey=)[^&\s\"]*")
-
-
-class RedactAppKeys(logging.Filter):
-    """Access log lines show `appKey=...` (SPEC 11.1): a logged appKey opens the service to whoever reads it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(APPKEY_IN_LOG.sub(r"\1...", arg) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        elif isinstance(record.msg, str):
-            record.msg = APPKEY_IN_LOG.sub(r"\1...", record.msg)
-        return True
-
-
-def _redact_access_log() -> None:
-    """Installed at start-up, so it holds under `uvicorn im_backend:app` as under `python im_backend.py`."""
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactAppKeys) for f in access.filters):
-        access.addFilter(RedactAppKeys())
-
-
 def create_app(bootstrap_path: str | os.PathLike | None = None) -> App:
     """An application reading the bootstrap file at `bootstrap_path` (default: $IM_CONF, configs/config.yaml)."""
     return App(bootstrap_path)
@@ -4502,7 +4697,7 @@ app = create_app()
 
 
 # ============================================================================
-# 10. The HTTP server protocol
+# 11. The HTTP server protocol
 # ============================================================================
 # uvicorn's httptools protocol (the fast one) limits nothing before a request reaches the app: a request head
 # may be any size (httptools keeps growing its buffer), a connection may send its head one byte at a time
@@ -4528,6 +4723,10 @@ UVICORN_SEAM_VERSION = "0.54.0"  # the uvicorn whose internals UvicornSeam was w
 FD_RESERVE = 64  # file descriptors kept for files, logs, Nacos, the listening socket... besides the pools
 RETRY_AFTER = b"1"  # seconds a client refused for capacity is told to wait
 ACCEPT_BATCH = 256  # connections Acceptor takes from the accept queue per wake-up
+ACCEPT_PAUSE = 1.0  # seconds Acceptor pauses after a failed accept (out of descriptors), as asyncio's accept does
+OVERDUE_GRACE = 0.01  # seconds a passed deadline waits, once, for reads already pending (a busy loop runs timers late)
+FD_UNLIMITED = 1 << 20  # descriptors assumed when RLIMIT_NOFILE is unlimited
+MIN_CONNECTIONS = 16  # the default server.max_connections is never below this
 LINGER = 2.0  # seconds the rest of a body is read (and dropped) after an early answer, so that it arrives
 
 
@@ -4535,8 +4734,8 @@ def default_max_connections(db: DbConfig, cache: CacheConfig) -> int:
     """server.max_connections when not configured: the soft RLIMIT_NOFILE less the pools and a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(16, soft - db.max_conns - cache.pool_size - FD_RESERVE)
+        soft = FD_UNLIMITED
+    return max(MIN_CONNECTIONS, soft - db.max_conns - cache.pool_size - FD_RESERVE)
 
 
 @dataclasses.dataclass
@@ -4571,23 +4770,43 @@ RAW_ANSWERS = {err: _raw_answer(err) for err in (Err.HEADERS_TOO_LARGE, Err.HEAD
 
 async def over_capacity(scope: dict, receive: Callable, send: Callable) -> None:
     """The ASGI app of a connection opened beyond server.max_connections: 503, come back in a second."""
-    await send({"type": "http.response.start", "status": 503,
+    await send({"type": "http.response.start", "status": http_status(Err.UNAVAILABLE.code),
                 "headers": JSON_HEADERS + [(b"retry-after", RETRY_AFTER), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": error_envelope(Err.UNAVAILABLE)})
 
 
 class UvicornSeam:
-    """Every use GuardedHttpProtocol makes of uvicorn internals (attributes of httptools_impl.HttpToolsProtocol
-    and of its RequestResponseCycle that are not a documented interface), in one place. Written against uvicorn
-    UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py checks the pin): re-read
-    httptools_impl.py and these methods when upgrading uvicorn."""
+    """Every use GuardedHttpProtocol and Acceptor make of uvicorn internals (attributes of
+    httptools_impl.HttpToolsProtocol and of its RequestResponseCycle that are not a documented interface), in one
+    place. Written against uvicorn UVICORN_SEAM_VERSION (requirements pin it; tests/test_hostile_connections.py
+    checks the pin): check_version() refuses any other version when this module is imported; re-read
+    httptools_impl.py and these methods (and the HOOKS GuardedHttpProtocol overrides) before allowing one."""
+
+    # HttpToolsProtocol methods GuardedHttpProtocol overrides or calls, beyond asyncio.Protocol's
+    HOOKS = ("on_headers_complete", "on_response_complete", "send_400_response", "shutdown")
+
+    @classmethod
+    def check_version(cls) -> None:
+        require_tested("uvicorn", (UVICORN_SEAM_VERSION,), "UvicornSeam (GuardedHttpProtocol)")
+        protocol = _uvicorn_httptools.HttpToolsProtocol
+        missing = [hook for hook in cls.HOOKS if not callable(getattr(protocol, hook, None))]
+        if missing:
+            raise UntestedVersion(f"uvicorn's HttpToolsProtocol has no {', '.join(missing)}: re-check UvicornSeam")
 
     @staticmethod
-    def check_version() -> None:
-        import uvicorn
-        if uvicorn.__version__ != UVICORN_SEAM_VERSION:
-            log.warning("GuardedHttpProtocol was written against uvicorn %s, this is %s: check UvicornSeam",
-                        UVICORN_SEAM_VERSION, uvicorn.__version__)
+    def loop(proto: _uvicorn_httptools.HttpToolsProtocol) -> asyncio.AbstractEventLoop:
+        # The event loop uvicorn gave the protocol (its timers run on it).
+        return proto.loop
+
+    @staticmethod
+    def ssl(proto: _uvicorn_httptools.HttpToolsProtocol) -> Any:
+        # The SSL context of uvicorn's Config (None without TLS), for connections Acceptor hands to the loop.
+        return proto.config.ssl
+
+    @staticmethod
+    def header_count(proto: _uvicorn_httptools.HttpToolsProtocol) -> int:
+        # proto.headers: the (name, value) fields of the request head just parsed.
+        return len(proto.headers)
 
     @staticmethod
     def protocol_factory(proto: _uvicorn_httptools.HttpToolsProtocol) -> Callable[[], asyncio.Protocol]:
@@ -4677,9 +4896,9 @@ class Acceptor:
         self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
-    def install(cls, proto: GuardedHttpProtocol) -> None:
+    def install(cls, proto: GuardedHttpProtocol, transport: asyncio.Transport) -> None:
         cls.tried = True
-        conn = proto.transport.get_extra_info("socket")
+        conn = transport.get_extra_info("socket")
         if conn is None or conn.family not in (socket.AF_INET, socket.AF_INET6) or not os.path.isdir("/proc/self/fd"):
             return
         port = conn.getsockname()[1]
@@ -4691,7 +4910,7 @@ class Acceptor:
             try:
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
                     sock.setblocking(False)
-                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), proto.config.ssl)
+                    cls.active = cls(sock, UvicornSeam.protocol_factory(proto), UvicornSeam.ssl(proto))
                     return
             except OSError:
                 pass
@@ -4706,7 +4925,7 @@ class Acceptor:
             except OSError as exc:  # out of descriptors (or the like): pause a second, as asyncio's accept does
                 log.warning("accept failed: %s", exc)
                 self.loop.remove_reader(self.sock.fileno())
-                self.loop.call_later(1.0, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
+                self.loop.call_later(ACCEPT_PAUSE, lambda: self.sock.fileno() >= 0 and self.loop.add_reader(
                     self.sock.fileno(), self._accept))
                 return
             conn.setblocking(False)
@@ -4731,9 +4950,22 @@ class _CloseBy:
         return getattr(self._transport, name)
 
 
-# what a connection waits for: a request head, the rest of a body, the app's answer, the end of an unwanted body
+# The phases of a connection, and what moves it from one to the next, as data (the model is h11's _state.py).
+# A phase is what the connection waits for: a request head, the rest of a body, the app's answer, the end of an
+# unwanted body. An event in a phase the table does not list for it is a bug of this protocol: PhaseError.
 _HEAD, _BODY, _APP, _LINGER = 0, 1, 2, 3
-_ANSWERED = (_HEAD, _APP)  # phases in which an answer completing means: the next request's head is due
+PHASE_NAMES = ("HEAD", "BODY", "APP", "LINGER")
+HEAD_PARSED = {_HEAD: _BODY, _APP: _BODY, _BODY: _BODY}  # a pipelined head may come in one read with the body before
+BODY_COMPLETE = {_BODY: _APP}  # the whole body is in: the app's answer is next
+UPGRADED = {_BODY: _APP}  # uvicorn handed the connection to a WebSocket protocol
+EARLY_ANSWER = {_BODY: _LINGER}  # an answer went out before the body was all in
+ANSWERED = {_HEAD: _HEAD, _APP: _HEAD}  # an answer completed: the next request's head is due
+PHASE_MOVES = {"head parsed": HEAD_PARSED, "body complete": BODY_COMPLETE, "upgraded": UPGRADED,
+               "early answer": EARLY_ANSWER, "answered": ANSWERED}
+
+
+class PhaseError(RuntimeError):
+    """A connection event in a phase where it cannot happen (see PHASE_MOVES)."""
 UvicornSeam.check_version()
 
 
@@ -4750,6 +4982,8 @@ class GuardedHttpProtocol(_HttpTools):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._loop = UvicornSeam.loop(self)
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made()
         self._phase = _HEAD
         self._head_bytes = 0  # bytes of the request head received so far
         self._head_done = False  # set when a head is complete (for _oversized_head)
@@ -4759,14 +4993,23 @@ class GuardedHttpProtocol(_HttpTools):
         self._overdue = False  # the deadline has passed once: enforced at the next tick, after pending reads
         self._refusal: Err | None = None  # why the parser was stopped (send_400_response answers it)
 
+    def _move(self, moves: dict[int, int]) -> None:
+        """To the phase `moves` (one of PHASE_MOVES) leads to from this one; PhaseError where it leads nowhere."""
+        phase = moves.get(self._phase)
+        if phase is None:
+            event = next(name for name, table in PHASE_MOVES.items() if table is moves)
+            raise PhaseError(f"{event} in phase {PHASE_NAMES[self._phase]}")
+        self._phase = phase
+
     # --- connection and timer ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._transport = transport
         super().connection_made(transport)
         if UvicornSeam.open_connections(self) > SERVER_LIMITS.max_connections:
             UvicornSeam.serve_with(self, over_capacity)
         if not Acceptor.tried:
-            Acceptor.install(self)
+            Acceptor.install(self, transport)
         self._expect_head()
 
     def shutdown(self) -> None:
@@ -4781,30 +5024,30 @@ class GuardedHttpProtocol(_HttpTools):
             self._timer = None
 
     def _expect_head(self) -> None:
-        self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        self._phase, self._deadline = _HEAD, self._loop.time() + SERVER_LIMITS.header_timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase == _APP or self.transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
+        if self._phase == _APP or self._transport.is_closing() or self._phase == _HEAD and UvicornSeam.busy(self):
             self._overdue = False  # the app's own timeout (504) rules while it works on a request
             return
-        now = self.loop.time()
+        now = self._loop.time()
         if now < self._deadline:
             self._overdue = False
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
         elif not self._overdue:  # first let the loop read what may be waiting (a busy loop runs timers late)
             self._overdue = True
-            self._timer = self.loop.call_at(now + 0.01, self._on_timer)
+            self._timer = self._loop.call_at(now + OVERDUE_GRACE, self._on_timer)
         elif self._phase == _LINGER:
-            self.transport.close()
+            self._transport.close()
         elif self._phase == _BODY:
             self._refuse(Err.BODY_TIMEOUT)
         elif self._head_bytes:
             self._refuse(Err.HEADER_TIMEOUT)
         else:  # nothing of a next request came: a silent close, as uvicorn's keep-alive timeout does
-            self.transport.close()
+            self._transport.close()
 
     def _refuse(self, err: Err) -> None:
         """Answer err (unless another answer is due on this connection first) and close: nothing more is read."""
@@ -4816,8 +5059,8 @@ class GuardedHttpProtocol(_HttpTools):
         if cycle is not None and not UvicornSeam.answered(cycle):
             UvicornSeam.abandon(cycle)
         if answer:
-            self.transport.write(RAW_ANSWERS[err])
-        self.transport.close()
+            self._transport.write(RAW_ANSWERS[err])
+        self._transport.close()
 
     # --- reading ------------------------------------------------------------------
 
@@ -4832,7 +5075,7 @@ class GuardedHttpProtocol(_HttpTools):
         _HttpTools.data_received(self, data)  # (not super(): this runs per request; super() costs a little)
         if self._phase == _BODY:  # a head was parsed (now or before): is its body all in?
             if UvicornSeam.body_complete(self):
-                self._phase = _APP
+                self._move(BODY_COMPLETE)
                 if self._keep_alive is not None:  # held by _body_pending()
                     UvicornSeam.release_keep_alive(UvicornSeam.cycle(self), self._keep_alive)
                     self._keep_alive = None
@@ -4841,28 +5084,29 @@ class GuardedHttpProtocol(_HttpTools):
 
     def _body_pending(self) -> None:
         """The body must keep arriving; an answer given before it is all in closes the connection."""
-        if self.transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
-            self._phase = _APP
+        if self._transport.get_protocol() is not self:  # uvicorn handed the connection to a WebSocket protocol
+            self._move(UPGRADED)
             return
         if self._keep_alive is None:  # the app cannot have answered yet: it runs once this callback returns
             cycle = UvicornSeam.cycle(self)
             self._keep_alive = UvicornSeam.hold_keep_alive(cycle)
             UvicornSeam.close_by(cycle, self._close_after_early_answer)
-        self._deadline = self.loop.time() + SERVER_LIMITS.body_timeout
+        self._deadline = self._loop.time() + SERVER_LIMITS.body_timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _close_after_early_answer(self) -> None:
         """An answer (413, 504...) went out before the request body was all in. Closing at once, with the client
         still sending, would make the kernel reset the connection, and the client could lose the answer: so
         half-close (the client reads the answer, then the end), drop what still comes for up to LINGER seconds,
         then close."""
-        if self._phase != _BODY or self.transport.is_closing() or not self.transport.can_write_eof():
-            return self.transport.close()
-        self.transport.write_eof()
-        self._phase, self._deadline = _LINGER, self.loop.time() + LINGER
+        if self._phase != _BODY or self._transport.is_closing() or not self._transport.can_write_eof():
+            return self._transport.close()
+        self._transport.write_eof()
+        self._move(EARLY_ANSWER)
+        self._deadline = self._loop.time() + LINGER
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _oversized_head(self, data: bytes, room: int) -> None:
         """More bytes than a head may have: parse only those that fit; unless the head ends there, answer 431."""
@@ -4870,7 +5114,7 @@ class GuardedHttpProtocol(_HttpTools):
         if room > 0:
             self._head_bytes += room
             super().data_received(data[:room])
-        if self.transport.is_closing():  # the parser refused it already
+        if self._transport.is_closing():  # the parser refused it already
             return
         if not self._head_done:
             return self._refuse(Err.HEADERS_TOO_LARGE)
@@ -4885,22 +5129,24 @@ class GuardedHttpProtocol(_HttpTools):
     # --- parser callbacks -------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > SERVER_LIMITS.max_headers:
+        if UvicornSeam.header_count(self) > SERVER_LIMITS.max_headers:
             self._refusal = Err.HEADERS_TOO_LARGE
             raise ValueError("too many header fields")  # stops the parser: see send_400_response
         _HttpTools.on_headers_complete(self)
-        self._phase, self._head_bytes, self._head_done = _BODY, 0, True
+        self._move(HEAD_PARSED)
+        self._head_bytes, self._head_done = 0, True
 
     def on_response_complete(self) -> None:
         _HttpTools.on_response_complete(self)
-        if self._phase in _ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
-            self._phase, self._deadline = _HEAD, self.loop.time() + SERVER_LIMITS.header_timeout
+        if self._phase in ANSWERED:  # the next head is due within header_timeout (_expect_head(), inlined)
+            self._move(ANSWERED)
+            self._deadline = self._loop.time() + SERVER_LIMITS.header_timeout
             if self._timer is None:
-                self._timer = self.loop.call_at(self._deadline, self._on_timer)
+                self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
 
 # ============================================================================
-# 11. Command line
+# 12. Command line
 # ============================================================================
 
 GRACEFUL_SHUTDOWN = 15  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -4921,7 +5167,8 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--svc", help="service name, its secret read from the configuration")
     key.add_argument("--secret", help="the secret itself")
     key.add_argument("-conf", "--conf", dest="key_conf", help="bootstrap configuration file")
-    sign = sub.add_parser("sign", help="print a curl command for a request signed as SPEC 11.1 says (RFC 9421)")
+    sign = sub.add_parser("sign", help="print a curl command for a request signed with the service secret "
+                                       "(RFC 9421, hmac-sha256)")
     sign.add_argument("url", help="the whole URL, svc= in its query: 'http://127.0.0.1:8181/api/v1/posts/getlist?svc=cc'")
     sign.add_argument("-X", "--method", help="default: GET, or POST with --data")
     sign.add_argument("-d", "--data", help="the body, sent as is (signed with a Content-Digest)")
@@ -4956,7 +5203,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = functools.partial(
         uvicorn.run, "im_backend:app", host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level.lower(), access_log=not args.no_access_log, loop="auto",
-        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 10)
+        http="im_backend:GuardedHttpProtocol",  # header limits, read timeouts, connection cap (section 11)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, proxy_headers=False, server_header=False, log_config=log_config)
     metrics_dir = prepare_metrics_dir(args.workers)
     try:
@@ -4981,8 +5228,7 @@ def prepare_metrics_dir(workers: int) -> str | None:
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         os.makedirs(given, exist_ok=True)
-        for old in pathlib.Path(given).glob("*.db"):
-            old.unlink()
+        PrometheusSeam.remove_files(given)
         return None
     if workers <= 1:
         return None

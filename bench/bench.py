@@ -1400,7 +1400,7 @@ PROFILE_STAGES = (
     ("query parsing (Request, parse_query)", ("parse_query", "Request.__init__", "Request.arg")),
     ("appKey check", ("AppKeyChecker.check", "decrypt_appkey")),
     ("parameters (extract, as_*)", ("extract (", "as_id", "as_name", "as_limit", "as_cursor", "_text")),
-    ("near cache / cache read", ("NearCache.get", "Cache.get", "post_info_key", "Service.get_post")),
+    ("near cache / cache read", ("NearCache.get", "Cache.get", "post_info_key", "Service.get_post", "Posts.get_post")),
     ("deadlines", ("Deadlines.",)),
     ("read_body", ("read_body",)),
     ("routing + dispatch", ("App.dispatch",)),

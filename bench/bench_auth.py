@@ -1,4 +1,4 @@
-"""What authentication costs (SPEC 11.1, 11.2), measured the paired way with wrk.
+"""What authentication costs (signatures, rate limits), measured the paired way with wrk.
 
     .venv/bin/python bench/bench_auth.py [--rounds 5] [--duration 4] [--warmup 1]
 
@@ -10,7 +10,7 @@ bench/bench.py does). Each round runs, back to back, `getinfo` of one cached pos
   unlimited  with an appKey on service `b_free` (no limits)
   limited    with an appKey on service `b_lim`, whose rate limit is far above what it gets (never refuses)
 and prints the per-round ratios signed/ceiling, appkey/ceiling and limited/unlimited, then their median with
-min-max. Targets (issue 9): signed >= 0.5 x ceiling, limited >= 0.85 x unlimited.
+min-max. Targets: signed >= 0.5 x ceiling, limited >= 0.85 x unlimited.
 
 Signed requests are made before each run (created = now, a fresh nonce each, signed by im_backend.sign_request)
 and replayed in order by wrk's Lua script; a run that needs more than were made would show non-2xx answers.

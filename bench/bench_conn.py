@@ -1,4 +1,4 @@
-"""Hostile connections (issue 14): what GuardedHttpProtocol and the waiting pools cost and what they buy.
+"""Hostile connections: what GuardedHttpProtocol and the waiting pools cost and what they buy.
 
     .venv/bin/python bench/bench_conn.py [--rounds 5] [--duration 3] [--burst 10] [--only getinfo,burst,header]
 

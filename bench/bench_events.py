@@ -1,4 +1,4 @@
-"""Events (SPEC 11.4): the cost of webhooks on writes, webhook delivery rate and latency, and 1,000 live streams.
+"""Events: the cost of webhooks on writes, webhook delivery rate and latency, and 1,000 live streams.
 
     .venv/bin/python bench/bench_events.py [--rounds 5] [--duration 3] [--streams 1000]
 

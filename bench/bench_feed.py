@@ -1,4 +1,4 @@
-"""Feed-ready reads (SPEC 11.3), measured the paired way: each scenario alternates with its baseline in rounds.
+"""Feed-ready reads, measured the paired way: each scenario alternates with its baseline in rounds.
 
     .venv/bin/python bench/bench_feed.py [--rounds 5] [--duration 3] [--big 100000] [--only comments,like,...]
 

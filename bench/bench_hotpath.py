@@ -12,7 +12,7 @@ configuration once per round, order reversed every other round; the median of th
   - `getinfo`: IM-Backend's cached getinfo (near-cache hit) through the same protocol.
   - the stages of IM-Backend's work, each timed alone in a loop with the same inputs: the ASGI receive() and a
     response without content-length (both as variants of the ceiling app), routing, query parsing, the appKey
-    check, parameter extraction, the near cache read in Service.get_post, the envelope, the request deadline.
+    check, parameter extraction, the near cache read in Posts.get_post, the envelope, the request deadline.
     What getinfo costs beyond the ceiling and the listed stages is "glue" (coroutine calls, try blocks...).
 
 --app-dir measures the im_backend.py of another directory; --vs-app-dir adds a second version's getinfo to the
@@ -191,7 +191,8 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             return message
 
         services = service.config.services
-        data = await service.get_post(svc, post_id)
+        posts = getattr(service, "posts", service)  # the part that holds get_post (the Service itself before)
+        data = await posts.get_post(svc, post_id)
 
         def routing():
             p, root = cur["scope"]["path"], cur["scope"].get("root_path", "")
@@ -204,7 +205,7 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
             app.deadlines.start(t, service.config.server.timeout)
             app.deadlines.finish(t)
 
-        kept = getattr(im, "PARSED_QUERIES", None)  # since issue 13: the parse of a repeated query string is kept
+        kept = getattr(im, "PARSED_QUERIES", None)  # in newer versions: the parse of a repeated query string is kept
 
         def kept_parse():
             parsed = kept.get(route, cur["scope"]["query_string"])
@@ -213,21 +214,21 @@ async def measure(im, app, svc: str, secret: str, post_id: int, n: int, rounds: 
         stages = {
             "receive(): await the empty GET body (uvicorn)": None,  # filled from the ceiling variant
             "response without content-length (chunked)": None,
-            # bodiless() (a plain function) since issue 13; read_body() (a coroutine) before
+            # bodiless() (a plain function) in newer versions; read_body() (a coroutine) before
             "body: header scan (bodiless / read_body)":
                 (lambda: im.bodiless(cur["scope"], service.config.server.body_limit)) if hasattr(im, "bodiless")
                 else (lambda: im.read_body(cur["scope"], receive, service.config.server.body_limit)),
             "routing (path, route table, method)": routing,
             "query parsing (Request + parse_query)": lambda: im.Request(cur["scope"], b""),
             "kept parse (ParsedQueries.get + Request)": kept_parse if kept is not None else None,
-            # App.auth.identify (plain) since issue 13, App.auth.check (a coroutine) since signed requests,
+            # App.auth.identify (plain) in newer versions, App.auth.check (a coroutine) since signed requests,
             # App.appkeys.check before
             "appKey check (decryption cached)": (lambda: app.auth.identify(cur["req"], service, svc))
             if hasattr(app.auth if hasattr(app, "auth") else None, "identify")
             else (lambda: app.auth.check(cur["req"], service, route)) if hasattr(app, "auth")
             else (lambda: app.appkeys.check(services, svc, cur["key"])),
             "parameters (extract)": lambda: im.extract(cur["req"], route.params),
-            "near cache (Service.get_post, hit)": lambda: service.get_post(svc, post_id),
+            "near cache (Posts.get_post, hit)": lambda: posts.get_post(svc, post_id),
             "envelope (prefix + data + })": lambda: im.SUCCESS_PREFIX + data + b"}",
             "deadline (current_task, start, finish)": deadline,
         }

@@ -5,7 +5,7 @@
 Each round runs bench/bench.py (wrk -t1 -c64, server pinned to CPU 0 and wrk to CPU 1) once against im_backend.py
 of --base (extracted with `git show` into a temporary directory) and once against this checkout, alternating
 which goes first; it prints, per scenario, the median of the per-round ratios (this checkout / base) and their
-range. Written for issue 8 (every list page carries `next_cursor`: getlist now also reads `created_at`).
+range. It measures what `next_cursor` on every list page costs (getlist also reads `created_at`).
 """
 from __future__ import annotations
 

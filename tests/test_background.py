@@ -61,7 +61,7 @@ async def test_reads_are_back_on_as_soon_as_redis_answers(workdir, backing, make
 
 async def test_cleanup_loop_survives_an_unexpected_error(server, monkeypatch, caplog):
     calls = []
-    original = im_backend.Service.clean_once
+    original = im_backend.Cleanup.clean_once
 
     async def flaky(self, svc):
         calls.append(svc)
@@ -69,7 +69,7 @@ async def test_cleanup_loop_survives_an_unexpected_error(server, monkeypatch, ca
             raise RuntimeError("boom in the clean-up")
         return await original(self, svc)
 
-    monkeypatch.setattr(im_backend.Service, "clean_once", flaky)
+    monkeypatch.setattr(im_backend.Cleanup, "clean_once", flaky)
     inner = im_backend.create_app(server.boot)
     async with inner.lifespan():
         assert await eventually(lambda: len(calls) >= 2, timeout=10)

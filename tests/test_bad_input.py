@@ -141,6 +141,13 @@ async def test_hostile_strings_are_stored_verbatim(api, text):
     assert (comment["id"], comment["user_id"], comment["content"]) == (cid, text, text)
 
 
+async def test_a_wrong_method_on_a_system_path_is_405_as_on_any_route(client):
+    for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
+        response = await client.delete(path)
+        assert (response.status_code, response.json()["code"]) == (405, 405), path
+        assert response.headers["allow"] == "GET", path
+
+
 @pytest.mark.parametrize("svc", ['a"; DROP TABLE x; --', "../../etc", "A" * 40, "UPPER", "x" * 1000])
 async def test_hostile_service_names(api, client, svc):
     response = await client.get("/api/v1/posts/getlist", params={"svc": svc, "appKey": "00" * 20})

@@ -16,7 +16,7 @@ async def test_root_comments_of_one_post_oldest_first(api):
     assert [c["id"] for c in comments] == [first, second]
     c = comments[0]
     assert set(c) == {"id", "user_id", "content", "root_id", "father_id", "target_user_id", "post_id", "time", "svc",
-                      "child_num", "extra", "like_count"}  # like_count: SPEC 11.3, always on this page
+                      "child_num", "extra", "like_count"}  # like_count: always on this page
     assert (c["user_id"], c["content"], c["root_id"], c["father_id"], c["target_user_id"], c["post_id"],
             c["svc"], c["child_num"], c["extra"]) == ("u1", "one", 0, 0, None, post_id, api.svc, 0, None)
 

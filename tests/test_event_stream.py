@@ -1,4 +1,4 @@
-"""The live event stream (SPEC 11.4): Server-Sent Events read with httpx-sse, from two replicas; resume with
+"""The live event stream: Server-Sent Events read with httpx-sse, from two replicas; resume with
 Last-Event-ID without gap or duplicate (also past a late commit); filters; the cap; bad input; shut-down."""
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""Events (SPEC 11.4): one outbox row per committed change, signed webhooks delivered at least once with back-off,
+"""Events: one outbox row per committed change, signed webhooks delivered at least once with back-off,
 and the live stream with resume. Receivers are real HTTP servers on 127.0.0.1 (conftest.Receiver)."""
 import asyncio
 import contextlib

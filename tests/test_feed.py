@@ -1,4 +1,4 @@
-"""Feed-ready reads (SPEC 11.3): counts kept in the write's transaction, `liked` per viewer, getbatch,
+"""Feed-ready reads: counts kept in the write's transaction, `liked` per viewer, getbatch,
 getlist expand=1 / author=, comments sort=top, ids=string; against real PostgreSQL and Redis over HTTP."""
 import asyncio
 import datetime as dt

@@ -1,4 +1,4 @@
-"""Hostile connections (issue 14): header limits, read timeouts, the connection cap, pools that wait instead of
+"""Hostile connections: header limits, read timeouts, the connection cap, pools that wait instead of
 failing, and request smuggling shapes. Black-box: raw sockets on 127.0.0.1 against real server processes
 started with `--http im_backend:GuardedHttpProtocol`, configured with short timeouts so the suite stays fast."""
 from __future__ import annotations
@@ -466,6 +466,17 @@ async def test_smuggling_shapes_are_rejected(guarded, headers):
 def test_the_seam_matches_the_pinned_uvicorn():
     pins = (ROOT / "requirements-runtime.txt").read_text()
     assert re.search(rf"^uvicorn=={re.escape(im_backend.UVICORN_SEAM_VERSION)}$", pins, re.M)
+
+
+def test_the_uvicorn_seam_refuses_an_untested_uvicorn(monkeypatch):
+    real = im_backend.importlib.metadata.version
+    monkeypatch.setattr(im_backend.importlib.metadata, "version",
+                        lambda dist: "0.99.0" if dist == "uvicorn" else real(dist))
+    with pytest.raises(im_backend.UntestedVersion, match=r"^uvicorn 0\.99\.0 is installed, but UvicornSeam .*"
+                                                         rf"{re.escape(im_backend.UVICORN_SEAM_VERSION)} only"):
+        im_backend.UvicornSeam.check_version()
+    monkeypatch.undo()
+    im_backend.UvicornSeam.check_version()  # the pinned version passes
 
 
 async def test_python_im_backend_py_serves_with_the_guarded_protocol(workdir, backing):

@@ -1,4 +1,4 @@
-"""The cached-read hot path cuts (issue 13) keep HTTP right: a body-less GET skips receive(), yet a GET that
+"""The cached-read hot path cuts keep HTTP right: a body-less GET skips receive(), yet a GET that
 carries a body (Content-Length or chunked) is still read; every answer carries Content-Length, so no answer is
 chunked — not even to an HTTP/1.0 client, which could not read that."""
 import asyncio
@@ -85,7 +85,7 @@ async def test_bodiless_get_answers_with_content_length(api, server):
 
 
 async def test_http10_client_gets_a_plain_body(api, server):
-    """RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client; the body must be the JSON itself."""
+    """RFC 9112 section 6.1: no Transfer-Encoding to an HTTP/1.0 client; the body must be the JSON itself."""
     post_id = await api.publish(content="for an old client")
     status, headers, answer = await raw_request(server.port, (
         f"GET {target(server, '/getinfo', post_id=post_id)} HTTP/1.0\r\nHost: x\r\n\r\n").encode())

@@ -1,4 +1,4 @@
-"""SPEC §11.5: GET /metrics (counters that move by exactly what was done, histograms that add up, labels from
+"""GET /metrics (counters that move by exactly what was done, histograms that add up, labels from
 fixed tables only, a bearer token, several workers in one scrape), X-Request-ID, JSON logs."""
 import asyncio
 import os
@@ -475,3 +475,14 @@ def test_made_up_paths_methods_and_services_keep_memory_bounded():
         metrics.record("GET", PREFIX + "/getinfo", 200, b"{}", "s1", 0.001)
     assert len(metrics._cells) == 4 and len(metrics._raw) == 1
     assert sorted(key[-1] for key in metrics._cells) == ["none", "none", "s1", "unknown"]
+
+
+def test_the_prometheus_seam_refuses_an_untested_prometheus_client(monkeypatch):
+    real = im_backend.importlib.metadata.version
+    monkeypatch.setattr(im_backend.importlib.metadata, "version",
+                        lambda dist: "9.0.0" if dist == "prometheus-client" else real(dist))
+    with pytest.raises(im_backend.UntestedVersion, match=r"^prometheus-client 9\.0\.0 is installed, but "
+                                                         r"PrometheusSeam .* only"):
+        im_backend.Metrics()
+    monkeypatch.undo()
+    im_backend.PrometheusSeam.check_version()  # the pinned version passes

@@ -1,4 +1,4 @@
-"""Rate limits (SPEC 11.2): GCRA in Redis shared by every process, writes per (service, user), 429 with
+"""Rate limits: GCRA in Redis shared by every process, writes per (service, user), 429 with
 Retry-After / RateLimit-Policy / RateLimit, nothing written when refused, local limiting while Redis is down,
 limits changed by hot reload; and the validation of the new configuration keys."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Signed requests (SPEC 11.1): RFC 9421 signatures made by an independent client library
+"""Signed requests: RFC 9421 signatures made by an independent client library
 (http-message-signatures), auth modes, secret rotation, IM-Auth-Error reasons, and no secret in any log line."""
 from __future__ import annotations
 
