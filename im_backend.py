@@ -2276,11 +2276,14 @@ class Events:
                 if held or len(batch) < self.REPLAY_PAGE:
                     break
         assert self.service is not None
-        while True:
+        written = time.monotonic()  # of the last frame written: the keep-alive counts from it, not from the last
+        while True:  # batch (a filtered stream may have none of the events that pass it by)
+            idle = written + self.service.config.events.keepalive - time.monotonic()
             try:
-                batch = await asyncio.wait_for(stream.queue.get(), self.service.config.events.keepalive)
+                batch = await asyncio.wait_for(stream.queue.get(), max(idle, 0.0))
             except asyncio.TimeoutError:
                 yield b": keep-alive\n\n"
+                written = time.monotonic()
                 continue
             if batch is None:
                 return
@@ -2289,6 +2292,7 @@ class Events:
                     stream.position = position
                     if stream.wants(kind, post_id):
                         yield stream.render(frame)
+                        written = time.monotonic()
 
     # --- webhooks ------------------------------------------------------------
 
