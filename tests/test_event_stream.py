@@ -325,4 +325,4 @@ async def test_a_filtered_stream_gets_its_keep_alive_while_other_events_pass_it_
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
     assert frames == []  # none of the other post's events came through the filter
-    assert comments >= 3, comments  # ~5 at a 1 s keep-alive; 0 or 1 when every filtered-out batch resets it
+    assert 3 <= comments <= 7, comments  # ~5 at a 1 s keep-alive; 0 or 1 when every filtered-out batch resets it
