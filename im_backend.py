@@ -343,12 +343,16 @@ class EventsConfig:
     cleanup_interval: float = 600.0  # retention runs this often
 
 
+WEBHOOK_IDS = ("number", "string")  # svc[].webhook.ids: how ids are written in the event JSON sent
+
+
 @dataclasses.dataclass(frozen=True)
 class Webhook:
     """`svc[].webhook`: where the events of one service are POSTed, signed per Standard Webhooks."""
     url: str
     secret: str  # whsec_<base64>
     events: frozenset[str]  # the event types sent
+    ids: str = "number"  # "string": every id in the event JSON sent as a decimal string (as ids=string does)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,7 +491,8 @@ def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
 
 
 def parse_webhook(svc: str, raw: Any) -> Webhook | None:
-    """`webhook: {url, secret: whsec_<base64>, events: [...]}` of one service (None when absent)."""
+    """`webhook: {url, secret: whsec_<base64>, events: [...], ids: number|string}` of one service (None when
+    absent)."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -508,7 +513,12 @@ def parse_webhook(svc: str, raw: Any) -> Webhook | None:
         events = EVENT_TYPES
     if not isinstance(events, list | tuple) or not events or not set(events) <= set(EVENT_TYPES):
         raise ConfigError(f"the webhook events of service {svc!r} must be a non-empty list of {EVENT_TYPES}")
-    return Webhook(url, secret, frozenset(events))
+    ids = raw.get("ids")
+    if ids is None:
+        ids = "number"
+    if ids not in WEBHOOK_IDS:
+        raise ConfigError(f"the webhook ids of service {svc!r} must be number or string, got {ids!r}")
+    return Webhook(url, secret, frozenset(events), ids)
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
@@ -2967,11 +2977,14 @@ class Events:
                 if held or len(batch) < self.REPLAY_PAGE:
                     break
         assert self.service is not None
-        while True:
+        written = time.monotonic()  # of the last frame written: the keep-alive counts from it, not from the last
+        while True:  # batch (a filtered stream may have none of the events that pass it by)
+            idle = written + self.service.config.events.keepalive - time.monotonic()
             try:
-                batch = await asyncio.wait_for(stream.queue.get(), self.service.config.events.keepalive)
+                batch = await asyncio.wait_for(stream.queue.get(), max(idle, 0.0))
             except asyncio.TimeoutError:
                 yield b": keep-alive\n\n"
+                written = time.monotonic()
                 continue
             if batch is None:
                 return
@@ -2980,6 +2993,7 @@ class Events:
                     stream.position = position
                     if stream.wants(kind, post_id):
                         yield stream.render(frame)
+                        written = time.monotonic()
 
     # --- webhooks ------------------------------------------------------------
 
@@ -2999,7 +3013,7 @@ class Events:
                     claimed = await conn.fetch(sql(svc, EVENTS_CLAIM), cfg.concurrency, cfg.lease)
                 if claimed:
                     outcomes = await asyncio.gather(*(self._post(svc, tenant.webhook, cfg, row) for row in claimed))
-                    await self._record(service, svc, cfg, claimed, outcomes)
+                    await self._record(service, svc, tenant.webhook, cfg, claimed, outcomes)
                     claimed = []
                     continue
             except ApiError:
@@ -3023,7 +3037,10 @@ class Events:
         if self.http is None:
             self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS,
                                                               max_keepalive_connections=WEBHOOK_CONNECTIONS // 4))
-        body = event_json(svc, row).decode()
+        body = event_json(svc, row)
+        if hook.ids == "string":  # for receivers whose JSON parser turns ids above 2^53 into other numbers
+            body = orjson.dumps(ids_as_strings(orjson.loads(body)))
+        body = body.decode()  # signed as sent
         msg_id, now = f"{svc}_{row['id']}", dt.datetime.now(dt.timezone.utc)
         headers = {"content-type": "application/json", "webhook-id": msg_id,
                    "webhook-timestamp": str(int(now.timestamp())),
@@ -3034,21 +3051,35 @@ class Events:
             return f"{type(exc).__name__}: {exc}"[:self.ERROR_CHARS]
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 
-    async def _record(self, service: Service, svc: str, cfg: EventsConfig, rows: list, outcomes: list) -> None:
+    async def _record(self, service: Service, svc: str, hook: Webhook, cfg: EventsConfig, rows: list,
+                      outcomes: list) -> None:
+        """Store each attempt's outcome, count it (one result per attempt: delivered, retrying or failed) and log
+        one line for it: delivered INFO, retrying WARNING, failed (given up) ERROR."""
         delivered = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
+        host = urllib.parse.urlsplit(hook.url).netloc.rpartition("@")[2]  # never a password in the URL
         async with service.store.db(svc, Err.UPDATE_FAILED) as conn:
             if delivered:
                 await conn.execute(sql(svc, EVENTS_DELIVERED), delivered)
             for row, error in zip(rows, outcomes, strict=True):
-                METRICS.webhook_delivery(svc, "delivered" if error is None else "failed")
-                if error is not None:
-                    schedule = cfg.retry_schedule
-                    delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
-                    failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
-                    if failed:
-                        METRICS.webhook_delivery(svc, "gave_up")
-                    log.log(logging.ERROR if failed else logging.WARNING, "webhook of %s: event %d %s (%s)",
-                            svc, row["id"], "failed for good" if failed else f"retried in {delay:g}s", error)
+                what = (svc, row["id"], row["type"], row["attempts"], host)
+                if error is None:
+                    if row["type"] in hook.events:  # (else not sent: no longer subscribed to)
+                        METRICS.webhook_delivery(svc, "delivered")
+                        log.info("webhook of %s: event %d %s delivered (attempt %d, %s)", *what)
+                    continue
+                schedule = cfg.retry_schedule
+                delay = float(schedule[min(row["attempts"], len(schedule)) - 1])
+                failed = await conn.fetchval(sql(svc, EVENT_RETRY), row["id"], error, delay, cfg.max_age)
+                if failed:
+                    METRICS.webhook_delivery(svc, "failed")
+                    log.error("webhook of %s: event %d %s failed for good (attempt %d, %s): %s; given up, "
+                              "undelivered for events.max_age (%gs)", *what, error, cfg.max_age)
+                else:
+                    METRICS.webhook_delivery(svc, "retrying")
+                    due = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay)
+                    log.warning("webhook of %s: event %d %s not delivered (attempt %d, %s): %s; next attempt at "
+                                "%s (in %gs)", *what, error, due.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                                delay)
 
     # --- retention and counts ------------------------------------------------
 
@@ -3481,7 +3512,7 @@ COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
 
 
 ID_KEYS = frozenset({"id", "post_id", "comment_id", "root_id", "father_id"})  # values that are ids
-ID_LIST_KEYS = frozenset({"post_list"})  # lists of ids
+ID_LIST_KEYS = frozenset({"post_list", "deleted_ids"})  # lists of ids
 
 
 def ids_as_strings(data: Any) -> Any:
@@ -3834,7 +3865,7 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     2.5, 5.0, 10.0)  # seconds
 TIER_NEAR, TIER_REDIS, TIER_DB = 0, 1, 2  # where a cache read was answered (index into Metrics.cache_reads)
 TIERS = ("near", "redis", "db")
-WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
+WEBHOOK_RESULTS = ("delivered", "retrying", "failed")  # per attempt: a 2xx; not, tried again; not, given up
 # Label values come from these tables only: never a raw path, an id or a name a caller made up.
 UNMATCHED = "unmatched"  # the route of a path no route has
 ROUTE_LABELS = {path: path for path in PATHS}
@@ -3920,8 +3951,10 @@ class Metrics:
                                           ("svc", "reason"), registry=registry)
         self.ratelimited_total = prom.Counter("im_ratelimited_total", "Requests refused by a rate limit (429)",
                                               ("svc",), registry=registry)
-        self.webhook_deliveries = prom.Counter("im_webhook_deliveries_total", "Webhook delivery attempts by result",
-                                               ("svc", "result"), registry=registry)
+        self.webhook_deliveries = prom.Counter(
+            "im_webhook_deliveries_total", "Webhook delivery attempts by result: delivered (a 2xx answer), retrying "
+            "(not delivered, tried again later), failed (not delivered, given up: the event counts in /readyz "
+            "failed)", ("svc", "result"), registry=registry)
         self.config_reloads = prom.Counter("im_config_reloads_total", "Application configuration changes seen, by "
                                            "result (per worker)", ("result",), registry=registry)
         self.events_pending_gauge = prom.Gauge("im_events_pending", "Events not delivered yet", ("svc",),
@@ -4180,6 +4213,15 @@ def apply_log_format(fmt: str) -> None:
             handler.setFormatter(JsonFormatter() if fmt == "json" else RequestIdFormatter(own))
 
 
+def _quiet_client_loggers() -> None:
+    """The webhook client's library logs every request at INFO (no request id, no event): our own line per
+    delivery outcome says it instead. Below WARNING it is silent, unless someone set its level already."""
+    for name in ("httpx", "httpcore"):
+        client_log = logging.getLogger(name)
+        if client_log.level == logging.NOTSET:
+            client_log.setLevel(logging.WARNING)
+
+
 def _ensure_logging() -> None:
     """Under `uvicorn im_backend:app` nobody configures our logger: give it a handler of its own."""
     if not log.handlers and not logging.getLogger().handlers:
@@ -4255,6 +4297,7 @@ class App:
 
     async def startup(self) -> None:
         _ensure_logging()
+        _quiet_client_loggers()
         _redact_access_log()
         path = self.bootstrap_path or os.environ.get("IM_CONF") or DEFAULT_BOOTSTRAP
         boot = read_bootstrap(path)

@@ -290,3 +290,39 @@ async def test_other_replicas_are_told_at_once_not_at_their_next_poll(workdir, b
         for srv in servers:
             srv.stop()
         receiver.stop()
+
+
+async def test_a_filtered_stream_gets_its_keep_alive_while_other_events_pass_it_by(pair, apis):
+    """The keep-alive counts from the last frame written to this stream: events filtered out (another post's,
+    published faster than the keep-alive period) must not hold back its comment lines. Read as raw lines."""
+    servers, svc, _ = pair
+    a, b = apis
+    watched, other = await a.publish("watched"), await a.publish("other")
+    params = {"svc": svc, "appKey": im_backend.encrypt_appkey(SECRET), "post_id": watched}
+    comments, frames = 0, []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=60)) as client, \
+            client.stream("GET", servers[0].url + "/api/v1/posts/events", params=params) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        assert await anext(lines) == ": stream"  # the stream is open: from here on, count for 5 s
+
+        async def busy() -> None:  # events of the other post every 0.3 s (keep-alive: 1 s), for as long as we read
+            for i in range(40):
+                await (a if i % 2 else b).ok("PUT", "/like", {"post_id": other, "user_id": f"k{i}"},
+                                             json={"like": True})
+                await asyncio.sleep(0.3)
+        writer = asyncio.ensure_future(busy())
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    async for line in lines:
+                        if line.startswith(":"):
+                            comments += 1
+                        elif line.startswith("data:"):
+                            frames.append(line)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+    assert frames == []  # none of the other post's events came through the filter
+    assert 3 <= comments <= 7, comments  # ~5 at a 1 s keep-alive; 0 or 1 when every filtered-out batch resets it

@@ -154,8 +154,9 @@ async def test_webhook_retried_with_backoff_until_delivered(hooks, hook_client, 
     row = (await stored(db, svc))[0]
     assert row["attempts"] == 3 and row["delivered_at"] is not None and row["failed_at"] is None
     scrape = (await hook_client.get("/metrics")).text  # each attempt counted by its result
-    for result, count in (("delivered", 1), ("failed", 2)):
+    for result, count in (("delivered", 1), ("retrying", 2)):
         assert f'im_webhook_deliveries_total{{result="{result}",svc="{svc}"}} {count}.0' in scrape, scrape[-3000:]
+    assert f'im_webhook_deliveries_total{{result="failed",svc="{svc}"}}' not in scrape  # failed: given up only
 
 
 async def test_dead_endpoint_fails_after_max_age_and_is_counted(hooks, hook_client, db):
@@ -171,6 +172,10 @@ async def test_dead_endpoint_fails_after_max_age_and_is_counted(hooks, hook_clie
     ready = (await hook_client.get("/readyz")).json()["data"]
     assert ready["events"][svc] == {"backlog": 0, "failed": 1}
     assert ready["events"][hooks[1]["nohook"]] == {"backlog": 0, "failed": 0}
+    scrape = (await hook_client.get("/metrics")).text  # metrics' failed means what /readyz's does: given up
+    assert f'im_webhook_deliveries_total{{result="failed",svc="{svc}"}} 1.0' in scrape, scrape[-3000:]
+    assert f'im_webhook_deliveries_total{{result="retrying",svc="{svc}"}} {row["attempts"] - 1}.0' in scrape
+    assert f'im_webhook_deliveries_total{{result="delivered",svc="{svc}"}}' not in scrape
 
 
 async def test_hanging_endpoint_does_not_delay_other_services(hooks, hook_client):
@@ -255,6 +260,9 @@ async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
     ({"url": "http://127.0.0.1/h", "secret": "whsec_!!notbase64!!"}, None, "whsec_"),
     ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": ["post.exploded"]}, None, "events"),
     ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "events": []}, None, "events"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "ids": "bigint"}, None,
+     "webhook ids of service 'x' must be number or string"),
+    ({"url": "http://127.0.0.1/h", "secret": "whsec_" + "A" * 32, "ids": True}, None, "webhook ids of service 'x'"),
     (None, {"retry_schedule": [5, -1]}, "retry_schedule"),
     (None, {"retry_schedule": "soon"}, "retry_schedule"),
     (None, {"max_streams": 0}, "max_streams"),
@@ -294,3 +302,87 @@ async def test_retention_removes_old_events_but_not_pending_ones(workdir, backin
             assert len(rows) == 1 and rows[0]["next_attempt_at"] is not None  # still to be delivered: kept
     finally:
         srv.stop()
+
+
+async def test_webhook_ids_as_strings_for_javascript_receivers(workdir, backing):
+    """`webhook.ids: string`: every id of the event JSON sent is a decimal string (a JavaScript receiver whose
+    verify() parses the body would round ids above 2^53); signed over the body sent. Without it: numbers."""
+    secret = webhook_secret()
+    strings, numbers = Receiver(secret), Receiver(secret)
+    as_strings, as_numbers = svc_name("eidstr"), svc_name("eidnum")
+    config = app_config(backing, {}, events=FAST)
+    config["svc"] = [tenant(as_strings, strings.url, secret), tenant(as_numbers, numbers.url, secret)]
+    config["svc"][0]["webhook"]["ids"] = "string"
+    srv = Server(workdir / "events-ids", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            made = {}
+            for svc in (as_strings, as_numbers):
+                api = Api(client, svc, SECRET)
+                post = await api.publish("alice", "hi", extra='{"n": 7714697476292214785}')
+                root = await api.comment(post, "carol", "c1")
+                reply = await api.reply(post, root, root, "dave", "r1")
+                await api.ok("DELETE", "/comments/delete", {"comment_id": root, "user_id": "carol"})
+                made[svc] = (post, root, reply)
+            for receiver in (strings, numbers):
+                assert await eventually(lambda r=receiver: _ready(len({e["id"] for e in r.delivered()}) >= 4),
+                                        timeout=20)
+                assert receiver.unverified == 0  # each signature verified (standardwebhooks) over the body sent
+        post, root, reply = made[as_strings]
+        got = {e["type"]: e for e in strings.delivered()}
+        assert post > 2 ** 53 and got["post.published"]["data"]["post_id"] == str(post)
+        assert got["post.published"]["data"]["extra"] == {"n": 7714697476292214785}  # the caller's own: as given
+        assert got["comment.replied"]["data"] | {"content": None} == {
+            "comment_id": str(reply), "post_id": str(post), "root_id": str(root), "father_id": str(root),
+            "user_id": "dave", "target_user_id": "carol", "content": None, "extra": None}
+        assert got["comment.deleted"]["data"]["deleted_ids"] == [str(root), str(reply)]
+        assert all(e["id"].isdigit() and e["svc"] == as_strings for e in got.values())
+        post, root, reply = made[as_numbers]
+        got = {e["type"]: e for e in numbers.delivered()}
+        assert got["post.published"]["data"]["post_id"] == post
+        assert got["comment.replied"]["data"]["comment_id"] == reply
+        assert got["comment.deleted"]["data"]["deleted_ids"] == [root, reply]
+    finally:
+        srv.stop()
+        strings.stop()
+        numbers.stop()
+
+
+async def test_one_log_line_per_delivery_outcome_and_none_from_the_http_client(workdir, backing, db):
+    """Started as `python im_backend.py` (which logs the root logger at INFO): no `HTTP Request:` line of the
+    client library; ours per outcome: delivered INFO, retrying WARNING (why, and when next), given up ERROR."""
+    secret = webhook_secret()
+    flaky = Receiver(secret, plan=[500])
+    ok, dead = svc_name("elogok"), svc_name("elogdead")
+    config = app_config(backing, {}, events=dict(FAST, max_age=1))
+    config["svc"] = [tenant(ok, flaky.url, secret), tenant(dead, "http://127.0.0.1:9/closed", secret)]
+    srv = Server(workdir / "events-log", config).start_cli()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            post = await Api(client, ok, SECRET).publish()
+            await Api(client, dead, SECRET).publish()
+            assert await eventually(lambda: _ready(len(flaky.delivered()) == 1), timeout=20)
+            assert await eventually(lambda: _ready("failed for good" in srv.log()), timeout=20)
+        delivered = flaky.delivered()[0]
+        assert delivered["data"]["post_id"] == post
+        log = srv.log()
+        assert "HTTP Request:" not in log, log[-3000:]
+        host = flaky.url.split("/")[2]
+        lines = [line for line in log.splitlines() if "webhook of" in line]
+        ours = [line for line in lines if ok in line]
+        assert len(ours) == 2, lines
+        assert f"WARNING im_backend: webhook of {ok}: event {delivered['id']} post.published not delivered " \
+               f"(attempt 1, {host}): HTTP 500; next attempt at " in ours[0], ours
+        assert ours[0].endswith(" (in 0.3s)"), ours
+        assert f"INFO im_backend: webhook of {ok}: event {delivered['id']} post.published delivered " \
+               f"(attempt 2, {host})" in ours[1], ours
+        event = (await stored(db, dead))[0]
+        gave_up = [line for line in lines if dead in line and "ERROR" in line]
+        assert len(gave_up) == 1, lines
+        assert f"ERROR im_backend: webhook of {dead}: event {event['id']} post.published failed for good " \
+               f"(attempt {event['attempts']}, 127.0.0.1:9): ConnectError" in gave_up[0], gave_up
+        retried = [line for line in lines if dead in line and line not in gave_up]
+        assert len(retried) == event["attempts"] - 1 and all("WARNING" in line for line in retried), lines
+    finally:
+        srv.stop()
+        flaky.stop()
