@@ -1671,15 +1671,33 @@ async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
         reset=_keep_session, statement_cache_size=DB_STATEMENT_CACHE, command_timeout=DB_COMMAND_TIMEOUT)
 
 
+# Every table and index DDL makes (quoted, as sql() fills them in), and how many of them are missing.
+DDL_RELATIONS = re.compile(r'IF NOT EXISTS ("(?:[^"]|"")+")')
+DDL_MISSING = "SELECT count(*) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
+
+
 async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]:
-    """Create the tables of each service if missing; returns the services whose tables are ready."""
+    """Create the tables of each service if missing; returns the services whose tables are ready.
+
+    Nothing is locked when every table and index is there already (one catalogue query). Otherwise the DDL runs
+    under an advisory lock (several processes may start together; CREATE ... IF NOT EXISTS is not race-free),
+    one statement per transaction: CREATE INDEX IF NOT EXISTS share-locks its table even when the index exists,
+    and a transaction holding the lock of one table while waiting for the next deadlocks with the writes of a
+    process that already serves the service (a publish holds {events} and waits for {post})."""
     ready = set()
     for svc in services:
+        statements = [statement for statement in sql(svc, DDL).split(";") if statement.strip()]
+        relations = [DDL_RELATIONS.search(statement).group(1) for statement in statements]
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                # Several processes may start together; CREATE ... IF NOT EXISTS is not race-free.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('im_backend:ddl'))")
-                await conn.execute(sql(svc, DDL))
+            async with pool.acquire() as conn:
+                if await conn.fetchval(DDL_MISSING, relations):
+                    await conn.execute("SELECT pg_advisory_lock(hashtext('im_backend:ddl'))")
+                    try:  # made meanwhile by the process that held the lock? Then nothing to do here either
+                        if await conn.fetchval(DDL_MISSING, relations):
+                            for statement in statements:
+                                await conn.execute(statement)
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock(hashtext('im_backend:ddl'))")
             ready.add(svc)
         except (asyncpg.PostgresError, OSError) as exc:
             log.error("cannot create the tables of service %r: %s", svc, exc)

@@ -9,20 +9,31 @@ processes under a data directory, talk over Unix sockets, need no root and no Do
 across restarts. Both servers listen on Unix sockets at fixed places (DIR/pg/.s.PGSQL.5432, DIR/redis.sock), so
 the addresses in app.yaml stay right from one start to the next.
 
+One `run` at a time per data directory: DIR/run.lock is held (flock) while it runs, and names its process, port
+and server. A second `run` on the same data (on any port) says so and exits 1 without touching the first one's
+servers; a port another process holds is reported (exit 1) before anything starts. The kernel drops the lock of
+a run however it ended (even kill -9), so a leftover file never blocks a restart.
+
 The test suite uses start_postgres()/start_redis() the same way (see tests/conftest.py).
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
+import urllib.request
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -139,15 +150,143 @@ def demo_secret(data_dir: pathlib.Path) -> str:
     return path.read_text().strip()
 
 
+RUN_LOCK = "run.lock"  # in the data directory: held by the run that uses it, with its pid, port and server's pid
+
+
+def _read_run_info(path: pathlib.Path) -> dict:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _write_run_info(fd: int, **info: object) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+
+def _pid_alive(pid: object) -> bool:
+    """Does process pid still run (a process killed but not yet reaped by its parent, a zombie, does not)?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _is_server(pid: object) -> bool:
+    """Is pid a live IM-Backend server (and not a pid reused by something else since)?"""
+    if not _pid_alive(pid):
+        return False
+    try:
+        import psutil
+
+        return any("im_backend" in arg for arg in psutil.Process(pid).cmdline())
+    except Exception:  # psutil missing, or the process just ended
+        return False
+
+
+def take_run_lock(data_dir: pathlib.Path, port: int) -> tuple[int | None, str]:
+    """Hold DIR/run.lock for this run: (its file descriptor, "") or (None, why another run has the data).
+
+    flock: the kernel releases it when its holder ends, however it ends (kill -9 too), so a file left by a run
+    that was killed never blocks a restart. A run killed alone may leave its server running, though: the file
+    names it, and while that process lives the data stays taken."""
+    path = data_dir / RUN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        info = _read_run_info(path)
+        return None, (f"IM-Backend is already running (pid {info.get('pid', '?')}) on port {info.get('port', '?')} "
+                      f"with the data in {data_dir}")
+    info = _read_run_info(path)
+    if _is_server(info.get("server_pid")):
+        os.close(fd)
+        return None, (f"the IM-Backend server of an earlier run (pid {info['server_pid']}) is still running on "
+                      f"port {info.get('port', '?')} with the data in {data_dir}: stop it first (kill {info['server_pid']})")
+    _write_run_info(fd, pid=os.getpid(), port=port, data=str(data_dir))
+    return fd, ""
+
+
+def port_problem(port: int) -> str:
+    """Why the server could not listen on 127.0.0.1:port ("" if it can), asked before anything is started."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use by another process"
+            return f"cannot listen on port {port}: {exc.strerror or exc}"
+    return ""
+
+
+def forget_dead_handles(pgdata: pathlib.Path) -> None:
+    """pgserver stops PostgreSQL when the last process holding a handle on it ends, by a list of their pids kept in
+    the data; a run killed with kill -9 stays on that list, and the next run would then leave PostgreSQL running
+    when it stops. Drop the pids of processes that are gone."""
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(pids, list):
+        alive = [pid for pid in pids if _pid_alive(pid)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
+def wait_answering(server: subprocess.Popen, port: int) -> bool:
+    """Wait until the server answers /healthz on its port (True) or has ended (False)."""
+    url = f"http://127.0.0.1:{port}/healthz"
+    while server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return server.poll() is None
+        except OSError:  # not listening yet (URLError), or answering something else (HTTPError)
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def run(data_dir: pathlib.Path, port: int) -> int:
     data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock, refused = take_run_lock(data_dir, port)
+    if lock is None:
+        print(f"{refused}; nothing was started. Stop that one first, or run another with its own data directory "
+              f"and port (--data DIR --port P, or IM_DATA and IM_PORT).", file=sys.stderr, flush=True)
+        return 1
+    problem = port_problem(port)
+    if problem:
+        print(f"{problem}; nothing was started. Choose another one: --port P (or IM_PORT).", file=sys.stderr,
+              flush=True)
+        return 1
     print(f"starting embedded PostgreSQL and Redis in {data_dir} ...", flush=True)
+    forget_dead_handles(data_dir / "pg")
     pg, db = start_postgres(data_dir)
     redis_server, redis_addr = start_redis(data_dir, redis_socket_path(data_dir))
     secret = demo_secret(data_dir)
     boot = write_config(data_dir, db, redis_addr, {"demo": secret}, keep=True)
     appkey = f"$(python im_backend.py appkey --svc demo -conf {boot})"
-    print(f"""
+    banner = f"""
 IM-Backend on http://127.0.0.1:{port}  (service "demo", secret {secret}; configuration {boot})
 Try it (from {ROOT}, with the venv active: . .venv/bin/activate; README.md, "Try it with curl", shows every call):
   curl -s -X POST "http://127.0.0.1:{port}/api/v1/posts/publish?svc=demo&appKey={appkey}" \\
@@ -155,11 +294,17 @@ Try it (from {ROOT}, with the venv active: . .venv/bin/activate; README.md, "Try
   curl -s "http://127.0.0.1:{port}/api/v1/posts/getinfo?svc=demo&appKey={appkey}&post_id=POST_ID"
 Edit {data_dir / 'app.yaml'} to add services: it is reloaded within seconds and kept across restarts
 (delete it to start over from the default). Ctrl-C stops everything.
-""", flush=True)
+"""
+    print(f"starting IM-Backend on port {port} ...", flush=True)
     server = subprocess.Popen([sys.executable, str(ROOT / "im_backend.py"), "-conf", str(boot),
                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
+    _write_run_info(lock, pid=os.getpid(), port=port, data=str(data_dir), server_pid=server.pid)
     signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+    answered = False
     try:
+        answered = wait_answering(server, port)
+        if answered:
+            print(banner, flush=True)  # only now: the port is ours and the server answers
         status = server.wait()
     except KeyboardInterrupt:
         server.send_signal(signal.SIGINT)
@@ -167,7 +312,10 @@ Edit {data_dir / 'app.yaml'} to add services: it is reloaded within seconds and 
     finally:
         del redis_server, pg  # both servers stop with their handles; the data stays in data_dir
     # uvicorn ends a graceful stop by re-raising the signal (-15, -2): that is a normal end here
-    return 0 if status in (-signal.SIGTERM, -signal.SIGINT) else status
+    status = 0 if status in (-signal.SIGTERM, -signal.SIGINT) else status
+    if status and not answered:
+        print(f"IM-Backend did not start (exit status {status}): see its messages above", file=sys.stderr, flush=True)
+    return status
 
 
 def main() -> int:

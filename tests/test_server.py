@@ -349,6 +349,79 @@ async def test_several_workers_start_together_on_a_new_service(make_server, back
     assert "cannot create the tables" not in srv.log()
 
 
+async def test_four_workers_start_on_a_fresh_service_20_times_while_publishing(make_server, backing):
+    """Publishes sent while workers start: answered by the first one ready while the others still start up
+    (their start-up must not lock what it has no need to create: a start-up DDL transaction share-locked the post
+    table, then the events table, while a publish held the events table and waited for the post table)."""
+    failures = []
+    for n in range(20):
+        svc = svc_name(f"fresh{n}")
+        srv = make_server(f"fresh{n}", app_config(backing, {svc: SECRET}), start=False)
+        srv.start_cli("--workers", "4", wait=False)
+        answers = []
+        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as client:
+            api = await api_for(srv, client, svc)
+
+            async def publisher(k: int) -> None:
+                after_start = 0
+                for i in range(400):  # until every worker has started, and then 3 more
+                    started = srv.log().count("im_backend ready") == 4
+                    try:
+                        answers.append(await api.call("POST", "/publish", data={"author": "a", "content": f"{k}.{i}"}))
+                    except httpx.TransportError:  # not listening yet
+                        if srv.process.poll() is not None:
+                            return
+                        await asyncio.sleep(0.05)
+                    after_start += started
+                    if after_start >= 3:
+                        return
+            await asyncio.gather(*(publisher(k) for k in range(8)))
+        log = srv.log()
+        bad = [body for _, body in answers if body["code"] != 200]
+        if bad or log.count("im_backend ready") != 4 or "database error" in log or "cannot create the tables" in log:
+            failures.append((n, bad[:3], [line for line in log.splitlines() if "ERROR" in line][:5]))
+        srv.stop()
+    assert not failures, failures
+
+
+async def test_a_worker_starts_on_existing_tables_without_locking_anything(make_server, backing, db):
+    """Every table and index there: no DDL, no lock, even while other processes write and make tables."""
+    svc = svc_name("nolock")
+    make_server("nolock", app_config(backing, {svc: SECRET})).stop()  # made its tables
+    tables = ", ".join(f'"{svc}_{table}"' for table in ("post_info", "post_comment_info", "events"))
+    async with db.transaction():
+        await db.execute(f"LOCK TABLE {tables} IN ROW EXCLUSIVE MODE")  # as writes in flight do
+        await db.execute("SELECT pg_advisory_xact_lock(hashtext('im_backend:ddl'))")  # as a process making tables
+        srv = make_server("nolock-again", app_config(backing, {svc: SECRET}), start=False).start(wait=False)
+        await srv.wait_ready_async(timeout=30)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
+            await (await api_for(srv, client, svc)).publish("alice", "while locked")
+
+
+async def test_making_a_missing_index_does_not_deadlock_with_writes(backing, db):
+    """DDL that has to run (an index missing) while another process writes: each statement commits on its own,
+    so it never holds one table's lock while it waits for another's."""
+    svc = svc_name("partial")
+    cfg = backing["db"]
+    pool = await asyncpg.create_pool(host=cfg["host"], port=cfg["port"], user=cfg["user"],
+                                     password=cfg["password"] or None, database=cfg["dbname"], min_size=1, max_size=2,
+                                     init=im_backend._init_connection)
+    try:
+        assert await im_backend.ensure_tables(pool, [svc]) == {svc}
+        await db.execute(f'DROP INDEX "{svc}_events_failed_idx"')
+        async with db.transaction():
+            await db.execute("SET LOCAL lock_timeout = '20s'")
+            await db.execute(f"""INSERT INTO "{svc}_events" (type, data) VALUES ('post.published', '{{}}')""")
+            making = asyncio.ensure_future(asyncio.wait_for(im_backend.ensure_tables(pool, [svc]), 60))
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass($1)"
+            assert await eventually(lambda: db.fetchval(waiting, f'"{svc}_events"'), timeout=20)  # for this write
+            await db.execute(f'INSERT INTO "{svc}_post_info" (id, content) VALUES (1, $1)', "written meanwhile")
+        assert await making == {svc}
+        assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{svc}_events_failed_idx"')
+    finally:
+        await pool.close()
+
+
 async def test_sigterm_lets_requests_in_flight_finish(make_server, backing, db):
     svc = svc_name("drain")
     srv = make_server("drain", app_config(backing, {svc: SECRET}))
