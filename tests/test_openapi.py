@@ -332,7 +332,8 @@ async def test_a_signed_only_service_is_callable_with_the_documents_security(mak
             before = set(request.headers.keys())
             signer.sign(request, key_id=svc, nonce=secrets.token_hex(16), label="sig1",
                         covered_component_ids=("@method", "@path", "@query"), body=body or None)
-            assert set(request.headers.keys()) - before <= declared, (method, path)
+            added = set(request.headers.keys()) - before
+            assert signature["name"].lower() in added and added <= declared, (method, path, added)
             response = await client.send(request, stream=True)
             try:
                 if response.headers["content-type"].startswith("text/event-stream"):
