@@ -3515,9 +3515,11 @@ APPKEY_PARAM = {"name": "appKey", "in": "query", "required": False,
                 "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
                                                         f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
                 "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
+
 # --- how a caller authenticates: the security schemes, and the headers they use ---------------------------------
-# Each credential is both a security scheme (for tools that apply security) and an optional parameter (for
-# generated clients that only pass parameters), so either kind of client can send it.
+# A signed request authenticates with several headers together: each is a security scheme, and an operation's
+# requirement for the signature names them all (OpenAPI: the schemes of one requirement are all needed). The appKey
+# stays a query parameter of every operation as well (as it always was), for clients that only pass parameters.
 APPKEY_SCHEME = {
     "type": "apiKey", "in": "query", "name": "appKey",
     "description": "hex(IV || AES-CFB(key = the service secret as UTF-8, iv = IV, plaintext = the unix time in "
@@ -3545,34 +3547,21 @@ SIGNATURE_SCHEME = {
                    "a secret listed in previous_secrets is accepted too. Failures answer 400 bind "
                    "authentication with IM-Auth-Error: malformed, expired, bad-signature, digest-mismatch or "
                    "replayed. `python im_backend.py sign URL` prints a signed curl command."}
+SIGNATURE_INPUT_SCHEME = {"type": "apiKey", "in": "header", "name": "Signature-Input",
+                          "description": "goes with Signature (see there): the covered components and the signature "
+                                         "parameters created, nonce, keyid (= svc) and alg"}
+CONTENT_DIGEST_SCHEME = {"type": "apiKey", "in": "header", "name": "Content-Digest",
+                         "description": "goes with Signature (see there) on a request with a body: "
+                                        "`sha-256=:<base64 SHA-256 of the body>:` (RFC 9530), covered by the "
+                                        "signature as content-digest (of an empty body it may be left out)"}
 METRICS_SCHEME = {"type": "http", "scheme": "bearer",
                   "description": "metrics.token, when it is configured (else /metrics needs nothing)"}
-API_SECURITY = [{"appKey": []}, {"signature": []}]  # alternatives: either one authenticates a request
+SECURITY_SCHEMES = {"appKey": APPKEY_SCHEME, "signature": SIGNATURE_SCHEME, "signatureInput": SIGNATURE_INPUT_SCHEME,
+                    "contentDigest": CONTENT_DIGEST_SCHEME, "metricsToken": METRICS_SCHEME}
+# An operation's alternatives: an appKey, or a signature (with the digest of the body, where there is one).
+API_SECURITY = [{"appKey": []}, {"signature": [], "signatureInput": []}]
+BODY_API_SECURITY = [{"appKey": []}, {"signature": [], "signatureInput": [], "contentDigest": []}]
 HEADER_NAMES = {"last_event_id": "Last-Event-ID"}  # the header a `where="header"` parameter is also read from
-
-SIGNATURE_EXAMPLE_INPUT = ('sig1=("@method" "@path" "@query");created=1714552200;'
-                           'nonce="5b3c8e1f9a2d4c6b8e0f1a2b3c4d5e6f";keyid="demo";alg="hmac-sha256"')
-SIGNATURE_PARAMS = [
-    {"name": "Signature", "in": "header", "required": False,
-     "description": "a signed request (the signature security scheme): `<label>=:<base64 HMAC-SHA256>:`",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SIGNATURE_FIELD},
-     "example": "sig1=:2Dbc1xJQtJ/9h2cNZsm2bSOx8Dje1TFgy5pkq/VHKuE=:"},
-    {"name": "Signature-Input", "in": "header", "required": False,
-     "description": "a signed request (the signature security scheme): the covered components and the "
-                    "signature parameters created, nonce, keyid (= svc) and alg",
-     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SIGNATURE_FIELD},
-     "example": SIGNATURE_EXAMPLE_INPUT}]
-CONTENT_DIGEST_PARAM = {
-    "name": "Content-Digest", "in": "header", "required": False,
-    "description": "a signed request with a body: `sha-256=:<base64 SHA-256 of the body>:` (RFC 9530), covered "
-                   "by the signature as content-digest",
-    "schema": {"type": "string", "pattern": "sha-256=:[A-Za-z0-9+/]{43}=:"},
-    "example": "sha-256=:l6n7ZoHSIRFwTlf149zXyOoxj9luUpnEczxR43yWeB4=:"}  # {"author":"alice","content":"hello"}
-REQUEST_ID_PARAM = {
-    "name": "X-Request-ID", "in": "header", "required": False,
-    "description": "the caller's id for this request: echoed in the answer's X-Request-ID and carried by every "
-                   "log line about it; any other value is replaced by a new id",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}, "example": "order-4711.retry-2"}
 
 REQUEST_ID_OUT = {"X-Request-ID": {"description": "the caller's X-Request-ID when it sent a sane one (1 to 128 of "
                                                   "A-Z a-z 0-9 . _ : -), else a new unique one",
@@ -3671,11 +3660,10 @@ def openapi_document(root_path: str = "") -> dict:
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         success_data = route.data or {"type": "null"}
         answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
-        signed = SIGNATURE_PARAMS + ([CONTENT_DIGEST_PARAM] if body else [])
         op: dict[str, Any] = {
             "summary": (route.operation.__doc__ or "").strip().splitlines()[0],
-            "operationId": route.operation.__name__, "security": API_SECURITY,
-            "parameters": [SVC_PARAM, APPKEY_PARAM] + query + signed + headers + [REQUEST_ID_PARAM],
+            "operationId": route.operation.__name__, "security": BODY_API_SECURITY if body else API_SECURITY,
+            "parameters": [SVC_PARAM, APPKEY_PARAM] + query + headers,
             "responses": {
                 "200": {"description": "success", "headers": REQUEST_ID_OUT, "content": {"application/json": {
                     "schema": {"allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
@@ -3728,11 +3716,14 @@ def openapi_document(root_path: str = "") -> dict:
         "openapi": "3.1.0",
         "info": {"title": "IM-Backend", "version": "1.0.0",
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
-                                "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500."},
+                                "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500. "
+                                "Every answer carries X-Request-ID: the request's own X-Request-ID header when it "
+                                "sent a sane one (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique id; every "
+                                "log line about the request carries it."},
         "servers": [{"url": root_path or "/", "description": "where this app is served"}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"appKey": APPKEY_SCHEME, "signature": SIGNATURE_SCHEME, "metricsToken": METRICS_SCHEME},
+            "securitySchemes": SECURITY_SCHEMES,
             "schemas": {
                 "Envelope": dict(_obj(code={"type": "integer", "description": "200, or the error code"},
                                       msg={"type": "string", "description": "success, or the error message"},
