@@ -3714,7 +3714,7 @@ def openapi_document(root_path: str = "") -> dict:
     extra_out = {"type": ["object", "null"], "description": "as given when written"}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "IM-Backend", "version": "1.0.0",
+        "info": {"title": "IM-Backend", "version": "1.0.0", "license": {"name": "MIT", "identifier": "MIT"},
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
                                 "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500. "
                                 "Every answer carries X-Request-ID: the request's own X-Request-ID header when it "
