@@ -3618,8 +3618,8 @@ ERROR_ANSWERS = {
 }
 BODY_ANSWERS = {"413": (
     "the body is larger than server.body_limit (1 MiB by default): refused as soon as that is known (from "
-    "Content-Length before any of it is read, else once that many bytes arrived), nothing is done and the "
-    "connection is closed", (Err.BODY_TOO_LARGE,), REQUEST_ID_OUT)}
+    "Content-Length before any of it is read, else once that many bytes arrived) and nothing is done; the "
+    "server's own HTTP protocol then closes the connection", (Err.BODY_TOO_LARGE,), REQUEST_ID_OUT)}
 
 
 def _error_answer(text: str, errors: tuple[Err, ...], headers: dict) -> dict:
@@ -3717,9 +3717,10 @@ def openapi_document(root_path: str = "") -> dict:
         "info": {"title": "IM-Backend", "version": "1.0.0", "license": {"name": "MIT", "identifier": "MIT"},
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
                                 "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500. "
-                                "Every answer carries X-Request-ID: the request's own X-Request-ID header when it "
-                                "sent a sane one (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique id; every "
-                                "log line about the request carries it."},
+                                "Every answer of the application (all but the 408, 431 and connection-cap 503 of "
+                                "the HTTP protocol) carries X-Request-ID: the request's own X-Request-ID header "
+                                "when it sent a sane one (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique id; "
+                                "every log line about the request carries it."},
         "servers": [{"url": root_path or "/", "description": "where this app is served"}],
         "paths": paths,
         "components": {
