@@ -3519,8 +3519,11 @@ IDS_MODE = Param("ids", "query", as_ids_mode, required=False, schema={"type": "s
 POST_ID_OPT = dataclasses.replace(POST_ID, required=False, description="only the events of this post")
 TYPES_OPT = Param("types", "query", as_types, required=False, description="only these event types, comma-separated",
                   schema={"type": "string"}, example="comment.replied,post.liked")
-LAST_EVENT_ID = Param("last_event_id", "header", as_id, required=False, schema={"type": "string"},
-                      description="resume after this event (the Last-Event-ID header, or this query parameter)")
+LAST_EVENT_ID = Param("last_event_id", "header", as_id, required=False,
+                      schema={"type": "string", "pattern": f"^[0-9]{{1,{ID_MAX_DIGITS + 1}}}$"},
+                      example=str(EXAMPLE_ID + 7),
+                      description="resume after this event: the `id:` of the last event received, a decimal "
+                                  "string of at most 2^63 - 1 (the Last-Event-ID header, or this query parameter)")
 COMMENT_IDS = Param("comment_ids", "any", as_id_list, required=False,
                     description=f"at most {COMMENT_IDS_MAX} comment ids: a JSON array in a JSON body, comma-separated "
                                 "in a form or in the query (the query also takes the parameter repeated)",
@@ -3755,18 +3758,121 @@ SVC_PARAM = {"name": "svc", "in": "query", "required": True, "description": "the
 APPKEY_PARAM = {"name": "appKey", "in": "query", "required": False,
                 "description": f"hex(IV || AES-CFB-128(secret, IV, unix seconds)); valid for ±{APPKEY_WINDOW} s. "
                                "Not needed (and refused under `auth: signed`) when the request carries an RFC 9421 "
-                               "signature instead: Signature-Input, Signature (and Content-Digest) headers",
+                               "signature instead: Signature-Input, Signature (and Content-Digest) headers. The appKey "
+                               "security scheme says how it is made",
                 "schema": {"type": "string", "pattern": f"^([0-9a-fA-F]{{2}}){{{APPKEY_HEX_CHARS[0] // 2},"
                                                         f"{APPKEY_HEX_CHARS[1] // 2}}}$"},
                 "example": "9d1c5f0e6a2b4c8d0e1f2a3b4c5d6e7f" + "1a2b3c4d5e6f7a8b9c"}
-ERROR_ANSWERS = {  # status: what it means (the body is always the error envelope)
-    "400": "bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
-           "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
-    "429": "too many requests: over the service's or the user's rate limit (Retry-After, RateLimit-Policy, RateLimit)",
-    "500": "a data error (code 10001-10018, see the code table) or an unexpected error",
-    "504": "the request took longer than server.timeout",
+
+# --- how a caller authenticates: the security schemes, and the headers they use ---------------------------------
+# A signed request authenticates with several headers together: each is a security scheme, and an operation's
+# requirement for the signature names them all (OpenAPI: the schemes of one requirement are all needed). The appKey
+# stays a query parameter of every operation as well (as it always was), for clients that only pass parameters.
+APPKEY_SCHEME = {
+    "type": "apiKey", "in": "query", "name": "appKey",
+    "description": "hex(IV || AES-CFB(key = the service secret as UTF-8, iv = IV, plaintext = the unix time in "
+                   "seconds as decimal text)): IV is 16 random bytes, CFB with 128-bit segments (as crypto-js and "
+                   "Go do), no padding; a secret of 16, 24 or 32 bytes selects AES-128, -192 or -256. Valid while "
+                   f"|now - that time| <= {APPKEY_WINDOW} s, so make a fresh one per request "
+                   "(`python im_backend.py appkey --svc NAME` prints one). Goes with the `svc` query parameter; "
+                   "a secret listed in previous_secrets is accepted too. Refused under `auth: signed` "
+                   "(IM-Auth-Error: appkey-not-accepted); ignored when the request is signed and the service is "
+                   "not `auth: appkey`. Failures answer 400 bind authentication with IM-Auth-Error: missing, "
+                   "unknown-service, malformed, bad-appkey or expired."}
+SIGNATURE_SCHEME = {
+    "type": "apiKey", "in": "header", "name": "Signature",
+    "description": "An RFC 9421 HTTP Message Signature with alg hmac-sha256, keyed with the service secret (its "
+                   "UTF-8 bytes), sent in two headers: `Signature-Input: sig1=(\"@method\" \"@path\" \"@query\" "
+                   "\"content-digest\");created=<unix seconds>;nonce=\"<16 to 64 visible ASCII characters>\";"
+                   "keyid=\"<svc>\";alg=\"hmac-sha256\"` and `Signature: sig1=:<base64 HMAC-SHA256 of the "
+                   "signature base>:` (any label; one signature per request). The covered components must include "
+                   "@method, @path (as sent, with the path the app is mounted at) and @query; with a non-empty "
+                   "body also content-digest, and the request then carries `Content-Digest: sha-256=:<base64 "
+                   "SHA-256 of the body>:` (RFC 9530). @authority and header fields may be covered too. keyid is "
+                   "the `svc` query parameter. Valid while `created` is within server.auth_window (60 s by "
+                   "default) of now and `expires`, if given, has not passed; each nonce is accepted once. "
+                   "Accepted unless the service is `auth: appkey`; the only credential under `auth: signed`; "
+                   "a secret listed in previous_secrets is accepted too. Failures answer 400 bind "
+                   "authentication with IM-Auth-Error: malformed, expired, bad-signature, digest-mismatch or "
+                   "replayed. `python im_backend.py sign URL` prints a signed curl command."}
+SIGNATURE_INPUT_SCHEME = {"type": "apiKey", "in": "header", "name": "Signature-Input",
+                          "description": "goes with Signature (see there): the covered components and the signature "
+                                         "parameters created, nonce, keyid (= svc) and alg"}
+CONTENT_DIGEST_SCHEME = {"type": "apiKey", "in": "header", "name": "Content-Digest",
+                         "description": "goes with Signature (see there) on a request with a body: "
+                                        "`sha-256=:<base64 SHA-256 of the body>:` (RFC 9530), covered by the "
+                                        "signature as content-digest (of an empty body it may be left out)"}
+METRICS_SCHEME = {"type": "http", "scheme": "bearer",
+                  "description": "metrics.token, when it is configured (else /metrics needs nothing)"}
+SECURITY_SCHEMES = {"appKey": APPKEY_SCHEME, "signature": SIGNATURE_SCHEME, "signatureInput": SIGNATURE_INPUT_SCHEME,
+                    "contentDigest": CONTENT_DIGEST_SCHEME, "metricsToken": METRICS_SCHEME}
+# An operation's alternatives: an appKey, or a signature (with the digest of the body, where there is one).
+API_SECURITY = [{"appKey": []}, {"signature": [], "signatureInput": []}]
+BODY_API_SECURITY = [{"appKey": []}, {"signature": [], "signatureInput": [], "contentDigest": []}]
+HEADER_NAMES = {"last_event_id": "Last-Event-ID"}  # the header a `where="header"` parameter is also read from
+
+REQUEST_ID_OUT = {"X-Request-ID": {"description": "the caller's X-Request-ID when it sent a sane one (1 to 128 of "
+                                                  "A-Z a-z 0-9 . _ : -), else a new unique one",
+                                   "schema": {"type": "string"}, "example": "order-4711.retry-2"}}
+AUTH_ERROR_OUT = {"IM-Auth-Error": {
+    "description": "on a 400 bind authentication only: why the request did not authenticate. missing (no svc, or "
+                   "no appKey and no signature), unknown-service, malformed (an appKey that is not hex of 17 to 64 "
+                   "bytes; a Signature/Signature-Input that cannot be parsed, misses a required component or "
+                   "parameter, or is signed for no service), expired (the appKey's time or the signature's "
+                   "created/expires is out of its window), bad-appkey (not made with the secret), bad-signature "
+                   "(the HMAC does not match, or it is signed for another service), digest-mismatch (a body "
+                   "without a covered Content-Digest of exactly it), replayed (the nonce was seen), "
+                   "appkey-not-accepted (an appKey for an `auth: signed` service)",
+    "schema": {"type": "string", "enum": sorted(r.value for r in AuthReason)}, "example": "expired"}}
+RATE_LIMIT_OUT = {
+    "Retry-After": {"description": "seconds until a request may be admitted", "schema": {"type": "integer",
+                                                                                       "minimum": 1}, "example": 1},
+    "RateLimit-Policy": {"description": "the limit that refused (draft-ietf-httpapi-ratelimit-headers): "
+                                        "`\"svc\";q=<burst>;w=<seconds>` or `\"user-writes\";q=<per minute>;w=60`",
+                         "schema": {"type": "string"}, "example": '"user-writes";q=30;w=60'},
+    "RateLimit": {"description": "`\"<policy>\";r=0;t=<seconds>`", "schema": {"type": "string"},
+                  "example": '"user-writes";r=0;t=2'}}
+
+
+def _envelope_examples(*errors: Err) -> dict:
+    """Example objects of the error envelopes an answer may carry."""
+    return {f"{err.code}-{err.name.lower().replace('_', '-')}": {
+        "summary": err.msg, "value": {"code": err.code, "msg": err.msg, "data": None}} for err in errors}
+
+
+# status: (what it means, the envelopes it carries, its headers); the body is the envelope. X-Request-ID is on
+# every answer the application gives; 408, 431 (and the connection cap's 503) come from the HTTP protocol.
+ERROR_ANSWERS = {
+    "400": ("bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
+            "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
+            (Err.BIND_PARAM, Err.PARAMS_WRONG, Err.AUTHENTICATION), dict(REQUEST_ID_OUT, **AUTH_ERROR_OUT)),
+    "408": ("the request head did not arrive within server.header_timeout, or its body stopped arriving for "
+            "server.body_timeout (the connection is closed; answered by the server's own HTTP protocol, which "
+            "`python im_backend.py` and the container use)", (Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT), {}),
+    "429": ("too many requests: over the service's or the user's rate limit; nothing was done",
+            (Err.TOO_MANY_REQUESTS,), dict(REQUEST_ID_OUT, **RATE_LIMIT_OUT)),
+    "431": ("the request line and headers are larger than server.header_limit bytes or have more than "
+            "server.max_headers fields (the connection is closed; answered by the server's own HTTP protocol, "
+            "as 408)", (Err.HEADERS_TOO_LARGE,), {}),
+    "500": ("a data error (code 10001-10018, e.g. 10006 find data failed for no such post or comment, 10014 no "
+            "right record found for another user's post or comment) or an unexpected error",
+            (Err.FIND_FAILED, Err.NOT_OWNER, Err.UPDATE_EMPTY, Err.ID_FAILED, Err.INTERNAL), REQUEST_ID_OUT),
+    "503": ("the server cannot serve now: it could not start (it tries again on the next request), it is shutting "
+            "down, or it has server.max_connections connections open (Retry-After, the connection is closed); "
+            "for the event stream also events.max_streams streams open", (Err.UNAVAILABLE,),
+            dict(REQUEST_ID_OUT, **{"Retry-After": {"description": "with the connection cap: seconds to wait",
+                                                    "schema": {"type": "integer", "minimum": 1}, "example": 1}})),
+    "504": ("the request took longer than server.timeout (10 s by default)", (Err.TIMEOUT,), REQUEST_ID_OUT),
 }
-BODY_ANSWERS = {"408": "the body did not arrive in time", "413": "the body is larger than server.body_limit"}
+BODY_ANSWERS = {"413": (
+    "the body is larger than server.body_limit (1 MiB by default): refused as soon as that is known (from "
+    "Content-Length before any of it is read, else once that many bytes arrived) and nothing is done; the "
+    "server's own HTTP protocol then closes the connection", (Err.BODY_TOO_LARGE,), REQUEST_ID_OUT)}
+
+
+def _error_answer(text: str, errors: tuple[Err, ...], headers: dict) -> dict:
+    return {"description": text, "headers": headers, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Envelope"}, "examples": _envelope_examples(*errors)}}}
 
 
 def _body_schema(params: list[Param], kind: str) -> dict:
@@ -3796,19 +3902,22 @@ def openapi_document(root_path: str = "") -> dict:
         query = [{"name": p.name, "in": "query", "required": p.required, "schema": p.schema,
                   "description": p.description, "example": p.example, **(p.query_style or {})}
                  for p in route.params + (IDS_MODE,) if p.where in ("query", "any", "header")]
+        headers = [{"name": HEADER_NAMES[p.name], "in": "header", "required": False, "schema": p.schema,
+                    "description": p.description, "example": p.example}
+                   for p in route.params if p.where == "header"]
         body = [p for p in route.params if p.where in ("body", "json", "any")]
         success_data = route.data or {"type": "null"}
         answers = dict(ERROR_ANSWERS, **(BODY_ANSWERS if body else {}))
         op: dict[str, Any] = {
             "summary": (route.operation.__doc__ or "").strip().splitlines()[0],
-            "operationId": route.operation.__name__, "parameters": [SVC_PARAM, APPKEY_PARAM] + query,
+            "operationId": route.operation.__name__, "security": BODY_API_SECURITY if body else API_SECURITY,
+            "parameters": [SVC_PARAM, APPKEY_PARAM] + query + headers,
             "responses": {
-                "200": {"description": "success", "content": {"application/json": {"schema": {
-                    "allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
-                **{status: {"description": text, "content": {"application/json": {"schema": {
-                    "$ref": "#/components/schemas/Envelope"}}}} for status, text in answers.items()}}}
+                "200": {"description": "success", "headers": REQUEST_ID_OUT, "content": {"application/json": {
+                    "schema": {"allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
+                **{status: _error_answer(*answer) for status, answer in sorted(answers.items())}}}
         if route.data is EVENT_STREAM:
-            op["responses"]["200"] = EVENT_STREAM
+            op["responses"]["200"] = dict(EVENT_STREAM, headers=REQUEST_ID_OUT)
         if body:
             content = {"application/json": {"schema": _body_schema(body, "json"),
                                             "example": _body_example(body, "json")}}
@@ -3820,27 +3929,50 @@ def openapi_document(root_path: str = "") -> dict:
                                  if len(content) > 1 else "JSON object"}
         paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = op
     plain = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+
+    def answer(text: str, content: dict, **headers: dict) -> dict:
+        return {"description": text, "headers": dict(REQUEST_ID_OUT, **headers), "content": content}
+    unauthenticated = []  # the system paths need no appKey and no signature
     paths["/healthz"] = {"get": {"summary": "liveness: the process answers (checks nothing else)",
-                                 "operationId": "healthz", "responses": {"200": {"description": "up",
-                                                                                 "content": plain}}}}
+                                 "operationId": "healthz", "security": unauthenticated,
+                                 "responses": {"200": answer("up", plain)}}}
     paths["/readyz"] = {"get": {"summary": "readiness: PostgreSQL and Redis answer; shows the clean-up queues",
-                                "operationId": "readyz", "responses": {
-                                    "200": {"description": "ready", "content": plain},
-                                    "503": {"description": "not ready (data says which check failed)",
-                                            "content": plain}}}}
-    paths["/openapi.json"] = {"get": {"summary": "this document", "operationId": "openapi", "responses": {
-        "200": {"description": "the OpenAPI document", "content": {"application/json": {}}}}}}
+                                "operationId": "readyz", "security": unauthenticated, "responses": {
+                                    "200": answer("ready", plain),
+                                    "503": answer("not ready (data says which check failed), or the server could "
+                                                  "not start", plain)}}}
+    paths["/openapi.json"] = {"get": {"summary": "this document", "operationId": "openapi",
+                                      "security": unauthenticated, "responses": {
+                                          "200": answer("the OpenAPI document", {"application/json": {}})}}}
+    paths[METRICS_PATH] = {"get": {
+        "summary": "Prometheus metrics, in its text format (every worker's, with several workers)",
+        "operationId": "metrics", "security": [{}, {"metricsToken": []}],  # a token only when one is configured
+        "responses": {
+            "200": answer("the metrics", {"text/plain": {"schema": {"type": "string"}}}),
+            "401": answer("metrics.token is configured and the request lacks `Authorization: Bearer <token>`",
+                          {"application/json": dict(plain["application/json"],
+                                                    examples=_envelope_examples(Err.UNAUTHORIZED))},
+                          **{"WWW-Authenticate": {"description": "the scheme to use", "schema": {"type": "string"},
+                                                  "example": 'Bearer realm="metrics"'}}),
+            "404": answer("metrics.enabled is false", {"application/json": dict(
+                plain["application/json"], examples=_envelope_examples(Err.NOT_FOUND))}),
+            "503": answer("the server could not start", plain)}}}
     string, nullable_string = {"type": "string"}, {"type": ["string", "null"]}
     time_text = {"type": "string", "description": "creation time in server.time_zone, YYYY-MM-DDTHH:MM:SS"}
     extra_out = {"type": ["object", "null"], "description": "as given when written"}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "IM-Backend", "version": "1.0.0",
+        "info": {"title": "IM-Backend", "version": "1.0.0", "license": {"name": "MIT", "identifier": "MIT"},
                  "description": "Posts, threaded comments and likes for back-end services. Every response is "
-                                "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500."},
+                                "the envelope {code, msg, data}; HTTP status = code when code <= 600, else 500. "
+                                "Every answer of the application (all but the 408, 431 and connection-cap 503 of "
+                                "the HTTP protocol) carries X-Request-ID: the request's own X-Request-ID header "
+                                "when it sent a sane one (1 to 128 of A-Z a-z 0-9 . _ : -), else a new unique id; "
+                                "every log line about the request carries it."},
         "servers": [{"url": root_path or "/", "description": "where this app is served"}],
         "paths": paths,
         "components": {
+            "securitySchemes": SECURITY_SCHEMES,
             "schemas": {
                 "Envelope": dict(_obj(code={"type": "integer", "description": "200, or the error code"},
                                       msg={"type": "string", "description": "success, or the error message"},
