@@ -3957,6 +3957,11 @@ def openapi_document(root_path: str = "") -> dict:
             "404": answer("metrics.enabled is false", {"application/json": dict(
                 plain["application/json"], examples=_envelope_examples(Err.NOT_FOUND))}),
             "503": answer("the server could not start", plain)}}}
+    wrong_method = answer("a method other than GET", {"application/json": dict(
+        plain["application/json"], examples=_envelope_examples(Err.METHOD_NOT_ALLOWED))},
+        Allow={"description": "the methods the path has", "schema": {"type": "string"}, "example": "GET"})
+    for system in ("/healthz", "/readyz", "/openapi.json", METRICS_PATH):
+        paths[system]["get"]["responses"]["405"] = wrong_method
     string, nullable_string = {"type": "string"}, {"type": ["string", "null"]}
     time_text = {"type": "string", "description": "creation time in server.time_zone, YYYY-MM-DDTHH:MM:SS"}
     extra_out = {"type": ["object", "null"], "description": "as given when written"}

@@ -6,6 +6,8 @@ service that accepts signed requests only, and the error answers it lists are th
 import copy
 import json
 import secrets
+import shutil
+import subprocess
 
 import httpx
 import jsonschema
@@ -353,3 +355,26 @@ async def test_a_signed_only_service_is_callable_with_the_documents_security(mak
             assert refused.headers["im-auth-error"] == "appkey-not-accepted"
             sent += 1
     assert sent == len(im_backend.ROUTES)
+
+
+REDOCLY = "@redocly/cli@2.77.0"  # an independent linter (Redocly's recommended rules), the version checked against
+
+
+def test_an_independent_linter_finds_no_problem(doc, tmp_path):
+    """Redocly's linter (errors and warnings alike, e.g. an operation without any 4XX answer) over the document."""
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed: the Redocly linter cannot be had")
+    try:
+        installed = subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--prefix",
+                                    str(tmp_path), REDOCLY], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.skip("the npm registry did not answer within 240 s: the Redocly linter is not run")
+    if installed.returncode != 0:
+        pytest.skip(f"npm could not install {REDOCLY} (is the npm registry reachable?): {installed.stderr[-300:]}")
+    (tmp_path / "openapi.json").write_text(json.dumps(doc))
+    lint = subprocess.run([str(tmp_path / "node_modules" / ".bin" / "redocly"), "lint", "openapi.json",
+                           "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    report = json.loads(lint.stdout[lint.stdout.index("{"):])
+    problems = [(p["ruleId"], p["severity"], [loc.get("pointer") for loc in p.get("location", [])])
+                for p in report.get("problems", [])]
+    assert lint.returncode == 0 and problems == [], problems
