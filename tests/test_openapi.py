@@ -79,8 +79,9 @@ def test_route_specific_meanings(doc):
     assert [s["type"] for s in extra["application/json"]["schema"]["properties"]["extra"]["anyOf"]] == [
         "object", "string"]
     assert extra["application/x-www-form-urlencoded"]["schema"]["properties"]["extra"]["type"] == "string"
-    assert set(paths["/healthz"]["get"]["responses"]) == {"200"}  # it never answers 503
-    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    # it never answers 503 (405: a method other than GET, as on every path)
+    assert set(paths["/healthz"]["get"]["responses"]) == {"200", "405"}
+    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503", "405"}
     for name in ("/getlist", "/comments/getinfo"):
         data = paths[im_backend.PREFIX + name]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         page = data["allOf"][1]["properties"]["data"]
