@@ -193,6 +193,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--app-dir", type=pathlib.Path, default=bench.ROOT)
     parser.add_argument("--vs-app-dir", type=pathlib.Path, default=None)
+    parser.add_argument("--cprofile", action="store_true", help="print cProfile's top functions of one more round")
     args = parser.parse_args()
     instrument()
     mods = {"this": load_module("im_backend_under_test", args.app_dir)}
@@ -219,7 +220,8 @@ def main() -> int:
                 levels[name]["picks"] = asyncio.run(bench.load_pools(db, levels[name], {pool: need}))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             versions = {name: (im, im.App(boot[name])) for name, im in mods.items()}
-            res = runner.run(measure_each(versions, args.write, levels, secret, args.requests, args.rounds))
+            res = runner.run(measure_each(versions, args.write, levels, secret, args.requests, args.rounds,
+                                          args.cprofile))
     finally:
         if redis is not None:
             bench.stop_redis(redis)
@@ -250,7 +252,8 @@ def main() -> int:
     return 0
 
 
-async def measure_each(versions: dict, write: str, levels: dict, secret: str, n: int, rounds: int) -> dict:
+async def measure_each(versions: dict, write: str, levels: dict, secret: str, n: int, rounds: int,
+                       cprofile: bool = False) -> dict:
     for im, app in versions.values():
         await app.startup()
     try:
@@ -265,6 +268,18 @@ async def measure_each(versions: dict, write: str, levels: dict, secret: str, n:
             for name, (im, app) in order:
                 results[name].append(await run_version(im, app, write, levels[name], secret, n, used[name]))
                 used[name] += n
+        if cprofile:
+            import cProfile
+            import pstats
+            for name, (im, app) in versions.items():
+                prof = cProfile.Profile()
+                prof.enable()
+                await run_version(im, app, write, levels[name], secret, n, used[name])
+                prof.disable()
+                used[name] += n
+                print(f"\ncProfile of {name}, {n} requests (tottime, s):")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+                pstats.Stats(prof).print_callers("_do_execute|writelines")
         return results
     finally:
         for im, app in versions.values():
