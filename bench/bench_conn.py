@@ -5,13 +5,16 @@
 Servers (one uvicorn worker each, pinned to CPU 0 with PostgreSQL and Redis; wrk and this script on CPU 1):
   before   im_backend.py of git revision --before (default main), plain `uvicorn im_backend:app` (uvicorn's
            httptools protocol); pick a revision from before this work once it is merged
+  before-guarded  the same revision with `--http im_backend:GuardedHttpProtocol` (for --burst-servers)
   plain    this branch, plain `uvicorn im_backend:app`
   guarded  this branch, `uvicorn im_backend:app --http im_backend:GuardedHttpProtocol` (what the README says)
 Scenarios:
   getinfo  wrk -t1 -c64 on the cached getinfo, the servers alternating in rounds; per round the ratios
            guarded/plain (the protocol's cost) and guarded/before (the whole branch); median (min-max)
   burst    wrk -t1 -c1000 on getinfo for --burst seconds while a canary opens a fresh connection every 0.1 s
-           for one getinfo: canary p50/p99/max, its failures, and "Too many connections" lines in the server log
+           for one getinfo: canary p50/p99/max, its failures, "Too many connections" lines in the server log and
+           the server's RSS (peak growth during the burst); --burst-rounds N runs before and guarded alternately
+           N times and adds the medians [min-max] of the canary's p50 and p99
   header   10 connections each streaming a 50 MiB header: the server's RSS growth (peak and after)
 Figures are printed and written to bench/results-conn.json. Nothing is asserted.
 """
@@ -142,11 +145,50 @@ async def header_attack(port: int, pid: int, seconds: float = 30) -> dict:
             "client_sent_mb": mb(sent_total), "seconds": round(elapsed, 1)}
 
 
+def run_burst(s: Server, script: pathlib.Path, seconds: int, pin: bool, svc: str, secret: str, hot: int,
+              connections: int = 1000) -> dict:
+    """One -c<connections> burst on server s with the canary; wrk's figures, the canary's, the server's RSS growth."""
+    log_start = s.logpath.stat().st_size
+    proc = psutil.Process(s.proc.pid)
+    rss0 = peak = proc.memory_info().rss
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.1)
+
+    async def burst() -> tuple[dict, dict]:
+        sampler = asyncio.ensure_future(sample())
+        load = asyncio.ensure_future(asyncio.to_thread(wrk, s.port, script, seconds, connections, pin))
+        await asyncio.sleep(1)  # the burst is on
+        probe = await canary(s.port, svc, secret, hot, seconds - 2)
+        result = await load
+        sampler.cancel()
+        return result, probe
+
+    load, probe = asyncio.run(burst())
+    with open(s.logpath, "rb") as f:
+        f.seek(log_start)
+        too_many = f.read().count(b"Too many connections")
+    return {"connections": connections, "wrk_rps": round(load["rps"]), "wrk_p50_ms": load["p50_us"] / 1000,
+            "wrk_p99_ms": load["p99_us"] / 1000, "wrk_errors": load["errors"],
+            "wrk_timeouts": load["timeout"], "canary": probe, "too_many_connections_log_lines": too_many,
+            "rss_before_mb": round(rss0 / 2**20, 1), "rss_peak_growth_mb": round((peak - rss0) / 2**20, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=3, help="seconds per getinfo run")
     parser.add_argument("--burst", type=int, default=10, help="seconds of the -c1000 burst")
+    parser.add_argument("--burst-rounds", type=int, default=1, help="bursts per server, alternating")
+    parser.add_argument("--burst-connections", type=lambda v: [int(c) for c in v.split(",") if c], default=[],
+                        help="also burst with these numbers of connections (e.g. 250,2000), same canary")
+    parser.add_argument("--burst-servers", default="before,guarded",
+                        help="servers of burst and header (before, before-guarded: --before with the guarded "
+                             "protocol, plain, guarded)")
     parser.add_argument("--only", default="getinfo,burst,header")
     parser.add_argument("--before", default="main", help="git revision whose im_backend.py is 'before'")
     parser.add_argument("--output", type=pathlib.Path, default=BENCH / "results-conn.json")
@@ -182,7 +224,8 @@ def main() -> int:
             servers.append(s)
             return s.start()
 
-        kinds = {"before": (work / "main", None), "plain": (bench.ROOT, None), "guarded": (bench.ROOT, GUARDED)}
+        kinds = {"before": (work / "main", None), "plain": (bench.ROOT, None), "guarded": (bench.ROOT, GUARDED),
+                 "before-guarded": (work / "main", GUARDED)}
         script = work / "getinfo.lua"
         tpl = [{"method": "GET", "path": f"{PREFIX}/getinfo?svc={svc}&post_id={hot}"}]
         script.write_text(make_lua(secret, tpl, 3600))
@@ -215,30 +258,37 @@ def main() -> int:
         for scenario in ("burst", "header"):
             if scenario not in only:
                 continue
-            for name in ("before", "guarded"):
-                s = server(name, *kinds[name])
-                if scenario == "burst":
-                    log_start = s.logpath.stat().st_size
-
-                    async def burst() -> tuple[dict, dict]:
-                        load = asyncio.ensure_future(asyncio.to_thread(wrk, s.port, script, args.burst, 1000, pin))
-                        await asyncio.sleep(1)  # the burst is on
-                        probe = await canary(s.port, svc, secret, hot, args.burst - 2)
-                        return await load, probe
-
-                    load, probe = asyncio.run(burst())
-                    with open(s.logpath, "rb") as f:
-                        f.seek(log_start)
-                        too_many = f.read().count(b"Too many connections")
-                    out = {"wrk_rps": round(load["rps"]), "wrk_p50_ms": load["p50_us"] / 1000,
-                           "wrk_p99_ms": load["p99_us"] / 1000, "wrk_errors": load["errors"],
-                           "wrk_timeouts": load["timeout"], "canary": probe, "too_many_connections_log_lines": too_many}
-                else:
-                    out = asyncio.run(header_attack(s.port, s.proc.pid))
-                results[f"{scenario}_{name}"] = out
-                log(f"{scenario} {name}: {json.dumps(out)}")
-                s.stop()
-                servers.remove(s)
+            rounds = args.burst_rounds if scenario == "burst" else 1
+            for i in range(rounds):
+                names = args.burst_servers.split(",")
+                for name in names if i % 2 == 0 else names[::-1]:
+                    s = server(name, *kinds[name])
+                    if scenario == "burst":
+                        out = run_burst(s, script, args.burst, pin, svc, secret, hot)
+                        for extra in args.burst_connections:  # the same canary beside other numbers of greedy ones
+                            results[f"burst_{name}_c{extra}_{i + 1}"] = other = run_burst(
+                                s, script, args.burst, pin, svc, secret, hot, extra)
+                            log(f"burst {name} -c{extra}: {json.dumps(other)}")
+                    else:
+                        out = asyncio.run(header_attack(s.port, s.proc.pid))
+                    key = f"{scenario}_{name}" if rounds == 1 else f"{scenario}_{name}_{i + 1}"
+                    results[key] = out
+                    log(f"{scenario} {name}: {json.dumps(out)}")
+                    s.stop()
+                    servers.remove(s)
+            if scenario == "burst" and rounds > 1:
+                for name in args.burst_servers.split(","):
+                    runs = [results[f"burst_{name}_{i + 1}"] for i in range(rounds)]
+                    for what in ("p50_ms", "p99_ms", "max_ms"):
+                        vals = [r["canary"][what] for r in runs if r["canary"][what] is not None]
+                        results[f"burst_{name}_canary_{what}"] = {
+                            "median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+                    growth = [r["rss_peak_growth_mb"] for r in runs]
+                    results[f"burst_{name}_rss_peak_growth_mb"] = {"median": statistics.median(growth),
+                                                                   "min": min(growth), "max": max(growth)}
+                    log(f"burst {name}, {rounds} rounds: canary p50 {results[f'burst_{name}_canary_p50_ms']}, "
+                        f"p99 {results[f'burst_{name}_canary_p99_ms']}, "
+                        f"RSS peak growth {results[f'burst_{name}_rss_peak_growth_mb']} MB")
     finally:
         bench.teardown(servers, redis_server, pg, work)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -10,8 +10,9 @@ import httpx_sse
 import pytest
 import pytest_asyncio
 
-from conftest import (Api, Receiver, RedisProcess, Server, app_config, eventually, expect, svc_name,
-                      webhook_secret)
+import im_backend
+from conftest import (Api, Receiver, RedisProcess, Server, app_config, eventually, expect, stored_count, svc_name,
+                      table_counts, webhook_secret)
 
 SECRET = "W7K8pJ3aQv2LcXgH"
 # a test-sized schedule; lease above timeout, so a slow answer on a busy machine is not sent twice
@@ -200,6 +201,59 @@ async def test_service_without_webhook_records_events_without_delivery(hooks, ho
     rows = await stored(db, svc)
     assert [row["type"] for row in rows] == ["post.published"]
     assert rows[0]["next_attempt_at"] is None and rows[0]["delivered_at"] is None
+
+
+async def test_every_refused_write_leaves_rows_counts_and_outbox_as_they_were(api, db):
+    """A write whose owner or target check fails writes nothing: no row, no count, no clean-up job, no event."""
+    post, other = await api.publish("alice"), await api.publish("alice")
+    root, other_root = await api.comment(post, "carol"), await api.comment(other, "carol")
+    reply = await api.reply(post, root, root, "dave")
+    await api.ok("PUT", "/comments/like", {"post_id": post, "comment_id": reply, "user_id": "erin"}, json={"like": True})
+    await api.ok("PUT", "/like", {"post_id": post, "user_id": "erin"}, json={"like": True})
+    svc = api.svc
+    for kind, ids in (("comments", [post, other]), ("children", [root, other_root]), ("comment", [reply]),
+                      ("post", [post])):  # counted from here on
+        await db.execute(im_backend.sql(svc, im_backend.COUNTER_INIT[kind]), ids)
+
+    async def state() -> dict:
+        return {"rows": await table_counts(db, svc), "outbox": await outbox(db, svc),
+                "queue": await db.fetchval(f'SELECT count(*) FROM "{svc}_cleanup_queue"'),
+                "contents": await db.fetch(f'SELECT id, content, extra FROM "{svc}_post_comment_info" ORDER BY id'),
+                "posts": await db.fetch(f'SELECT id, content, title FROM "{svc}_post_info" ORDER BY id'),
+                "counts": [await stored_count(db, svc, kind, target) for kind, target in (
+                    ("comments", post), ("comments", other), ("children", root), ("children", other_root),
+                    ("comment", reply), ("post", post))]}
+
+    before = await state()
+    assert before["counts"] == [2, 1, 1, 0, 1, 1]
+    reply_to = {"post_id": post, "user_id": "u9"}
+    for method, path, query, body, code in [
+        ("PUT", "/update", {"post_id": post, "user_id": "mallory"}, {"data": {"title": "x"}}, 10014),
+        ("PUT", "/update", {"post_id": 4242, "user_id": "alice"}, {"data": {"content": "x"}}, 10006),
+        ("DELETE", "/delete", {"post_id": post, "user_id": "mallory"}, {}, 10014),
+        ("DELETE", "/delete", {"post_id": 4242, "user_id": "alice"}, {}, 10006),
+        ("PUT", "/comments/update", {"comment_id": reply, "user_id": "mallory"}, {"data": {"content": "x"}}, 10014),
+        ("PUT", "/comments/update", {"comment_id": 4242, "user_id": "dave"}, {"data": {"content": "x"}}, 10006),
+        ("DELETE", "/comments/delete", {"comment_id": reply, "user_id": "mallory"}, {}, 10014),
+        ("DELETE", "/comments/delete", {"comment_id": root, "user_id": "dave"}, {}, 10014),  # the thread's root
+        ("DELETE", "/comments/delete", {"comment_id": 4242, "user_id": "dave"}, {}, 10006),
+        ("POST", "/comments/reply", {**reply_to, "post_id": other, "root_comment_id": root,
+                                     "father_comment_id": reply}, {"data": {"content": "x"}}, 400),  # other post
+        ("POST", "/comments/reply", {**reply_to, "root_comment_id": other_root, "father_comment_id": reply},
+         {"data": {"content": "x"}}, 400),  # a father of another thread
+        ("POST", "/comments/reply", {**reply_to, "root_comment_id": reply, "father_comment_id": reply},
+         {"data": {"content": "x"}}, 400),  # a reply is no thread's root
+        ("POST", "/comments/reply", {**reply_to, "root_comment_id": root, "father_comment_id": 4242},
+         {"data": {"content": "x"}}, 10006),
+        ("PUT", "/comments/like", {"post_id": other, "comment_id": reply, "user_id": "erin"},
+         {"json": {"like": False}}, 400),  # a like that is there, taken back naming another post
+        ("PUT", "/comments/like", {"post_id": other, "comment_id": reply, "user_id": "fred"},
+         {"json": {"like": True}}, 400),
+        ("PUT", "/comments/like", {"post_id": post, "comment_id": 4242, "user_id": "fred"},
+         {"json": {"like": True}}, 10006),
+    ]:
+        expect(await api.call(method, path, query, **body), code)
+        assert await state() == before, (method, path, query)
 
 
 async def test_refused_change_with_redis_down_makes_no_event(workdir, backing, db):

@@ -463,6 +463,89 @@ async def test_smuggling_shapes_are_rejected(guarded, headers):
 
 # --- how it is started -------------------------------------------------------------------------------------------
 
+# --- fairness: newcomers are not stuck behind greedy connections (in-process: the protocol on fake transports) ------
+
+class _FakeTransport(asyncio.Transport):
+    """What the protocol writes goes nowhere; enough of a TCP connection on 127.0.0.1 for uvicorn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_new_connections_request_starts_ahead_of_back_to_back_requests():
+    """Connections that send their next request right after an answer take turns, FAIR_BUDGET per turn of the
+    event loop; the request of a new connection starts at once, however many of them wait; a waiting request
+    whose client went away never starts. (Started = the app is called; recorded in order, no clock involved.)"""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    started: list[str] = []
+
+    async def app(scope, receive, send):
+        started.append(scope["query_string"].decode())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = Config(app=app, lifespan="off", access_log=False, log_level="warning", http="httptools")
+    config.load()
+    state, loop = ServerState(), asyncio.get_running_loop()
+    opened = []
+
+    def connect() -> im_backend.GuardedHttpProtocol:
+        proto = im_backend.GuardedHttpProtocol(config=config, server_state=state, app_state={}, _loop=loop)
+        proto.connection_made(_FakeTransport())
+        opened.append(proto)
+        return proto
+
+    async def until_started(n: int) -> None:
+        for _ in range(10_000):  # turns of the loop, bounded
+            if len(started) >= n:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"{len(started)} of {n} requests started")
+
+    def request(tag: str) -> bytes:
+        return f"GET /healthz?{tag} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    greedy = [connect() for _ in range(3 * im_backend.FAIR_BUDGET)]
+    try:
+        for i, proto in enumerate(greedy):  # a first request each: answered
+            proto.data_received(request(f"first{i}"))
+        await until_started(len(greedy))
+        started.clear()
+        for i, proto in enumerate(greedy):  # each sends its next one right away: back to back
+            proto.data_received(request(f"again{i}"))
+        greedy[-1].connection_lost(None)  # one of them gives up while it waits
+        connect().data_received(request("fresh"))  # a newcomer, behind all of them
+        await until_started(len(greedy))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert started.index("fresh") <= im_backend.FAIR_BUDGET  # in the first turn, not behind the 383 others
+        assert [tag for tag in started if tag != "fresh"] == [f"again{i}" for i in range(len(greedy) - 1)]
+    finally:
+        for proto in opened:
+            proto.connection_lost(None)
+
+
 def test_the_seam_matches_the_pinned_uvicorn():
     pins = (ROOT / "requirements-runtime.txt").read_text()
     assert re.search(rf"^uvicorn=={re.escape(im_backend.UVICORN_SEAM_VERSION)}$", pins, re.M)
