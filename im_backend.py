@@ -1771,6 +1771,11 @@ PRIMARY_WAL_LSN = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
 STANDBY_REPLAY_LSN = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"  # NULL: not a standby
 
 
+# What a query answers when its database fails (InternalClientError: asyncpg's state machine when the server
+# goes away in the middle of a statement, "cannot switch to state ...")
+DB_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
+
+
 class ReplicaLink:
     """One streaming standby of a Database: its pool and its state, fresh | stale | down, from the last measurement.
 
@@ -1788,7 +1793,8 @@ class ReplicaLink:
 
     def failed(self, exc: BaseException) -> None:
         """A read on it failed: not read from again before the next measurement (when the connection itself broke)."""
-        if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)):
+        if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                            asyncpg.CannotConnectNowError)):
             if self.state != "down":
                 log.warning("replica %s failed (%r); reading the primary until it answers again", self.label, exc)
             self.state, self.error = "down", repr(exc)
@@ -2389,7 +2395,7 @@ class Store:
         except asyncpg.UndefinedTableError:
             log.error("a table of service %r is missing", svc)
             raise ApiError(Err.TABLE_MISSING) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        except DB_FAILURES as exc:
             log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
 
@@ -2409,11 +2415,14 @@ class Store:
                 async with link.pool.acquire(timeout=REPLICA_WAIT) as conn:
                     self._on_replica.add(conn)
                     try:
-                        return await read(conn)
+                        result = await read(conn)
                     finally:
                         self._on_replica.discard(conn)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+                METRICS.replica_read(link.label, "ok")
+                return result
+            except DB_FAILURES as exc:
                 link.failed(exc)
+                METRICS.replica_read(link.label, "fallback")
                 log.debug("replica %s: %r; reading the primary", link.label, exc)
         return await self.on_primary(svc, failure, read)
 
@@ -4431,6 +4440,9 @@ class Metrics:
       METRICS.auth_failure(svc, reason)       im_auth_failures_total{svc,reason}
       METRICS.ratelimited(svc)                im_ratelimited_total{svc}
       METRICS.webhook_delivery(svc, result)   im_webhook_deliveries_total{svc,result}; result in WEBHOOK_RESULTS
+      METRICS.replica_read(replica, result)   im_db_replica_reads_total{replica,result}: an uncached read sent to a
+                                              standby ("host:port"), result "ok" or "fallback" (it failed: the
+                                              primary answered)
       METRICS.events_pending(svc, count)      im_events_pending{svc}: set it to the events of svc not delivered
                                               yet (a count over the whole database: the most recent value of
                                               any worker is shown)
@@ -4462,6 +4474,9 @@ class Metrics:
                                            "result (per worker)", ("result",), registry=registry)
         self.events_pending_gauge = prom.Gauge("im_events_pending", "Events not delivered yet", ("svc",),
                                                registry=registry, multiprocess_mode="mostrecent")
+        self.replica_reads = prom.Counter("im_db_replica_reads_total", "Uncached reads sent to a streaming standby, "
+                                          "by result: ok, or fallback (it failed; the primary answered)",
+                                          ("replica", "result"), registry=registry)
         self.pool_connections = prom.Gauge("im_db_pool_connections", "PostgreSQL pool connections by state "
                                            "(summed over live workers)", ("state",), registry=registry,
                                            multiprocess_mode="livesum")
@@ -4523,6 +4538,9 @@ class Metrics:
 
     def webhook_delivery(self, svc: str | None, result: str) -> None:
         self._count(self.webhook_deliveries, self.svc_label(svc), result if result in WEBHOOK_RESULTS else "other")
+
+    def replica_read(self, replica: str, result: str) -> None:
+        self._count(self.replica_reads, replica, result)
 
     def events_pending(self, svc: str | None, count: int) -> None:
         self.events_pending_gauge.labels(self.svc_label(svc)).set(count)
@@ -4737,6 +4755,20 @@ def _quiet_client_loggers() -> None:
         client_log = logging.getLogger(name)
         if client_log.level == logging.NOTSET:
             client_log.setLevel(logging.WARNING)
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineErrors) for f in pool_log.filters):
+        pool_log.addFilter(OneLineErrors())
+
+
+class OneLineErrors(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect to a database that is down (every 1 to
+    60 s): one line with the error says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()}: {record.exc_info[1]!r}", None
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _ensure_logging() -> None:
