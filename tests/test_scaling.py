@@ -81,15 +81,16 @@ async def test_a_service_on_its_own_database_keeps_everything_there(make_server,
     servers = [make_server("own-db-1", config), make_server("own-db-2", config)]
     tenant = await tenant_pg.connect()
     try:
+        async with httpx.AsyncClient(base_url=servers[0].url, timeout=30) as client:
+            main_post = await Api(client, main, SECRET).publish(content="on the top-level database")
         async with httpx.AsyncClient(base_url=servers[0].url, timeout=30) as client, \
                 StreamReader(servers[1].url, own) as stream:
-            api, api_main = Api(client, own, SECRET), Api(client, main, SECRET)
+            api = Api(client, own, SECRET)
             await asyncio.sleep(1.5)  # both processes LISTENing on both databases
             post = await api.publish(content="on its own database")
             root = await api.comment(post, "u1", "c")
             await api.reply(post, root, root, "u2", "r")
             await api.ok("PUT", "/like", {"post_id": post, "user_id": "u3"}, json={"like": True})
-            main_post = await api_main.publish("on the top-level database")
             # every table of the service is in its own database, none in the top-level one; and the reverse
             for table in ("post_info", "post_comment_info", "post_like", "events", "cleanup_queue", "like_counts"):
                 assert await table_exists(tenant, f"{own}_{table}"), table
