@@ -1829,7 +1829,8 @@ class Database:
         self.error = ""
         self._keeper: asyncio.Task | None = None
         self._monitor: asyncio.Task | None = None
-        self._samples: collections.deque[list] = collections.deque(maxlen=LSN_SAMPLES)  # [monotonic time, lsn]
+        # the primary's WAL positions: [first seen, last seen (monotonic time), lsn], in order
+        self._samples: collections.deque[list] = collections.deque(maxlen=LSN_SAMPLES)
         self._turn = itertools.count()
 
     @property
@@ -1906,10 +1907,10 @@ class Database:
                 log.debug("replica lag: the primary %s did not answer: %r", self.cfg.describe(), exc)
         now = time.monotonic()
         if primary is not None:
-            if self._samples and self._samples[-1][1] == primary:
-                self._samples[-1][0] = now  # still there: the last moment it was seen at that position
+            if self._samples and self._samples[-1][2] == primary:
+                self._samples[-1][1] = now  # still there: the last moment it was seen at that position
             else:
-                self._samples.append([now, primary])
+                self._samples.append([now, now, primary])
         await asyncio.gather(*(self._measure_one(link, primary, now) for link in list(self.replicas.values())))
 
     async def _measure_one(self, link: ReplicaLink, primary: int | None, now: float) -> None:
@@ -1938,11 +1939,11 @@ class Database:
         if replayed >= primary:
             return 0.0
         samples = list(self._samples)
-        positions = [lsn for _, lsn in samples]
+        positions = [lsn for _, _, lsn in samples]
         k = bisect_right(positions, replayed)  # samples[k] is the first the standby has not replayed
         if k == 0:
             return now - samples[0][0]  # older than anything remembered
-        (t0, p0), (t1, p1) = samples[k - 1], samples[k]
+        (_, t0, p0), (t1, _, p1) = samples[k - 1], samples[k]  # last seen at p0, first seen at p1
         return max(0.0, now - (t0 + (t1 - t0) * (replayed - p0) / (p1 - p0)))
 
     def replica_states(self) -> list[ReplicaLink]:

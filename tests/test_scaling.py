@@ -261,7 +261,8 @@ async def test_reads_on_a_streaming_standby_fall_back_to_the_primary(make_server
         await standby.pause_replay()
         try:
             second = await api.comment(post, "u2", "second")  # writes go to the primary
-            assert await eventually(lambda: replica_state_is(replica_state(), "stale"), timeout=20)
+            assert await eventually(lambda: replica_state_is(replica_state(), "stale"), timeout=20), (
+                await replica_state(), await standby.sql("SELECT pg_get_wal_replay_pause_state()"))
             assert await page_ids(post) == [first, second]
             assert (await api.ok("GET", "/getlist"))["post_list"] == [post]
             text = await metrics(srv.url)
@@ -337,3 +338,14 @@ db: {{host: main, user: u, password: p, dbname: d, replicas: [{{host: r1}}, {{ho
                 f"svc: [{{name: a, secret: {SECRET}, db: [1]}}]"):
         with pytest.raises(im_backend.ConfigError):
             im_backend.parse_app_config(bad)
+
+
+def test_replay_lag_is_the_time_since_the_primary_was_at_the_replayed_position():
+    database = im_backend.Database(im_backend.DbConfig(), None)
+    # [first seen, last seen, WAL position] of the primary: at 100 until t=10, at 200 from 11 to 20, then 300
+    database._samples.extend([[0, 10, 100], [11, 20, 200], [21, 21, 300]])
+    assert database._lag(300, 300, 25) == 0  # replayed all the primary wrote: 0, however idle the primary
+    assert database._lag(100, 300, 25) == 15  # the primary was last there at t=10
+    assert database._lag(150, 300, 25) == 14.5  # half of the WAL written between t=10 and t=11
+    assert database._lag(250, 300, 25) == 25 - 20.5
+    assert database._lag(50, 300, 25) == 25  # older than anything remembered: at least since the first sample
