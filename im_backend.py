@@ -60,7 +60,7 @@ import threading
 import time
 import urllib.parse
 import zoneinfo
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import Any, Awaitable, Callable, Iterable
 
 import asyncpg
@@ -250,6 +250,13 @@ def secret_problem(secret: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Replica:
+    """One entry of `db.replicas`: a streaming standby of that database (user, password, dbname: the entry's)."""
+    host: str
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DbConfig:
     host: str = "127.0.0.1"
     port: int = 5432
@@ -259,6 +266,17 @@ class DbConfig:
     min_conns: int = 2
     max_conns: int = 10
     pool_wait: float = 5.0  # seconds a request waits for a free connection, then answers its error code
+    connect_timeout: float = 5.0  # seconds one attempt to open a connection may take (a database that does not answer)
+    replicas: tuple[Replica, ...] = ()  # streaming standbys serving the uncached reads
+    max_replica_lag_ms: float = 1000.0  # a standby further behind than this is not read from
+
+    @functools.cached_property
+    def primary(self) -> "DbConfig":
+        """This entry without its replicas: what identifies one database and its pool (equal ones share it)."""
+        return dataclasses.replace(self, replicas=(), max_replica_lag_ms=DbConfig.max_replica_lag_ms)
+
+    def describe(self) -> str:
+        return f"{self.host}:{self.port}/{self.dbname}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +382,7 @@ class Tenant:
     previous_secrets: tuple[str, ...] = ()  # still accepted until removed: rotation without downtime
     limits: Limits = Limits()
     webhook: Webhook | None = None
+    db: DbConfig | None = None  # svc[].db: this service's own PostgreSQL (None: the top-level db)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +397,11 @@ class AppConfig:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     events: EventsConfig = EventsConfig()
+
+    def db_of(self, svc: str) -> DbConfig:
+        """The database that holds the tables of service svc."""
+        tenant = self.tenants.get(svc)
+        return self.db if tenant is None or tenant.db is None else tenant.db
 
 
 def _section(raw: dict, name: str, cls: type) -> Any:
@@ -412,6 +436,7 @@ def parse_app_config(text: str) -> AppConfig:
     services: dict[str, str] = {}
     tenants: dict[str, Tenant] = {}
     limits = _limits(raw.get("limits"), Limits(), "limits")
+    db = _db_config(raw.get("db"), "db", None)
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -424,6 +449,8 @@ def parse_app_config(text: str) -> AppConfig:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
         tenants[name] = _tenant(entry, name, secret, limits)
+        if entry.get("db") is not None:
+            tenants[name] = dataclasses.replace(tenants[name], db=_db_config(entry["db"], f"svc[{name}].db", db))
     server = _section(raw, "server", ServerConfig)
     if server.header_limit < 1024 or server.max_headers < 1 or min(server.header_timeout, server.body_timeout) <= 0:
         raise ConfigError("'server.header_limit' must be at least 1024, 'max_headers' at least 1 and "
@@ -456,8 +483,39 @@ def parse_app_config(text: str) -> AppConfig:
     if min(events.max_streams, events.concurrency) < 1 or min(events.lease, events.timeout, events.keepalive,
                                                               events.poll_interval) <= 0:
         raise ConfigError("'events': max_streams, concurrency, lease, timeout, keepalive, poll_interval must be > 0")
-    return AppConfig(services, tenants, _section(raw, "db", DbConfig), cache, clean, server, zone,
-                     log_config, metrics, events)
+    return AppConfig(services, tenants, db, cache, clean, server, zone, log_config, metrics, events)
+
+
+def _db_config(given: Any, where: str, default: DbConfig | None) -> DbConfig:
+    """A `db:` mapping (the top-level one, or a service's, whose missing keys come from `default`: the top-level
+    one). `replicas` are standbys of one server: a service's entry naming another host, port or dbname lists its
+    own (or none)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"'{where}' must be a mapping")
+    plain = {key: value for key, value in given.items() if key != "replicas"}
+    parsed = _section({where: plain}, where, DbConfig)
+    cfg = parsed
+    if default is not None:
+        cfg = dataclasses.replace(default, **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(DbConfig)
+                                              if f.name != "replicas" and plain.get(f.name) is not None})
+        if (cfg.host, cfg.port, cfg.dbname) != (default.host, default.port, default.dbname):
+            cfg = dataclasses.replace(cfg, replicas=())
+    if given.get("replicas") is not None:
+        replicas = given["replicas"]
+        if not isinstance(replicas, list) or not all(isinstance(r, dict) and r.get("host") for r in replicas):
+            raise ConfigError(f"'{where}.replicas' must be a list of {{host, port}} mappings")
+        try:
+            cfg = dataclasses.replace(cfg, replicas=tuple(
+                Replica(str(r["host"]), int(r.get("port") or cfg.port)) for r in replicas))
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{where}.replicas': a port must be a number") from None
+        if len(set(cfg.replicas)) != len(cfg.replicas):
+            raise ConfigError(f"'{where}.replicas' lists one standby twice")
+    if cfg.max_replica_lag_ms <= 0 or cfg.connect_timeout <= 0:
+        raise ConfigError(f"'{where}': max_replica_lag_ms and connect_timeout must be above 0")
+    return cfg
 
 
 AUTH_MODES = ("any", "appkey", "signed")
@@ -1732,7 +1790,8 @@ async def open_pool(cfg: DbConfig) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None, database=cfg.dbname,
         min_size=min(cfg.min_conns, cfg.max_conns), max_size=max(cfg.max_conns, 1), init=_init_connection,
-        reset=_keep_session, statement_cache_size=DB_STATEMENT_CACHE, command_timeout=DB_COMMAND_TIMEOUT)
+        reset=_keep_session, statement_cache_size=DB_STATEMENT_CACHE, command_timeout=DB_COMMAND_TIMEOUT,
+        timeout=cfg.connect_timeout)
 
 
 # Every table and index DDL makes (quoted, as sql() fills them in), and how many of them are missing.
@@ -1766,6 +1825,209 @@ async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]
         except (asyncpg.PostgresError, OSError) as exc:
             log.error("cannot create the tables of service %r: %s", svc, exc)
     return ready
+
+
+DB_RECONNECT_INTERVALS = (1.0, 2.0, 5.0)  # seconds between tries to reach a service's database that is down
+REPLICA_MEASURE_INTERVAL = 1.0  # seconds between measurements of every standby's replay lag
+REPLICA_WAIT = 1.0  # seconds a read waits for a standby's connection before it reads the primary instead
+LSN_SAMPLES = 4096  # the primary's WAL positions remembered (one a measurement, fewer while it is idle)
+PRIMARY_WAL_LSN = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+STANDBY_REPLAY_LSN = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"  # NULL: not a standby
+
+
+# What a query answers when its database fails (InternalClientError: asyncpg's state machine when the server
+# goes away in the middle of a statement, "cannot switch to state ...")
+DB_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
+
+
+class ReplicaLink:
+    """One streaming standby of a Database: its pool and its state, fresh | stale | down, from the last measurement.
+
+    Lag is the time since the primary's WAL position was where the standby's replay position is now (so a
+    standby that has replayed everything an idle primary wrote has lag 0, however long ago that write was)."""
+
+    def __init__(self, address: Replica, cfg: DbConfig) -> None:
+        self.address = address
+        self.cfg = dataclasses.replace(cfg, host=address.host, port=address.port, replicas=())
+        self.label = f"{address.host}:{address.port}"
+        self.pool: asyncpg.Pool | None = None
+        self.state = "down"
+        self.lag: float | None = None  # seconds, None while unknown
+        self.error = ""
+
+    def failed(self, exc: BaseException) -> None:
+        """A read on it failed: not read from again before the next measurement (when the connection itself broke)."""
+        if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                            asyncpg.CannotConnectNowError)):
+            if self.state != "down":
+                log.warning("replica %s failed (%r); reading the primary until it answers again", self.label, exc)
+            self.state, self.error = "down", repr(exc)
+
+    def readiness(self) -> dict:
+        lag = None if self.lag is None else round(self.lag * 1000, 1)
+        return {"host": self.address.host, "port": self.address.port, "lag_ms": lag, "state": self.state}
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), OLD_POOL_CLOSE_TIMEOUT)
+
+
+OLD_POOL_CLOSE_TIMEOUT = 30.0  # seconds a retired pool waits for its queries in flight before it is terminated
+
+
+class Database:
+    """One PostgreSQL primary (a distinct `db` entry: the top-level one, or a service's own) shared by every
+    service that names it, across reloads: its pool (None while it cannot be reached: then a task keeps trying,
+    and creates the tables once it answers), the services whose tables exist there (`ready`), and its streaming
+    standbys with their measured lag."""
+
+    def __init__(self, cfg: DbConfig, pool: asyncpg.Pool | None) -> None:
+        self.cfg = cfg.primary
+        self.pool = pool
+        self.wanted: set[str] = set()  # the services of the current configuration kept here
+        self.ready: set[str] = set()
+        self.max_lag = cfg.max_replica_lag_ms / 1000
+        self.replicas: dict[Replica, ReplicaLink] = {}
+        self.error = ""
+        self._keeper: asyncio.Task | None = None
+        self._monitor: asyncio.Task | None = None
+        # the primary's WAL positions: [first seen, last seen (monotonic time), lsn], in order
+        self._samples: collections.deque[list] = collections.deque(maxlen=LSN_SAMPLES)
+        self._turn = itertools.count()
+
+    @property
+    def pending(self) -> bool:
+        """Is it being reconnected (tables not made yet)? Then its services answer their database error code."""
+        return self._keeper is not None and not self._keeper.done()
+
+    @staticmethod
+    async def connect(cfg: DbConfig) -> tuple[asyncpg.Pool | None, str]:
+        """One attempt at a pool: (pool, "") or (None, why not)."""
+        try:
+            return await asyncio.wait_for(open_pool(cfg), cfg.connect_timeout + 1), ""
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return None, str(exc) or type(exc).__name__
+
+    def configure(self, services: set[str], cfg: DbConfig, retired: list[ReplicaLink]) -> None:
+        """The services and standbys of a (re)loaded configuration; standbys no longer listed go to `retired`."""
+        self.wanted = set(services)
+        self.ready &= self.wanted
+        self.max_lag = cfg.max_replica_lag_ms / 1000
+        for address in set(self.replicas) - set(cfg.replicas):
+            retired.append(self.replicas.pop(address))
+        for address in cfg.replicas:
+            if address not in self.replicas:
+                self.replicas[address] = ReplicaLink(address, cfg)
+        if self.replicas and (self._monitor is None or self._monitor.done()):
+            self._monitor = asyncio.ensure_future(keep_running(f"replica lag of {self.cfg.describe()}", self._measure))
+
+    async def ensure(self, keep_trying: bool) -> None:
+        """Create the tables of the wanted services that have none yet; when the database cannot be reached (or
+        keep_trying and some are still missing), a task keeps trying in the background."""
+        if self.pool is not None:
+            self.ready |= await ensure_tables(self.pool, self.wanted - self.ready)
+        if keep_trying and (self.pool is None or self.wanted - self.ready) and not self.pending:
+            log.warning("database %s of services %s is unreachable (%s); they answer database errors until it is "
+                        "back", self.cfg.describe(), sorted(self.wanted - self.ready), self.error or "tables missing")
+            self._keeper = asyncio.ensure_future(self._keep())
+
+    async def _keep(self) -> None:
+        for attempt in itertools.count():
+            await asyncio.sleep(DB_RECONNECT_INTERVALS[min(attempt, len(DB_RECONNECT_INTERVALS) - 1)])
+            if self.pool is None:
+                self.pool, self.error = await self.connect(self.cfg)
+                if self.pool is None:
+                    continue
+            with contextlib.suppress(Exception):
+                self.ready |= await ensure_tables(self.pool, self.wanted - self.ready)
+            if not self.wanted - self.ready:
+                log.info("database %s is reachable: serving services %s", self.cfg.describe(), sorted(self.wanted))
+                return
+
+    # --- standbys -----------------------------------------------------------------
+
+    def fresh_replica(self) -> ReplicaLink | None:
+        """A standby to read from (round robin among the fresh ones), or None: read the primary."""
+        fresh = [link for link in self.replicas.values() if link.state == "fresh" and link.pool is not None]
+        return fresh[next(self._turn) % len(fresh)] if fresh else None
+
+    async def _measure(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.measure()
+            await asyncio.sleep(max(0.05, REPLICA_MEASURE_INTERVAL - (time.monotonic() - started)))
+
+    async def measure(self) -> None:
+        """The primary's WAL position now, then each standby's replay position, as a lag in time."""
+        primary = None
+        if self.pool is not None:
+            try:
+                async with asyncio.timeout(REPLICA_MEASURE_INTERVAL):
+                    async with self.pool.acquire() as conn:
+                        primary = await conn.fetchval(PRIMARY_WAL_LSN)
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.debug("replica lag: the primary %s did not answer: %r", self.cfg.describe(), exc)
+        now = time.monotonic()
+        if primary is not None:
+            if self._samples and self._samples[-1][2] == primary:
+                self._samples[-1][1] = now  # still there: the last moment it was seen at that position
+            else:
+                self._samples.append([now, now, primary])
+        await asyncio.gather(*(self._measure_one(link, primary, now) for link in list(self.replicas.values())))
+
+    async def _measure_one(self, link: ReplicaLink, primary: int | None, now: float) -> None:
+        before = link.state
+        try:
+            async with asyncio.timeout(REPLICA_MEASURE_INTERVAL):
+                if link.pool is None:
+                    link.pool = await open_pool(dataclasses.replace(link.cfg, min_conns=1))
+                async with link.pool.acquire() as conn:
+                    replayed = await conn.fetchval(STANDBY_REPLAY_LSN)
+            if replayed is None:
+                raise ValueError("not a standby (pg_last_wal_replay_lsn() is null)")
+        except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
+            link.state, link.lag, link.error = "down", None, repr(exc)
+        else:
+            link.lag = None if primary is None else self._lag(replayed, primary, now)
+            link.state = "fresh" if link.lag is not None and link.lag <= self.max_lag else "stale"
+        if link.state != before:
+            log.info("replica %s of %s: %s -> %s (lag %s ms)%s", link.label, self.cfg.describe(), before, link.state,
+                     None if link.lag is None else round(link.lag * 1000), f": {link.error}" if link.state == "down"
+                     else "")
+
+    def _lag(self, replayed: int, primary: int, now: float) -> float:
+        """Seconds since the primary was at position `replayed`: between the last sample at or before it and the
+        first one past it, in proportion to the WAL written between them (0: caught up with the primary now)."""
+        if replayed >= primary:
+            return 0.0
+        samples = list(self._samples)
+        positions = [lsn for _, _, lsn in samples]
+        k = bisect_right(positions, replayed)  # samples[k] is the first the standby has not replayed
+        if k == 0:
+            return now - samples[0][0]  # older than anything remembered
+        (_, t0, p0), (t1, _, p1) = samples[k - 1], samples[k]  # last seen at p0, first seen at p1
+        return max(0.0, now - (t0 + (t1 - t0) * (replayed - p0) / (p1 - p0)))
+
+    def replica_states(self) -> list[ReplicaLink]:
+        return list(self.replicas.values())
+
+    def pools(self) -> list[asyncpg.Pool]:
+        return [p for p in [self.pool, *(link.pool for link in self.replicas.values())] if p is not None]
+
+    async def close(self) -> None:
+        """Stop its tasks; the pools close once their queries in flight are done (at most OLD_POOL_CLOSE_TIMEOUT)."""
+        for task in (self._keeper, self._monitor):
+            if task is not None:
+                task.cancel()
+        pool, self.pool = self.pool, None
+        links = list(self.replicas.values())
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), OLD_POOL_CLOSE_TIMEOUT)
+        for link in links:
+            await link.close()
 
 
 # ============================================================================
@@ -2120,6 +2382,7 @@ def open_cache(cfg: CacheConfig) -> Cache:
 
 DEFAULT_PAGE = 20  # items in a list page when `limit` is missing or 0
 CLEANUP_RETRY_PAUSE = 1.0  # seconds the clean-up waits after a database error before the next round
+DATABASE_CHECK_TIMEOUT = 1.0  # seconds /readyz and /metrics wait for one database's queue depths and counts
 DRAIN_GRACE = 2.0  # seconds, beyond DOUBLE_DELETE_DELAY, that shutdown waits for delayed work
 
 
@@ -2142,25 +2405,51 @@ class Background:
 
 
 class Store:
-    """The database of one configuration: connections and transactions (db()), the events a transaction writes
+    """The databases of one configuration: connections and transactions (db(): svc's own database, or the
+    top-level one; read(): an uncached read that a fresh standby may serve), the events a transaction writes
     (emit(), emitted(): announced once it commits), and counter maintenance (count_change(), settle_counts())."""
 
-    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+    def __init__(self, config: AppConfig, main: Database, tenant_dbs: dict[str, Database], cache: Cache,
                  background: Background) -> None:
         self.config = config
-        self.pool = pool
+        self.main = main  # the top-level db
+        self.tenant_dbs = tenant_dbs  # svc -> its own database (services of the top-level db are not listed)
+        self.pool = main.pool
         self.cache = cache
-        self.ready = ready  # services whose tables exist
         self.background = background
         self._emitted: dict[Any, set[str]] = {}  # connection -> services with events in its open transaction
+        self._on_replica: set[Any] = set()  # connections of read() on a standby (read-only)
+
+    def database(self, svc: str) -> Database:
+        return self.tenant_dbs.get(svc, self.main)
+
+    def databases(self) -> list[Database]:
+        """Every database of this configuration, the top-level one first."""
+        return list(dict.fromkeys([self.main, *self.tenant_dbs.values()]))
+
+    def by_database(self) -> list[tuple[Database, list[str]]]:
+        """The services whose tables are ready, per database."""
+        found: dict[Database, list[str]] = {}
+        for svc in sorted(self.config.services):
+            database = self.database(svc)
+            if svc in database.ready:
+                found.setdefault(database, []).append(svc)
+        return list(found.items())
+
+    @property
+    def ready(self) -> set[str]:
+        """The services whose tables exist (in their database)."""
+        return {svc for svc in self.config.services if svc in self.database(svc).ready}
 
     @contextlib.asynccontextmanager
     async def db(self, svc: str, failure: Err):
-        """A connection for service svc; database errors become the given code (missing table: 10001)."""
-        if svc not in self.ready:
-            raise ApiError(Err.TABLE_CREATE_FAILED)
-        pool = self.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
-        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else self.config.db.pool_wait
+        """A connection to the primary of service svc; database errors become the given code (missing table: 10001;
+        a database being reconnected: the given code at once)."""
+        database = self.tenant_dbs.get(svc, self.main)
+        if svc not in database.ready:
+            raise ApiError(failure if database.pending else Err.TABLE_CREATE_FAILED)
+        pool = database.pool  # every connection busy: wait at most db.pool_wait (asyncio.TimeoutError), not forever
+        wait = None if pool.get_idle_size() or pool.get_size() < pool.get_max_size() else database.cfg.pool_wait
         try:
             async with pool.acquire(timeout=wait) as conn:
                 try:
@@ -2174,9 +2463,36 @@ class Store:
         except asyncpg.UndefinedTableError:
             log.error("a table of service %r is missing", svc)
             raise ApiError(Err.TABLE_MISSING) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        except DB_FAILURES as exc:
             log.error("database error (answering %d): %r", failure.code, exc)
             raise ApiError(failure) from None
+
+    async def on_primary(self, svc: str, failure: Err, read: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """read(conn) on the primary of svc (the signature of read(), for code that picks one of the two)."""
+        async with self.db(svc, failure) as conn:
+            return await read(conn)
+
+    async def read(self, svc: str, failure: Err, read: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """An uncached read, read(conn): on a fresh standby of svc's database when there is one, else (none fresh,
+        or it fails: no error reaches the caller) on the primary. Only for answers that may be as old as the
+        standby's lag: never a write, an exact count, moderation or authentication state, nor a cache fill."""
+        database = self.tenant_dbs.get(svc, self.main)
+        link = database.fresh_replica() if database.replicas and svc in database.ready else None
+        if link is not None and link.pool is not None:
+            try:
+                async with link.pool.acquire(timeout=REPLICA_WAIT) as conn:
+                    self._on_replica.add(conn)
+                    try:
+                        result = await read(conn)
+                    finally:
+                        self._on_replica.discard(conn)
+                METRICS.replica_read(link.label, "ok")
+                return result
+            except DB_FAILURES as exc:
+                link.failed(exc)
+                METRICS.replica_read(link.label, "fallback")
+                log.debug("replica %s: %r; reading the primary", link.label, exc)
+        return await self.on_primary(svc, failure, read)
 
     async def emit(self, conn: asyncpg.Connection, svc: str, kind: str, data: dict) -> None:
         """Record the event of a change in the change's own transaction (it happened if and only if it commits)."""
@@ -2200,12 +2516,16 @@ class Store:
         await conn.execute(sql(svc, COUNTS_ADD), [c[0] for c in changes], [c[1] for c in changes],
                            random.randrange(COUNTER_SLOTS), [c[2] for c in changes])
 
-    @staticmethod
-    async def settle_counts(conn: asyncpg.Connection, svc: str, items: Iterable[dict],
-                             counts: tuple[tuple[str, str], ...]) -> None:
+    async def settle_counts(self, conn: asyncpg.Connection, svc: str, items: Iterable[dict],
+                            counts: tuple[tuple[str, str], ...]) -> None:
         """Counts read as None (no base yet: a new target, or rows of the Go version): make the bases from the
-        rows, once, and fill them in. counts: (kind, field); child_num only of root comments."""
+        rows, once, and fill them in (on the primary when conn is a standby's). counts: (kind, field); child_num
+        only of root comments."""
         items = list(items)
+        if conn in self._on_replica and any(item[field] is None and (kind != "children" or item["root_id"] == 0)
+                                            for item in items for kind, field in counts):
+            async with self.db(svc, Err.FIND_FAILED) as primary:
+                return await self.settle_counts(primary, svc, items, counts)
         for kind, field in counts:
             missing = sorted({item["id"] for item in items
                               if item[field] is None and (kind != "children" or item["root_id"] == 0)})
@@ -2290,23 +2610,28 @@ class Part:
 
     async def near_feed(self, svc: str, what: tuple, viewer: str | None,
                         read: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[asyncpg.Record]]]],
-                        liked_statement: str, ids: Callable[[Any], list[int]]) -> tuple[Any, frozenset | None]:
+                        liked_statement: str, ids: Callable[[Any], list[int]],
+                        replica: bool = False) -> tuple[Any, frozenset | None]:
         """A feed read kept in this process's near cache: the page (on a miss, read(conn) -> (page, its rows)),
         then the set of its items `viewer` likes (from the rows read, or liked_statement over ids(page) when the
-        page was cached); (page, None) when there is no viewer."""
+        page was cached); (page, None) when there is no viewer. replica: a miss may be read on a standby."""
         near, generation = self.cache.near, self.cache.near.generation(svc)
         key = feed_page_key(svc, generation, *what)
         page, liked = near.get(key), None
         if viewer is not None and page is not None:
             liked = near.get(feed_liked_key(svc, generation, viewer, key))
         if page is None or (viewer is not None and liked is None):
-            async with self.db(svc, Err.FIND_FAILED) as conn:
+            async def fill(conn: asyncpg.Connection) -> tuple[Any, frozenset, bool]:
                 if page is None:
-                    page, rows = await read(conn)
-                    liked = frozenset(row["id"] for row in rows if row["liked"])
-                    near.put(key, page)
-                else:
-                    liked = frozenset(r[0] for r in await conn.fetch(sql(svc, liked_statement), ids(page), viewer))
+                    read_page, rows = await read(conn)
+                    return read_page, frozenset(row["id"] for row in rows if row["liked"]), True
+                return page, frozenset(r[0] for r in await conn.fetch(sql(svc, liked_statement), ids(page), viewer)), \
+                    False
+
+            page, liked, missed = await (self.store.read if replica else self.store.on_primary)(
+                svc, Err.FIND_FAILED, fill)
+            if missed:
+                near.put(key, page)
             if viewer is not None:
                 near.put(feed_liked_key(svc, generation, viewer, key), liked)
         return page, liked
@@ -2383,9 +2708,8 @@ class Posts(Part):
         """Ids of the posts created before cursor, newest first."""
         if expand or author is not None or isinstance(cursor, Keyset):
             return await self.list_posts_keyset(svc, cursor, self.page_size(limit), expand, author, viewer)
-        cursor = cursor or dt.datetime.now(dt.timezone.utc)
-        async with self.db(svc, Err.FIND_FAILED) as conn:
-            rows = await conn.fetch(sql(svc, POST_LIST), cursor, self.page_size(limit))
+        cursor, size = cursor or dt.datetime.now(dt.timezone.utc), self.page_size(limit)
+        rows = await self.store.read(svc, Err.FIND_FAILED, lambda conn: conn.fetch(sql(svc, POST_LIST), cursor, size))
         return {"post_list": [row["id"] for row in rows], "next_cursor": next_cursor(rows)}
 
     async def list_posts_keyset(self, svc: str, cursor: dt.datetime | Keyset | None, limit: int,
@@ -2400,21 +2724,21 @@ class Posts(Part):
         key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
         page = self.cache.near.get(key)
         if page is None:
-            async with self.db(svc, Err.FIND_FAILED) as conn:
-                if author is None:
-                    rows = await conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit)
-                else:
-                    rows = await conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)
+            rows = await self.store.read(svc, Err.FIND_FAILED, lambda conn: (
+                conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit) if author is None else
+                conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)))
             page = ([row["id"] for row in rows],
                     Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
             self.cache.near.put(key, page)
         result: dict[str, Any] = {"post_list": page[0], "next_cursor": page[1]}
         if expand:
-            result["posts"] = await self.posts_full(svc, page[0], viewer)
+            result["posts"] = await self.posts_full(svc, page[0], viewer, replica=True)
         return result
 
-    async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None) -> list[dict | None]:
-        """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown."""
+    async def posts_full(self, svc: str, post_ids: list[int], viewer: str | None,
+                         replica: bool = False) -> list[dict | None]:
+        """Posts with like_count, comment_count (and liked when viewer), in the order asked; None if unknown.
+        replica: a miss may be read on a standby (a page, a batch; not getinfo's counts)."""
         if not post_ids:
             return []
         unique = sorted(set(post_ids))
@@ -2426,7 +2750,8 @@ class Posts(Part):
                                                                        ("comments", "comment_count")))
             return found, rows
 
-        found, liked = await self.near_feed(svc, ("posts", unique), viewer, read, POSTS_LIKED, list)
+        tag = "posts_r" if replica and self.store.database(svc).replicas else "posts"  # getinfo's counts: primary's
+        found, liked = await self.near_feed(svc, (tag, unique), viewer, read, POSTS_LIKED, list, replica)
         if viewer is None:
             return [found.get(post_id) for post_id in post_ids]
         return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
@@ -2434,7 +2759,7 @@ class Posts(Part):
 
     async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
         """Read up to 100 posts at once, with their counts; null for unknown ids."""
-        return {"posts": await self.posts_full(svc, post_ids, viewer)}
+        return {"posts": await self.posts_full(svc, post_ids, viewer, replica=True)}
 
 
 class Comments(Part):
@@ -2549,7 +2874,7 @@ class Comments(Part):
             return page, rows
 
         page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit), viewer,
-                                           read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]])
+                                           read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]], True)
         comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
         return {"comments": comments, "next_cursor": page[1]}
 
@@ -2706,25 +3031,35 @@ class Cleanup(Part):
     async def cleanup_depth(self) -> dict[str, int | str]:
         """Rows waiting in each service's clean-up queue; "error: ..." for a service whose queue cannot be read."""
         depth: dict[str, int | str] = {}
-        async with self.store.pool.acquire() as conn:
-            for svc in sorted(self.store.ready):
-                try:
-                    depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
-                except asyncpg.PostgresError as exc:
-                    log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
-                    depth[svc] = f"error: {exc!r}"
+        for database, svcs in self.store.by_database():
+            try:
+                async with asyncio.timeout(DATABASE_CHECK_TIMEOUT):
+                    async with database.pool.acquire() as conn:
+                        for svc in svcs:
+                            try:
+                                depth[svc] = await conn.fetchval(sql(svc, CLEANUP_DEPTH))
+                            except asyncpg.PostgresError as exc:
+                                log.warning("readiness: cannot read the clean-up queue of %r: %s", svc, exc)
+                                depth[svc] = f"error: {exc!r}"
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                    AttributeError) as exc:  # (AttributeError: its pool closed by a reload meanwhile)
+                if database is self.store.main:
+                    raise
+                depth.update((svc, f"error: {exc!r}") for svc in svcs if svc not in depth)
         return depth
 
     async def run_cleanup(self) -> None:
         """Drain the clean-up queues of every service; wake on a local delete or every clean.interval."""
         while True:
-            worked = False
-            for svc in list(self.store.ready):
+            worked = trouble = False
+            for svc in sorted(self.store.ready):
                 try:
                     while await self.clean_once(svc):
                         worked = True
                 except ApiError:
-                    await asyncio.sleep(CLEANUP_RETRY_PAUSE)  # database trouble was logged; next round
+                    trouble = True  # database trouble was logged; the other services go on, this one next round
+            if trouble:
+                await asyncio.sleep(CLEANUP_RETRY_PAUSE)
             if worked:
                 continue
             wakeup = self.background.cleanup_wakeup
@@ -2737,11 +3072,15 @@ class Service:
     """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
     in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
 
-    def __init__(self, config: AppConfig, pool: asyncpg.Pool, cache: Cache, ready: set[str],
+    @property
+    def ready(self) -> set[str]:
+        return self.store.ready
+
+    def __init__(self, config: AppConfig, main: Database, tenant_dbs: dict[str, Database], cache: Cache,
                  background: Background) -> None:
-        self.store = Store(config, pool, cache, ready, background)
+        self.store = Store(config, main, tenant_dbs, cache, background)
         # what App, Events and Metrics read of a Service (the same objects the store holds)
-        self.config, self.pool, self.cache, self.ready, self.background = config, pool, cache, ready, background
+        self.config, self.pool, self.cache, self.background = config, main.pool, cache, background
         self.render = Render(config)
         self.invalidator = Invalidator(cache, background)
         parts = (self.store, self.render, self.invalidator)
@@ -2864,7 +3203,8 @@ class Events:
         self.wakeups: dict[str, asyncio.Event] = {}  # svc -> wakes its webhook worker
         self.tasks: set[asyncio.Task] = set()
         self.http: httpx.AsyncClient | None = None
-        self._listening: asyncpg.Connection | None = None  # the LISTEN connection, also used to send the hints
+        self._listening: dict[Database, asyncpg.Connection] = {}  # LISTEN connections, also used to send the hints
+        self.listeners: dict[Database, asyncio.Task] = {}  # one per database in use
         self._hints: set[str] = set()  # services whose committed events the other processes are yet to be told of
         self._hinter: asyncio.Task | None = None
 
@@ -2872,13 +3212,19 @@ class Events:
 
     def start(self, service: Service) -> None:
         self.service, self.stopping = service, False
-        self._spawn(self._listen())
         self._spawn(self._retention())
         self.sync(service)
 
     def sync(self, service: Service) -> None:
-        """After a (re)load: a webhook worker for each service that has a webhook, none for the others."""
+        """After a (re)load: a LISTEN connection to each database in use; a webhook worker for each service that
+        has a webhook, none for the others."""
         self.service = service
+        databases = service.store.databases()
+        for database in set(self.listeners) - set(databases):
+            self.listeners.pop(database).cancel()
+        for database in databases:
+            if database not in self.listeners:
+                self.listeners[database] = self._spawn(self._listen(database))
         wanted = {svc for svc, tenant in service.config.tenants.items() if tenant.webhook and svc in service.ready}
         for svc in set(self.workers) - wanted:
             self.workers.pop(svc).cancel()
@@ -2900,6 +3246,7 @@ class Events:
         if tasks:
             await asyncio.wait(tasks, timeout=self.STOP_TIMEOUT)
         self.workers.clear()
+        self.listeners.clear()
         self.hubs.clear()  # their readers are gone; a later start makes new ones
         if self.http is not None:
             await self.http.aclose()
@@ -2927,14 +3274,19 @@ class Events:
         that interval share the next NOTIFY. Without a LISTEN connection the others find the events by polling."""
         while self._hints:
             svcs, self._hints = sorted(self._hints), set()
-            conn = self._listening
-            if conn is None or conn.is_closed():
+            service, per_database = self.service, {}
+            if service is None:
                 return
-            try:
-                await conn.execute(EVENT_HINT, EVENTS_CHANNEL, svcs)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                log.debug("events: NOTIFY failed (%r); the other processes will poll", exc)
-                return
+            for svc in svcs:  # each database's listeners hear of the services kept there
+                per_database.setdefault(service.store.database(svc), []).append(svc)
+            for database, names in per_database.items():
+                conn = self._listening.get(database)
+                if conn is None or conn.is_closed():
+                    continue
+                try:
+                    await conn.execute(EVENT_HINT, EVENTS_CHANNEL, names)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    log.debug("events: NOTIFY failed (%r); the other processes will poll", exc)
             await asyncio.sleep(EVENT_HINT_INTERVAL)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, svc: str) -> None:
@@ -2943,27 +3295,32 @@ class Events:
         if (wakeup := self.wakeups.get(svc)) is not None:
             wakeup.set()
 
-    async def _listen(self) -> None:
-        while True:
-            service = self.service
-            assert service is not None
-            cfg, conn = service.config.db, None
+    async def _listen(self, database: Database) -> None:
+        """LISTEN on one database (until it is no longer in use): the commits of every process there wake us."""
+        cfg, failing = database.cfg, False
+        while self.listeners.get(database) is asyncio.current_task():
+            conn = None
             try:
                 conn = await asyncio.wait_for(asyncpg.connect(
                     host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password or None,
-                    database=cfg.dbname), DB_ATTEMPT_TIMEOUT)
+                    database=cfg.dbname, timeout=cfg.connect_timeout), DB_ATTEMPT_TIMEOUT)
                 await conn.add_listener(EVENTS_CHANNEL, self._notified)
-                self._listening = conn
+                self._listening[database] = conn
+                if failing:
+                    log.info("events: listening on %s again", cfg.describe())
+                failing = False
                 self._wake_all()  # anything committed while nobody listened
-                while not conn.is_closed() and self.service is not None and self.service.config.db == cfg:
+                while not conn.is_closed() and self.listeners.get(database) is asyncio.current_task():
                     await asyncio.sleep(self.LISTEN_CHECK)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-                log.warning("events: cannot LISTEN (%r); polling until it works again", exc)
+                if not failing:  # one line per outage, not one a second
+                    log.warning("events: cannot LISTEN on %s (%r); polling until it works again", cfg.describe(), exc)
+                failing = True
                 await asyncio.sleep(self.LISTEN_RETRY)
             finally:
                 if conn is not None:
-                    if self._listening is conn:
-                        self._listening = None
+                    if self._listening.get(database) is conn:
+                        del self._listening[database]
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), self.CLOSE_TIMEOUT)
 
@@ -3191,10 +3548,16 @@ class Events:
         """Per service: events waiting for their webhook (backlog) and events that failed for good."""
         service, counts = self.service, {}
         assert service is not None
-        async with service.pool.acquire() as conn:
-            for svc in sorted(service.ready):
-                with contextlib.suppress(asyncpg.PostgresError):
-                    counts[svc] = dict(await conn.fetchrow(sql(svc, EVENTS_COUNTS)))
+        for database, svcs in service.store.by_database():
+            try:
+                async with asyncio.timeout(DATABASE_CHECK_TIMEOUT):
+                    async with database.pool.acquire() as conn:
+                        for svc in svcs:
+                            with contextlib.suppress(asyncpg.PostgresError):
+                                counts[svc] = dict(await conn.fetchrow(sql(svc, EVENTS_COUNTS)))
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, AttributeError):
+                if database is service.store.main:
+                    raise  # (a service's own database that is down: its services are left out)
         return counts
 
 
@@ -3809,7 +4172,7 @@ async def serve_readyz(app: App, scope: dict) -> tuple[int, bytes]:
 
 async def serve_metrics(app: App, scope: dict) -> tuple[int, bytes]:
     """the Prometheus metrics (metrics.enabled; the bearer token metrics.token when set)"""
-    return await METRICS.page(scope, app.service)
+    return await METRICS.page(scope, app.service, app._pools())
 
 
 METRICS_PATH = "/metrics"
@@ -4155,6 +4518,9 @@ class Metrics:
       METRICS.auth_failure(svc, reason)       im_auth_failures_total{svc,reason}
       METRICS.ratelimited(svc)                im_ratelimited_total{svc}
       METRICS.webhook_delivery(svc, result)   im_webhook_deliveries_total{svc,result}; result in WEBHOOK_RESULTS
+      METRICS.replica_read(replica, result)   im_db_replica_reads_total{replica,result}: an uncached read sent to a
+                                              standby ("host:port"), result "ok" or "fallback" (it failed: the
+                                              primary answered)
       METRICS.events_pending(svc, count)      im_events_pending{svc}: set it to the events of svc not delivered
                                               yet (a count over the whole database: the most recent value of
                                               any worker is shown)
@@ -4186,6 +4552,9 @@ class Metrics:
                                            "result (per worker)", ("result",), registry=registry)
         self.events_pending_gauge = prom.Gauge("im_events_pending", "Events not delivered yet", ("svc",),
                                                registry=registry, multiprocess_mode="mostrecent")
+        self.replica_reads = prom.Counter("im_db_replica_reads_total", "Uncached reads sent to a streaming standby, "
+                                          "by result: ok, or fallback (it failed; the primary answered)",
+                                          ("replica", "result"), registry=registry)
         self.pool_connections = prom.Gauge("im_db_pool_connections", "PostgreSQL pool connections by state "
                                            "(summed over live workers)", ("state",), registry=registry,
                                            multiprocess_mode="livesum")
@@ -4248,6 +4617,9 @@ class Metrics:
     def webhook_delivery(self, svc: str | None, result: str) -> None:
         self._count(self.webhook_deliveries, self.svc_label(svc), result if result in WEBHOOK_RESULTS else "other")
 
+    def replica_read(self, replica: str, result: str) -> None:
+        self._count(self.replica_reads, replica, result)
+
     def events_pending(self, svc: str | None, count: int) -> None:
         self.events_pending_gauge.labels(self.svc_label(svc)).set(count)
 
@@ -4256,7 +4628,7 @@ class Metrics:
 
     # --- hand-over to prometheus-client, scrape ------------------------------------------
 
-    def flush(self, pool: asyncpg.Pool | None) -> None:
+    def flush(self, pools: Iterable[asyncpg.Pool] | None) -> None:
         """Move what was counted since the last flush into the prometheus-client metrics (or their files)."""
         cells, self._cells, self._raw = self._cells, {}, {}
         for (method, route, status, code, svc), cell in cells.items():
@@ -4268,28 +4640,28 @@ class Metrics:
         for tier, now, before in zip(TIERS, self.cache_reads, self._reads_flushed, strict=True):
             self.cache_reads_total.labels(tier).inc(now - before)  # every tier shown, 0 included
         self._reads_flushed = list(self.cache_reads)
-        if pool is not None:
-            idle = pool.get_idle_size()
+        if pools is not None:  # every pool of the process: each database's, each standby's
+            pools = list(pools)
+            idle = sum(pool.get_idle_size() for pool in pools)
             self.pool_connections.labels("idle").set(idle)
-            self.pool_connections.labels("used").set(pool.get_size() - idle)
+            self.pool_connections.labels("used").set(sum(pool.get_size() for pool in pools) - idle)
 
     async def run_flusher(self, app: App) -> None:
         """With several workers: hand this worker's counts over once a second, so any worker's scrape sees them."""
         while True:
             await asyncio.sleep(METRICS_FLUSH)
-            service = app.service
             try:
-                self.flush(service.pool if service else None)
+                self.flush(app._pools() if app.service else None)
             except Exception:  # never lose the flusher to one bad hand-over; the counts stay in the files
                 log.exception("metrics flush failed")
 
-    def stopped(self, pool: asyncpg.Pool | None) -> None:
+    def stopped(self, pools: Iterable[asyncpg.Pool] | None) -> None:
         """At shut-down: the last counts out; with several workers this worker's gauges leave the sums."""
-        self.flush(pool)
+        self.flush(pools)
         if self.multiprocess:
             prom.multiprocess.mark_process_dead(os.getpid())
 
-    async def page(self, scope: dict, service: Service | None) -> tuple[int, bytes]:
+    async def page(self, scope: dict, service: Service | None, pools: list | None = None) -> tuple[int, bytes]:
         """GET /metrics: the Prometheus text format (all workers' counts with several workers)."""
         if not self.enabled:
             raise ApiError(Err.NOT_FOUND)
@@ -4300,7 +4672,7 @@ class Metrics:
                     given = value
             if not secrets.compare_digest(given, self.token):
                 raise ApiError(Err.UNAUTHORIZED, [(b"www-authenticate", b'Bearer realm="metrics"')])
-        self.flush(service.pool if service else None)
+        self.flush(pools if pools is not None else [service.pool] if service else None)
         depths: dict[str, int] = {}
         if service is not None:
             try:
@@ -4314,7 +4686,9 @@ class Metrics:
                         self.events_pending(svc, counts["backlog"])
             except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("metrics: events pending unavailable: %r", exc)
-        self.scrape_time.cleanup_depths = depths
+        self.scrape_time.cleanup_depths = {svc: depth for svc, depth in depths.items() if isinstance(depth, int)}
+        self.scrape_time.replicas = [] if service is None else [
+            link for database in service.store.databases() for link in database.replica_states()]
         registry = self.registry
         if self.multiprocess:
             forget_dead_workers()
@@ -4341,6 +4715,7 @@ class ScrapeTimeGauges:
 
     def __init__(self) -> None:
         self.cleanup_depths: dict[str, int] = {}
+        self.replicas: list[ReplicaLink] = []  # the standbys as this process measured them
 
     def collect(self) -> Iterable[prom.Metric]:
         family = prom.core.GaugeMetricFamily("im_cleanup_queue_depth", "Clean-up jobs waiting (rows of the "
@@ -4348,6 +4723,17 @@ class ScrapeTimeGauges:
         for svc, depth in sorted(self.cleanup_depths.items()):
             family.add_metric((svc,), depth)
         yield family
+        lag = prom.core.GaugeMetricFamily("im_db_replica_lag_seconds", "Replay lag of each streaming standby: time "
+                                          "since the primary was at its replay position (measured every second; "
+                                          "absent while it does not answer)", labels=("replica",))
+        up = prom.core.GaugeMetricFamily("im_db_replica_up", "1 while a standby answers (fresh or stale), 0 when it "
+                                         "is down", labels=("replica",))
+        for link in {link.label: link for link in self.replicas}.values():
+            if link.lag is not None:
+                lag.add_metric((link.label,), link.lag)
+            up.add_metric((link.label,), 0 if link.state == "down" else 1)
+        yield lag
+        yield up
 
 
 METRICS = Metrics()
@@ -4447,6 +4833,20 @@ def _quiet_client_loggers() -> None:
         client_log = logging.getLogger(name)
         if client_log.level == logging.NOTSET:
             client_log.setLevel(logging.WARNING)
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineErrors) for f in pool_log.filters):
+        pool_log.addFilter(OneLineErrors())
+
+
+class OneLineErrors(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect to a database that is down (every 1 to
+    60 s): one line with the error says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()}: {record.exc_info[1]!r}", None
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _ensure_logging() -> None:
@@ -4519,6 +4919,10 @@ class App:
         self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
         self._reload_lock = asyncio.Lock()
         self._pending_text: str | None = None
+        self.databases: dict[DbConfig, Database] = {}  # every database in use, by its `db` entry (DbConfig.primary)
+
+    def _pools(self) -> list[asyncpg.Pool]:
+        return [pool for database in self.databases.values() for pool in database.pools()]
 
     # --- lifespan --------------------------------------------------------------
 
@@ -4538,8 +4942,8 @@ class App:
         except BaseException:
             await self.source.stop()  # no Nacos client or file watcher left behind by a failed start
             raise
-        self.service = Service(config, pool, open_cache(config.cache),
-                               await ensure_tables(pool, config.services), self.background)
+        main, tenant_dbs = await self._attach(config, pool)
+        self.service = Service(config, main, tenant_dbs, open_cache(config.cache), self.background)
         self.source.save_last_good(text)
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
         self.background.events.start(self.service)
@@ -4579,6 +4983,37 @@ class App:
         raise ConfigError(f"cannot connect to PostgreSQL at {cfg.host}:{cfg.port} database {cfg.dbname!r} "
                           f"as {cfg.user!r}: {error}{tried}")
 
+    async def _attach(self, config: AppConfig, main_pool: asyncpg.Pool | None) -> tuple[Database, dict[str, Database]]:
+        """The databases of a configuration: the ones already open are kept (one per distinct `db` entry, shared by
+        the services naming it), new ones connected (a service's own database that does not answer is retried in
+        the background), and the tables of services new to one created. The databases no longer named are closed
+        once their queries in flight are done. main_pool: a new pool for the top-level db (None: it is unchanged)."""
+        wanted: dict[DbConfig, set[str]] = {config.db.primary: set()}
+        entries = {config.db.primary: config.db}
+        for svc in config.services:
+            cfg = config.db_of(svc)
+            wanted.setdefault(cfg.primary, set()).add(svc)
+            entries.setdefault(cfg.primary, cfg)
+        registry, retired_links = {}, []
+        for key, svcs in wanted.items():
+            database = self.databases.get(key)
+            if database is None:
+                pool, error = (main_pool, "") if key == config.db.primary else await Database.connect(key)
+                database = Database(key, pool)
+                database.error = error
+            database.configure(svcs, entries[key], retired_links)
+            await database.ensure(keep_trying=key != config.db.primary)
+            registry[key] = database
+        retired = [database for key, database in self.databases.items() if key not in registry]
+        self.databases = registry
+        for database in retired:
+            self.background.spawn(_close_database_later(database))
+        for link in retired_links:
+            self.background.spawn(_close_link_later(link))
+        main = registry[config.db.primary]
+        return main, {svc: registry[config.db_of(svc).primary] for svc in config.services
+                      if registry[config.db_of(svc).primary] is not main}
+
     async def _run_cleanup(self) -> None:
         """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
         assert self.service is not None
@@ -4613,10 +5048,12 @@ class App:
         Acceptor.stop()
         if self._metrics_task:
             self._metrics_task.cancel()
-        METRICS.stopped(self.service.pool if self.service else None)
+        METRICS.stopped(self._pools())
         if self.service:
             await self.background.drain()
-            await self.service.pool.close()
+            for database in self.databases.values():
+                await database.close()
+            self.databases = {}
             await self.service.cache.aclose()
             self.service = None
         log.info("im_backend stopped")
@@ -4634,9 +5071,9 @@ class App:
             if old is None:  # arrived while starting: applied once start-up is done
                 self._pending_text = text
                 return
-            pool, cache = old.pool, old.cache
+            pool, cache = None, old.cache
             try:
-                if config.db != old.config.db:
+                if config.db.primary not in self.databases:
                     pool = await self._connect_db(config.db)
                 if config.cache != old.config.cache:
                     cache = open_cache(config.cache)
@@ -4644,11 +5081,8 @@ class App:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
                 METRICS.config_reload("rejected")
                 return
-            if pool is old.pool:  # only services new to this database need their tables
-                ready = old.ready & set(config.services) | await ensure_tables(pool, set(config.services) - old.ready)
-            else:
-                ready = await ensure_tables(pool, config.services)
-            new = Service(config, pool, cache, ready, old.background)
+            main, tenant_dbs = await self._attach(config, pool)  # only services new to a database need their tables
+            new = Service(config, main, tenant_dbs, cache, old.background)
             self.service = new
             self.background.events.sync(new)
             SERVER_LIMITS.apply(config)
@@ -4662,8 +5096,6 @@ class App:
                 config.services)
             log.info("configuration reloaded: services %s (added %s, removed %s)", sorted(config.services),
                      sorted(added), sorted(removed))
-            if pool is not old.pool:
-                self.background.spawn(_close_pool_later(old.pool))
             if cache is not old.cache:
                 self.background.spawn(_close_later(old.cache))
 
@@ -4870,6 +5302,12 @@ class App:
         except Exception as exc:
             checks["redis"] = f"error: {exc!r}"
         ok = all(v == "ok" for v in checks.values())
+        # information, not readiness: a service's own database that is down fails only that service's requests
+        # (the others are served; a load balancer should keep this process), standbys are only an offload
+        checks["databases"] = [await self._database_state(database, svcs)
+                               for database, svcs in self._tenant_databases(service)]
+        links = {link.label: link for database in service.store.databases() for link in database.replica_states()}
+        checks["replicas"] = [link.readiness() for link in links.values()]
         if ok:  # the queue depth is information (per service): a failure to read it is shown, not fatal
             try:
                 async with asyncio.timeout(READY_CHECK_TIMEOUT):
@@ -4885,6 +5323,28 @@ class App:
                 checks["events"] = f"error: {exc!r}"
         code = OK if ok else Err.UNAVAILABLE.code
         return code, envelope(code, "success" if ok else "not ready", checks)
+
+
+    @staticmethod
+    def _tenant_databases(service: Service) -> list[tuple[Database, list[str]]]:
+        found: dict[Database, list[str]] = {}
+        for svc, database in sorted(service.store.tenant_dbs.items()):
+            found.setdefault(database, []).append(svc)
+        return list(found.items())
+
+    @staticmethod
+    async def _database_state(database: Database, svcs: list[str]) -> dict:
+        state = {"host": database.cfg.host, "port": database.cfg.port, "dbname": database.cfg.dbname,
+                 "services": svcs, "state": "ok"}
+        try:
+            if database.pool is None:
+                raise ConnectionError(database.error or "not connected")
+            async with asyncio.timeout(DATABASE_CHECK_TIMEOUT):
+                async with database.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except Exception as exc:
+            state["state"] = f"error: {exc!r}"
+        return state
 
 
 class Deadlines:
@@ -4939,11 +5399,16 @@ async def _close_later(cache: Cache) -> None:
     await cache.aclose()
 
 
-async def _close_pool_later(pool: asyncpg.Pool) -> None:
+async def _close_database_later(database: Database) -> None:
     # A request that picked up the old Service just before a reload may acquire from its pool a moment later:
     # closing at once would answer it with a database error code. close() then waits for queries in flight.
     await asyncio.sleep(OLD_CLIENT_GRACE)
-    await pool.close()
+    await database.close()
+
+
+async def _close_link_later(link: ReplicaLink) -> None:
+    await asyncio.sleep(OLD_CLIENT_GRACE)
+    await link.close()
 
 
 STARTUP_FAILED_FILE_ENV = "IM_STARTUP_FAILED_FILE"  # set by main() for its worker processes

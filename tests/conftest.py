@@ -528,3 +528,109 @@ async def stored_count(conn: asyncpg.Connection, svc: str, kind: str, target_id:
         f"""SELECT b.likes + COALESCE((SELECT sum(n) FROM "{svc}_counter_slots" s
                                        WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)
             FROM "{svc}_like_counts" b WHERE b.kind = $1 AND b.target_id = $2""", kind, target_id)
+
+
+# --- more PostgreSQL servers: a tenant's own database, a primary with a streaming standby ---------------------------
+
+PG_BIN = pathlib.Path(__import__("pgserver").__file__).parent / "pginstall" / "bin"
+
+
+def _pg_user() -> dict:
+    """PostgreSQL refuses to run as root: as root, run its programs as the `pgserver` user (as pgserver does)."""
+    if os.geteuid() != 0:
+        return {}
+    from pgserver.utils import ensure_user_exists
+
+    ensure_user_exists("pgserver")
+    return {"user": "pgserver", "group": "pgserver"}
+
+
+class PgCluster:
+    """A PostgreSQL server of its own in `directory`, on 127.0.0.1:port: a new one (initdb), or a streaming
+    standby of `primary` (pg_basebackup -R). start() / stop() / pause_replay() / resume_replay(); every wait
+    is bounded."""
+
+    def __init__(self, directory: pathlib.Path, primary: "PgCluster | None" = None) -> None:
+        import shutil
+        import stat
+
+        self.directory, self.primary = directory, primary
+        self.data = directory / "data"
+        self.port = free_port()
+        self.as_user = _pg_user()
+        directory.mkdir(parents=True, exist_ok=True)
+        for parent in [directory, *directory.parents]:  # the pgserver user must reach the data directory
+            parent.chmod(parent.stat().st_mode | stat.S_IXOTH | stat.S_IROTH)
+        if self.as_user:
+            shutil.chown(directory, self.as_user["user"], self.as_user["group"])
+        if primary is None:
+            self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres", "--encoding=utf8",
+                      "--no-sync")
+        else:
+            self._run("pg_basebackup", "-D", str(self.data), "-R", "-X", "stream", "-h", "127.0.0.1",
+                      "-p", str(primary.port), "-U", "postgres", "--no-sync")
+
+    def _run(self, program: str, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(PG_BIN / program), *args], capture_output=True, text=True, timeout=timeout,
+                              check=check, **self.as_user)
+
+    @property
+    def db(self) -> dict:
+        """Its `db:` configuration."""
+        return {"host": "127.0.0.1", "port": self.port, "user": "postgres", "password": "", "dbname": "postgres"}
+
+    def start(self) -> "PgCluster":
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+                   "-c shared_buffers=16MB -c max_connections=60 -c fsync=off -c wal_level=replica")
+        result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "log"), "-o", options,
+                           "-w", "-t", "60", "start", check=False, timeout=90)
+        if result.returncode != 0:
+            log = (self.directory / "log").read_text(errors="replace") if (self.directory / "log").exists() else ""
+            raise RuntimeError(f"postgres on {self.port} did not start: {result.stderr}\n{log[-3000:]}")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False, timeout=90)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(host="127.0.0.1", port=self.port, user="postgres", database="postgres",
+                                     timeout=10)
+
+    async def sql(self, statement: str, *args: Any) -> Any:
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(statement, *args)
+        finally:
+            await conn.close()
+
+    async def pause_replay(self) -> None:
+        await self.sql("SELECT pg_wal_replay_pause()")
+
+    async def resume_replay(self) -> None:
+        await self.sql("SELECT pg_wal_replay_resume()")
+
+
+@pytest.fixture(scope="session")
+def tenant_pg(workdir: pathlib.Path) -> PgCluster:
+    """A second PostgreSQL (a tenant's own database), started fresh; tests may stop and start it (each leaves
+    it running)."""
+    cluster = PgCluster(workdir / "tenant-pg").start()
+    yield cluster
+    cluster.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def replicated_pg(workdir: pathlib.Path) -> tuple[PgCluster, PgCluster]:
+    """(primary, standby): a PostgreSQL and a streaming standby of it made with pg_basebackup -R."""
+    primary = PgCluster(workdir / "primary-pg").start()
+    try:
+        standby = PgCluster(workdir / "standby-pg", primary=primary).start()
+    except BaseException:
+        primary.stop("immediate")
+        raise
+    yield primary, standby
+    standby.stop("immediate")
+    primary.stop("immediate")

@@ -94,3 +94,22 @@ def test_container_smoke_takes_its_debian_mirror_from_the_hosts_apt_sources(tmp_
     none = mirror(SMOKE_APT_SOURCES=str(tmp_path / "missing"))
     assert none.returncode != 0 and "set SMOKE_DEBIAN_MIRROR" in none.stderr
     assert mirror(SMOKE_DEBIAN_MIRROR="http://given.invalid/d").stdout == "http://given.invalid/d\n"
+
+
+def test_the_optional_standby_follows_the_primary_and_the_app_can_read_from_it():
+    standby, primary = SERVICES["postgres-standby"], SERVICES["postgres"]
+    assert standby["profiles"] == ["standby"]  # not started by a plain `docker compose up`
+    assert standby["image"] == primary["image"]  # a standby runs the primary's major version
+    assert standby["depends_on"]["postgres"]["condition"] == "service_healthy"
+    script = standby["command"][0]
+    assert "pg_basebackup -h postgres -U " + primary["environment"]["POSTGRES_USER"] in script and " -R " in script
+    assert standby["environment"]["PGPASSWORD"] == primary["environment"]["POSTGRES_PASSWORD"]
+    hba = next(v for v in primary["volumes"] if "docker-entrypoint-initdb.d" in v).split(":")[0]
+    assert "host replication all all" in (ROOT / hba).read_text()
+    assert "pg-standby-data" in COMPOSE["volumes"] and "healthcheck" in standby
+    # the commented `replicas:` of the app configuration, uncommented, names this standby
+    text = (ROOT / "configs/app_conf.compose.yaml").read_text()
+    line = next(line for line in text.splitlines() if "replicas:" in line)
+    text = text.replace('port: 5432}\n', 'port: 5432,\n', 1).replace(line, "    " + line.lstrip(" #"))
+    config = im_backend.parse_app_config(text)
+    assert [(r.host, r.port) for r in config.db.replicas] == [("postgres-standby", 5432)]
