@@ -277,6 +277,37 @@ async def test_refused_change_with_redis_down_makes_no_event(workdir, backing, d
         redis_server.stop()
 
 
+async def test_writes_sent_together_with_redis_down_all_fail_and_make_no_event(workdir, backing, db):
+    """Commands of writes arriving together share one Redis pipeline: when Redis is down each write still gets its
+    own refusal (10017 without an id, 10018 without the invalidation) and nothing is written."""
+    redis_server = RedisProcess(workdir / "events-redis-batch")
+    svc = svc_name("ebatch")
+    config = app_config(dict(backing, cache={"addr": redis_server.addr}), {svc: SECRET}, events=FAST)
+    srv = Server(workdir / "events-redis-batch-server", config).start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            api = Api(client, svc, SECRET)
+            post = await api.publish("alice")
+            root = await api.comment(post, "carol")
+            before = await table_counts(db, svc)
+            redis_server.stop()
+            calls = [api.call("POST", "/publish", data={"author": "a", "content": "c"}) for _ in range(10)]
+            calls += [api.call("POST", "/comments/publish", {"post_id": post, "user_id": "u"},
+                               data={"content": "c"}) for _ in range(10)]
+            calls += [api.call("PUT", "/like", {"post_id": post, "user_id": f"b{i}"}, json={"like": True})
+                      for i in range(10)]
+            calls += [api.call("PUT", "/comments/update", {"comment_id": root, "user_id": "carol"},
+                               data={"content": "x"}) for _ in range(10)]
+            answers = await asyncio.gather(*calls)
+        codes = [envelope["code"] for _, envelope in answers]
+        assert codes == [10017] * 20 + [10018] * 20
+        assert await table_counts(db, svc) == before
+        assert [kind for kind, _ in await outbox(db, svc)] == ["post.published", "comment.published"]
+    finally:
+        srv.stop()
+        redis_server.stop()
+
+
 async def test_sigkill_with_200_pending_events_loses_none(workdir, backing, db):
     secret = webhook_secret()
     receiver = Receiver(secret, default=None)  # hangs: deliveries are in flight when the server dies

@@ -47,6 +47,23 @@ async def test_ids_follow_the_go_scheme_and_counter(api, server, backing):
     assert post_id & 0xFFFFFFFF == counter & 0xFFFFFFFF
 
 
+async def test_writes_sent_together_each_take_one_incr_of_the_counter(api, backing):
+    """Ids of writes that arrive together (their INCRs go to Redis in one pipeline) are distinct and take the
+    counter's values one by one: as many INCRs as ids, none lost, none shared."""
+    post = await api.publish()
+    root = await api.comment(post)
+    client = redis_client(backing["cache"])
+    try:
+        before = int(await client.get(f"comment_id:{api.svc}"))
+        ids = await asyncio.gather(*(api.comment(post, f"u{i}") for i in range(40)),
+                                   *(api.reply(post, root, root, f"r{i}") for i in range(40)))
+        after = int(await client.get(f"comment_id:{api.svc}"))
+    finally:
+        await client.aclose()
+    assert after - before == 80
+    assert sorted(i & 0xFFFFFFFF for i in ids) == list(range(before + 1, after + 1))
+
+
 async def test_getinfo_unknown_post(api):
     expect(await api.call("GET", "/getinfo", {"post_id": 12345}), 10006, "find data failed")
 
