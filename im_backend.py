@@ -1640,7 +1640,7 @@ def _comment_page(where: str, top: bool) -> str:
     likes = _counter("comment", "c.id")
     if top:
         likes = f"COALESCE({likes}, (SELECT count(*) FROM {{comment_like}} l WHERE l.comment_id = c.id))"
-    rows = f"""SELECT {COMMENT_COLUMNS}, {children} AS child_num, {likes} AS like_count,
+    rows = f"""SELECT {COMMENT_COLUMNS}, c.status, {children} AS child_num, {likes} AS like_count,
         $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{comment_like}} v WHERE v.comment_id = c.id
                                          AND v.user_id = $4) AS liked
         FROM {{comment}} c WHERE {where}
@@ -2390,7 +2390,7 @@ class Render:
     def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
         post = self.post_json(svc, row)
         post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
-        if svc in self.status_shown:
+        if svc in self.status_shown or row["status"] != "visible":  # (an author's own pending post)
             post["status"] = row["status"]
         if viewer is not None:
             post["liked"] = row["liked"]
@@ -2777,7 +2777,7 @@ class Comments(Part):
         for row in rows:
             comment = self.render.comment_json(svc, row)
             comment["like_count"] = row["like_count"]
-            if status:
+            if status or row["status"] != "visible":  # (an author's own pending comment)
                 comment["status"] = row["status"]
             comments.append(comment)
         if not top or not rows:
