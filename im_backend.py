@@ -2963,6 +2963,7 @@ HOOK_CONCURRENCY = 32  # hook calls in flight per service and process; a call wa
 HOOK_BREAKER_FAILURES = 5  # consecutive failures (per service and process) that open the breaker...
 HOOK_BREAKER_PAUSE = 30.0  # ...for this many seconds: on_error applies at once, the hook is not called
 BAN_POLL = 0.25  # seconds between looks at each service's bans (a ban made elsewhere applies within ~0.3 s)
+BAN_POLL_SKIP = 0.7  # seconds since the last look within which a look is skipped when no connection is idle
 DECIDE_MAX = 100  # items per moderation decision
 LOG_MAX = 1000  # audit entries per answer
 NOTE_MAX_CHARS = 1000
@@ -3054,6 +3055,7 @@ class ModerationState:
         self.bans: dict[str, dict[str, tuple[str, dt.datetime | None]]] = {}  # svc -> user -> (mode, until)
         self.ban_xmin: dict[str, str] = {}  # svc -> the xmin of its last read
         self.bans_pool: Any = None  # the pool those reads came from (another database: read everything again)
+        self.bans_read = 0.0  # when (monotonic) they were last read
         self.http: httpx.AsyncClient | None = None
 
     def ban_of(self, svc: str, user: str) -> tuple[str, dt.datetime | None] | None:
@@ -3120,26 +3122,39 @@ class Bans(Part):
 
     async def poll_once(self) -> None:
         """Read the ban changes of every service since the last look (everything at the first)."""
+        state, pool = self.state, self.store.pool
+        if state.bans_pool is not pool:
+            state.bans_pool, state.ban_xmin = pool, {}
+        if not pool.get_idle_size() and time.monotonic() - state.bans_read < BAN_POLL_SKIP:
+            return  # every connection busy: skip a look or two rather than grow the pool
+        try:
+            async with pool.acquire(timeout=self.config.db.pool_wait) as conn:
+                for svc in sorted(self.store.ready):
+                    try:
+                        rows = await conn.fetch(sql(svc, BANS_CHANGED), state.ban_xmin.get(svc, "0"))
+                    except asyncpg.PostgresError as exc:
+                        log.warning("moderation: cannot read the bans of %r: %s", svc, exc)
+                        continue
+                    self._apply_bans(svc, rows)
+        except (asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("moderation: cannot read the bans: %r", exc)
+            return
+        state.bans_read = time.monotonic()
+
+    def _apply_bans(self, svc: str, rows: list[asyncpg.Record]) -> None:
+        """The changed ban rows of one look into this process's view of svc's bans."""
         state = self.state
-        if state.bans_pool is not self.store.pool:
-            state.bans_pool, state.ban_xmin = self.store.pool, {}
-        for svc in sorted(self.store.ready):
-            try:
-                async with self.db(svc, Err.FIND_FAILED) as conn:
-                    rows = await conn.fetch(sql(svc, BANS_CHANGED), state.ban_xmin.get(svc, "0"))
-            except ApiError:
-                continue  # logged by db(); tried again at the next look
-            first = svc not in state.ban_xmin
-            bans = {} if first else dict(state.bans.get(svc, {}))
-            now = dt.datetime.now(dt.timezone.utc)
-            for row in rows:
-                if row["user_id"] is None:
-                    continue
-                if row["until"] is None or row["until"] > now:
-                    bans[row["user_id"]] = (row["mode"], row["until"])
-                else:
-                    bans.pop(row["user_id"], None)
-            state.bans[svc], state.ban_xmin[svc] = bans, rows[0]["xmin"]
+        first = svc not in state.ban_xmin
+        bans = {} if first else dict(state.bans.get(svc, {}))
+        now = dt.datetime.now(dt.timezone.utc)
+        for row in rows:
+            if row["user_id"] is None:
+                continue
+            if row["until"] is None or row["until"] > now:
+                bans[row["user_id"]] = (row["mode"], row["until"])
+            else:
+                bans.pop(row["user_id"], None)
+        state.bans[svc], state.ban_xmin[svc] = bans, rows[0]["xmin"]
 
 
 def ban_cursor(moment: dt.datetime, user_id: str) -> str:
@@ -5407,8 +5422,8 @@ class App:
         self.service = Service(config, pool, open_cache(config.cache),
                                await ensure_tables(pool, config.services), self.background)
         self.source.save_last_good(text)
+        await self.service.bans.poll_once()  # the bans in force before the first request (nothing else runs yet)
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
-        await self.service.bans.poll_once()  # the bans in force before the first request
         self._bans_task = asyncio.create_task(keep_running("bans", self._run_ban_poll))
         self.background.events.start(self.service)
         self._end_streams_on_signals()
@@ -5450,9 +5465,9 @@ class App:
     async def _run_ban_poll(self) -> None:
         """Every process follows the bans of every service (a ban made anywhere applies here within BAN_POLL)."""
         while True:
+            await asyncio.sleep(BAN_POLL)
             assert self.service is not None
             await self.service.bans.poll_once()
-            await asyncio.sleep(BAN_POLL)
 
     async def _run_cleanup(self) -> None:
         """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
