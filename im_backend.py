@@ -58,11 +58,13 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import zoneinfo
 from bisect import bisect_left, bisect_right
 from typing import Any, Awaitable, Callable, Iterable
 
+import ahocorasick
 import asyncpg
 import http_sf
 import orjson
@@ -107,6 +109,8 @@ class Err(enum.Enum):
     BODY_TOO_LARGE = (413, "request body too large")
     HEADERS_TOO_LARGE = (431, "request header fields too large")
     TOO_MANY_REQUESTS = (429, "too many requests")
+    BANNED = (403, "user is banned")  # data: {"until": RFC 3339 | null}; nothing was written
+    CONTENT_REJECTED = (422, "content rejected")  # data: {"reason": "word" | "hook", "detail": str | null}
     INTERNAL = (500, "internal server error")
     UNAVAILABLE = (503, "service unavailable")
     TIMEOUT = (504, "Request timeout")  # the Go version's capitalisation
@@ -140,13 +144,15 @@ class Err(enum.Enum):
 
 
 class ApiError(Exception):
-    """An answer other than success; becomes the envelope {code, msg, data: null} (plus `headers`, if any)."""
+    """An answer other than success; becomes the envelope {code, msg, data} (plus `headers`, if any); `data` is
+    null but for the answers that say more (403 user is banned, 422 content rejected)."""
 
-    def __init__(self, err: Err, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, err: Err, headers: list[tuple[bytes, bytes]] | None = None, data: Any = None) -> None:
         super().__init__(err.msg)
         self.err = err
         self.code, self.msg = err.value
         self.headers = headers or []
+        self.data = data
 
 
 def bad_param(detail: str = "") -> ApiError:
@@ -167,13 +173,13 @@ def envelope(code: int, msg: str, data: Any = None) -> bytes:
     return orjson.dumps({"code": code, "msg": msg, "data": data})
 
 
-def error_envelope(err: Err) -> bytes:
-    return envelope(err.code, err.msg)
+def error_envelope(err: Err, data: Any = None) -> bytes:
+    return envelope(err.code, err.msg, data)
 
 
-def error_answer(err: Err) -> tuple[int, bytes]:
+def error_answer(err: Err, data: Any = None) -> tuple[int, bytes]:
     """(HTTP status, body) of an answer other than success."""
-    return http_status(err.code), error_envelope(err)
+    return http_status(err.code), error_envelope(err, data)
 
 
 SUCCESS_PREFIX = b'{"code":%d,"msg":"success","data":' % OK
@@ -231,7 +237,8 @@ async def keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "post.unliked", "comment.published",
-               "comment.replied", "comment.updated", "comment.deleted", "comment.liked", "comment.unliked")
+               "comment.replied", "comment.updated", "comment.deleted", "comment.liked", "comment.unliked",
+               "post.moderated", "comment.moderated", "post.reported", "comment.reported")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
 CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
@@ -373,6 +380,79 @@ class Webhook:
     ids: str = "number"  # "string": every id in the event JSON sent as a decimal string (as ids=string does)
 
 
+MODERATION_MODES = ("off", "post", "pre")  # off: nothing held; post: held when a check says so; pre: all held
+WORD_ACTIONS = ("hold", "reject")
+HOOK_ON_ERROR = ("accept", "hold", "reject")
+HOOK_TIMEOUT_MS = (1, 60_000)  # the shortest and longest wait for the moderation hook's answer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModerationHook:
+    """`moderation.hook`: an external classifier asked before a write (signed like a webhook)."""
+    url: str
+    secret: str  # whsec_<base64>
+    timeout_ms: int = 800
+    on_error: str = "accept"  # what a timeout, a non-2xx answer, an unreadable answer or an open breaker means
+
+
+@dataclasses.dataclass(frozen=True)
+class ModerationConfig:
+    """`moderation:` (top level: the default of every service; `svc[].moderation` overrides it key by key)."""
+    mode: str = "off"
+    words: tuple[str, ...] = ()
+    words_file: str = ""  # an absolute path (given relative to the application configuration)
+    on_word: str = "hold"
+    hook: ModerationHook | None = None
+    report_threshold: int = 3  # distinct reporters that hold an item (mode post/pre); 0: never
+
+
+def _moderation(raw: Any, where: str, base: pathlib.Path | None) -> ModerationConfig:
+    """A `moderation:` mapping, validated; `where` names it in errors ("moderation", "service 'x': moderation")."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    mode = raw.get("mode", "off")
+    if mode is False or mode is None:  # YAML reads an unquoted `off` as false
+        mode = "off"
+    if mode not in MODERATION_MODES:
+        raise ConfigError(f"{where}: 'mode' must be off, post or pre, got {mode!r}")
+    words = raw.get("words") or []
+    if not isinstance(words, list) or not all(isinstance(w, str | int) and not isinstance(w, bool) for w in words):
+        raise ConfigError(f"{where}: 'words' must be a list of words and phrases")
+    words_file = raw.get("words_file") or ""
+    if not isinstance(words_file, str):
+        raise ConfigError(f"{where}: 'words_file' must be a path, got {words_file!r}")
+    if words_file:
+        words_file = str((base or pathlib.Path.cwd()) / words_file)
+    on_word = raw.get("on_word", "hold")
+    if on_word not in WORD_ACTIONS:
+        raise ConfigError(f"{where}: 'on_word' must be hold or reject, got {on_word!r}")
+    threshold = raw.get("report_threshold", 3)
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 0 <= threshold <= 1_000_000:
+        raise ConfigError(f"{where}: 'report_threshold' must be a whole number 0..1000000, got {threshold!r}")
+    hook = raw.get("hook")
+    if hook is not None:
+        if not isinstance(hook, dict):
+            raise ConfigError(f"{where}: 'hook' must be a mapping")
+        url, secret = hook.get("url"), hook.get("secret")
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{where}: 'hook.url' must be an http(s) URL, got {url!r}")
+        if not _whsec(secret):
+            raise ConfigError(f"{where}: 'hook.secret' must be whsec_ and {WEBHOOK_SECRET_BYTES[0]}-"
+                              f"{WEBHOOK_SECRET_BYTES[1]} bytes in base64")
+        timeout_ms, on_error = hook.get("timeout_ms", 800), hook.get("on_error", "accept")
+        if (not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool)
+                or not HOOK_TIMEOUT_MS[0] <= timeout_ms <= HOOK_TIMEOUT_MS[1]):
+            raise ConfigError(f"{where}: 'hook.timeout_ms' must be {HOOK_TIMEOUT_MS[0]}..{HOOK_TIMEOUT_MS[1]}, "
+                              f"got {timeout_ms!r}")
+        if on_error not in HOOK_ON_ERROR:
+            raise ConfigError(f"{where}: 'hook.on_error' must be accept, hold or reject, got {on_error!r}")
+        hook = ModerationHook(url, secret, timeout_ms, on_error)
+    return ModerationConfig(mode, tuple(str(w) for w in words), words_file, on_word, hook, threshold)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
@@ -383,6 +463,7 @@ class Tenant:
     limits: Limits = Limits()
     webhook: Webhook | None = None
     db: DbConfig | None = None  # svc[].db: this service's own PostgreSQL (None: the top-level db)
+    moderation: ModerationConfig = ModerationConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,8 +506,9 @@ def _section(raw: dict, name: str, cls: type) -> Any:
     return cls(**values)
 
 
-def parse_app_config(text: str) -> AppConfig:
-    """Parse and validate the application configuration (the Go version's YAML format)."""
+def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
+    """Parse and validate the application configuration (the Go version's YAML format); `base`: the directory
+    that relative paths in it (moderation.words_file) start from."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -437,6 +519,10 @@ def parse_app_config(text: str) -> AppConfig:
     tenants: dict[str, Tenant] = {}
     limits = _limits(raw.get("limits"), Limits(), "limits")
     db = _db_config(raw.get("db"), "db", None)
+    moderation = raw.get("moderation")
+    if moderation is not None and not isinstance(moderation, dict):
+        raise ConfigError("'moderation' must be a mapping")
+    _moderation(moderation, "moderation", base)  # the default is validated even when every service overrides it
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -448,7 +534,7 @@ def parse_app_config(text: str) -> AppConfig:
         if name in services:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
-        tenants[name] = _tenant(entry, name, secret, limits)
+        tenants[name] = _tenant(entry, name, secret, limits, moderation or {}, base)
         if entry.get("db") is not None:
             tenants[name] = dataclasses.replace(tenants[name], db=_db_config(entry["db"], f"svc[{name}].db", db))
     server = _section(raw, "server", ServerConfig)
@@ -536,16 +622,21 @@ def _limits(given: Any, default: Limits, where: str) -> Limits:
     return limits
 
 
-def _tenant(entry: dict, name: str, secret: str, limits: Limits) -> Tenant:
-    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits, webhook."""
+def _tenant(entry: dict, name: str, secret: str, limits: Limits, moderation: dict,
+            base: pathlib.Path | None) -> Tenant:
+    """A `svc:` entry's options beyond name and secret: auth, previous_secrets, limits, webhook, moderation."""
     auth = str(entry.get("auth") or "any")
     if auth not in AUTH_MODES:
         raise ConfigError(f"service {name!r}: 'auth' must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
     previous = entry.get("previous_secrets") or []
     if not isinstance(previous, list) or any(secret_problem(str(p)) for p in previous):
         raise ConfigError(f"service {name!r}: 'previous_secrets' must be a list of 16, 24 or 32-byte secrets")
+    own = entry.get("moderation")
+    if own is not None and not isinstance(own, dict):
+        raise ConfigError(f"service {name!r}: 'moderation' must be a mapping")
     return Tenant(name, secret, auth, tuple(str(p) for p in previous),
-                  _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")))
+                  _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")),
+                  moderation=_moderation({**moderation, **(own or {})}, f"service {name!r}: moderation", base))
 
 
 def parse_webhook(svc: str, raw: Any) -> Webhook | None:
@@ -577,6 +668,17 @@ def parse_webhook(svc: str, raw: Any) -> Webhook | None:
     if ids not in WEBHOOK_IDS:
         raise ConfigError(f"the webhook ids of service {svc!r} must be number or string, got {ids!r}")
     return Webhook(url, secret, frozenset(events), ids)
+
+
+def _whsec(secret: Any) -> bool:
+    """Is it a Standard Webhooks secret: whsec_ and base64 of WEBHOOK_SECRET_BYTES bytes?"""
+    if not isinstance(secret, str) or not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        return False
+    return WEBHOOK_SECRET_BYTES[0] <= len(key) <= WEBHOOK_SECRET_BYTES[1]
 
 
 def read_bootstrap(path: str | os.PathLike) -> dict:
@@ -1473,12 +1575,39 @@ CREATE TABLE IF NOT EXISTS {events} (
 CREATE INDEX IF NOT EXISTS {events_stream_idx} ON {events} (xid, id);
 CREATE INDEX IF NOT EXISTS {events_due_idx} ON {events} (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {events_failed_idx} ON {events} (failed_at) WHERE failed_at IS NOT NULL;
+ALTER TABLE {post} ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT 'visible';
+CREATE INDEX IF NOT EXISTS {post_held_idx} ON {post} (id) WHERE status <> 'visible';
+ALTER TABLE {comment} ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT 'visible';
+CREATE INDEX IF NOT EXISTS {comment_held_idx} ON {comment} (id) WHERE status <> 'visible';
+CREATE TABLE IF NOT EXISTS {moderation} (
+    kind TEXT NOT NULL, id BIGINT NOT NULL, post_id BIGINT, status TEXT NOT NULL, reasons TEXT[] NOT NULL,
+    reports INT NOT NULL DEFAULT 0, queued_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (kind, id));
+CREATE INDEX IF NOT EXISTS {moderation_queue_idx} ON {moderation} (status, queued_at, kind, id);
+CREATE INDEX IF NOT EXISTS {moderation_reported_idx} ON {moderation} (queued_at, kind, id) WHERE reports > 0;
+CREATE TABLE IF NOT EXISTS {reports} (
+    kind TEXT NOT NULL, id BIGINT NOT NULL, user_id VARCHAR(255) NOT NULL, reason TEXT NOT NULL, note TEXT,
+    open BOOLEAN NOT NULL DEFAULT true, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (kind, id, user_id));
+CREATE TABLE IF NOT EXISTS {moderation_log} (
+    seq BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, id BIGINT NOT NULL, from_status TEXT, to_status TEXT NOT NULL,
+    source TEXT NOT NULL, moderator VARCHAR(255), note TEXT, created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE INDEX IF NOT EXISTS {moderation_log_idx} ON {moderation_log} (kind, id, seq);
+CREATE TABLE IF NOT EXISTS {bans} (
+    user_id VARCHAR(255) PRIMARY KEY, mode TEXT NOT NULL, until TIMESTAMPTZ, reason TEXT, moderator VARCHAR(255),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(), xid XID8 NOT NULL DEFAULT pg_current_xact_id());
+CREATE INDEX IF NOT EXISTS {bans_xid_idx} ON {bans} (xid);
 """
+# The moderation objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
+# by an index on it; ensure_tables sees a layout without the column as missing that index and runs the DDL.
 
 POST_INSERT = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at)
                  VALUES ($1, $2, $3, $4, $5, now(), now())"""
-POST_GET = "SELECT id, title, content, author, extra, created_at FROM {post} WHERE id = $1"
-POST_LIST = "SELECT id, created_at FROM {post} WHERE created_at < $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+POST_GET = "SELECT id, title, content, author, extra, created_at, status FROM {post} WHERE id = $1"
+POST_OWNER = "SELECT author, status FROM {post} WHERE id = $1 FOR UPDATE"
+POST_UPDATE = """UPDATE {post} SET content = COALESCE($2, content), title = COALESCE($3, title),
+                 extra = COALESCE($4, extra), updated_at = now() WHERE id = $1"""
+POST_DELETE = "DELETE FROM {post} WHERE id = $1"
+POST_LIST = """SELECT id, created_at FROM {post} WHERE created_at < $1 AND status = 'visible'
+               ORDER BY created_at DESC, id DESC LIMIT $2"""
 
 # Counts live in {like_counts} (a base per target) plus {counter_slots} (the changes since, spread over up to
 # COUNTER_SLOTS rows per target, so concurrent writers of one hot target do not queue on one row): a count is the
@@ -1490,13 +1619,15 @@ POST_LIST = "SELECT id, created_at FROM {post} WHERE created_at < $1 ORDER BY cr
 # or ten million. FOR KEY SHARE keeps a like's target from being deleted until the like commits, so clean-up sees
 # the like.
 COUNTER_SLOTS = 64  # slot rows per counted target at most (summed on read; fewer: hot likes queue)
-POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
+POST_LIKE_SET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 AND (status = 'visible' OR author = $2)
+                                 FOR KEY SHARE),
                    ins AS (INSERT INTO {post_like} (post_id, user_id, created_at)
                            SELECT id, $2, now() FROM target ON CONFLICT DO NOTHING RETURNING 1),
                    bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, 1 FROM ins
                             ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
                    SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM ins) AS changed"""
-POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 FOR KEY SHARE),
+POST_LIKE_UNSET = """WITH target AS (SELECT id FROM {post} WHERE id = $1 AND (status = 'visible' OR author = $2)
+                                   FOR KEY SHARE),
                      del AS (DELETE FROM {post_like} WHERE post_id IN (SELECT id FROM target) AND user_id = $2
                              RETURNING 1),
                      bump AS (INSERT INTO {counter_slots} AS s SELECT 'post', $1, $3, -1 FROM del
@@ -1518,9 +1649,12 @@ def _counter_init(kind: str, targets: str, rows: str) -> str:
             f"FROM {targets} t WHERE t.id = ANY($1::bigint[]) ON CONFLICT (kind, target_id) DO NOTHING")
 
 
-POST_LIKES_READ = f"SELECT {_counter('post', '$1')}"
+POST_LIKES_READ = f"""SELECT CASE WHEN EXISTS (SELECT 1 FROM {{post}} WHERE id = $1 AND status <> 'visible') THEN 0
+                      ELSE {_counter('post', '$1')} END"""
 POST_LIKES_INIT = _counter_init("post", "{post}", "SELECT count(*) FROM {post_like} l WHERE l.post_id = t.id")
-COMMENT_COUNT_INIT = _counter_init("comments", "{post}", "SELECT count(*) FROM {comment} r WHERE r.post_id = t.id")
+COMMENT_COUNT_INIT = _counter_init("comments", "{post}", "SELECT count(*) FROM {comment} r WHERE r.post_id = t.id "
+                                   "AND r.status = 'visible' AND NOT EXISTS (SELECT 1 FROM {comment} h "
+                                   "WHERE h.id = r.root_id AND h.status <> 'visible')")
 COUNTS_READ = """SELECT b.target_id, b.likes + COALESCE((SELECT sum(s.n) FROM {counter_slots} s
                  WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)::bigint
                  FROM {like_counts} b WHERE b.kind = $1 AND b.target_id = ANY($2::bigint[])"""
@@ -1531,38 +1665,46 @@ COUNTS_ADD = """INSERT INTO {counter_slots} AS s (kind, target_id, slot, n)
                 ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + EXCLUDED.n"""
 # Posts with their counts and whether user $2 (NULL: nobody) likes them.
 # Posts with their counts (NULL while a counter has no base) and whether user $2 (NULL: nobody) likes them.
-POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_at,
+POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_at, p.status,
     {_counter('post', 'p.id')} AS like_count, {_counter('comments', 'p.id')} AS comment_count,
     $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{post_like}} v WHERE v.post_id = p.id AND v.user_id = $2) AS liked
-    FROM {{post}} p WHERE p.id = ANY($1::bigint[])"""
+    FROM {{post}} p WHERE p.id = ANY($1::bigint[]) AND (p.status = 'visible' OR p.status = 'pending' AND p.author = $3)"""
 POSTS_LIKED = "SELECT post_id FROM {post_like} WHERE post_id = ANY($1::bigint[]) AND user_id = $2"
 COMMENTS_LIKED = "SELECT comment_id FROM {comment_like} WHERE comment_id = ANY($1::bigint[]) AND user_id = $2"
 # Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
-POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2)
+POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2) AND status = 'visible'
                      ORDER BY created_at DESC, id DESC LIMIT $3"""
 POST_LIST_BY_AUTHOR = """SELECT id, created_at FROM {post} WHERE author = $4 AND (created_at, id) < ($1, $2)
+                         AND status = 'visible'
                          ORDER BY created_at DESC, id DESC LIMIT $3"""
 
 COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
                                            content, extra, created_at, updated_at)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
-COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num FROM {{comment}} WHERE id = $1"
+COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num, status FROM {{comment}} WHERE id = $1"
+COMMENT_OWNER = "SELECT user_id, status FROM {comment} WHERE id = $1 FOR UPDATE"
+COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
+                    updated_at = now() WHERE id = $1 RETURNING post_id"""
 
 
 def _comment_page(where: str, top: bool) -> str:
     """SQL: a page of comments with child_num, like_count (NULL while a counter has no base) and whether user $4
     (NULL: nobody) likes each. By time: created_at > $2, oldest first, limit $3. Top: most liked first, ties newest
     first, after the keyset (like_count $5, created_at $2, id $6) when $5 is not NULL, limit $3; its like_count is
-    counted from the rows where there is no base, as the order needs every count."""
+    counted from the rows where there is no base, as the order needs every count. Only visible comments, and the
+    pending ones of user $5 (time) / $7 (top) (NULL: nobody); replies only while their root is visible."""
     children = _counter("children", "c.id") if "root_id = 0" in where else "NULL::bigint"
     likes = _counter("comment", "c.id")
     if top:
         likes = f"COALESCE({likes}, (SELECT count(*) FROM {{comment_like}} l WHERE l.comment_id = c.id))"
-    rows = f"""SELECT {COMMENT_COLUMNS}, {children} AS child_num, {likes} AS like_count,
+    rows = f"""SELECT {COMMENT_COLUMNS}, c.status, {children} AS child_num, {likes} AS like_count,
         $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM {{comment_like}} v WHERE v.comment_id = c.id
                                          AND v.user_id = $4) AS liked
-        FROM {{comment}} c WHERE {where}"""
+        FROM {{comment}} c WHERE {where}
+        AND (c.status = 'visible' OR c.status = 'pending' AND c.user_id = {"$7" if top else "$5"}::text)"""
+    if "root_id = 0" not in where:
+        rows += " AND NOT EXISTS (SELECT 1 FROM {comment} h WHERE h.id = $1 AND h.status <> 'visible')"
     if not top:
         return f"{rows} AND created_at > $2 ORDER BY created_at, id LIMIT $3"
     return f"""WITH page AS ({rows}) SELECT * FROM page
@@ -1574,9 +1716,20 @@ COMMENT_ROOTS_PAGE = _comment_page("post_id = $1 AND root_id = 0", top=False)
 COMMENT_REPLIES_PAGE = _comment_page("root_id = $1", top=False)
 COMMENT_ROOTS_TOP = _comment_page("post_id = $1 AND root_id = 0", top=True)
 COMMENT_REPLIES_TOP = _comment_page("root_id = $1", top=True)
+# A root comment takes its whole thread; a reply takes every reply whose father chain reaches it.
+COMMENT_DELETE_TREE = """
+WITH RECURSIVE doomed AS (
+    SELECT id, root_id FROM {comment} WHERE id = $1
+    UNION
+    SELECT c.id, c.root_id FROM {comment} c JOIN doomed d
+      ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
+)
+DELETE FROM {comment} WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING id, root_id, post_id, status,
+    root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = root_id AND h.status <> 'visible') AS under_hidden"""
 COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
                                    "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
-CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id")
+CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id "
+                                 "AND r.status = 'visible'")
 COUNTER_INIT = {"post": POST_LIKES_INIT, "comment": COMMENT_LIKES_INIT, "comments": COMMENT_COUNT_INIT,
                 "children": CHILD_COUNT_INIT}
 LIKE_COUNTS_DROP = """WITH slots AS (DELETE FROM {counter_slots} WHERE kind = $1 AND target_id = ANY($2::bigint[]))
@@ -1598,6 +1751,80 @@ CLEAN_COMMENT_LIKES = """DELETE FROM {comment_like} WHERE (comment_id, user_id) 
                          (SELECT comment_id, user_id FROM {comment_like}
                           WHERE comment_id = ANY($1::bigint[]) LIMIT $2)"""
 
+
+# Moderation. Every post and comment has a status (visible, pending, rejected, removed; the Go version's rows and
+# every row written without one are visible); reads and counts see only visible ones. comment_count counts a
+# comment when it is visible and so is its root (or it is a root); child_num counts the visible replies of a root.
+# {moderation} holds one row per item that was ever held, decided or reported (its status, why, open reports),
+# {reports} one per (item, reporter), {moderation_log} one per change of status, {bans} one per banned user.
+POST_INSERT_HELD = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at, status)
+                      VALUES ($1, $2, $3, $4, $5, now(), now(), $6)"""
+COMMENT_INSERT_HELD = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
+                                                content, extra, created_at, updated_at, status)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now(), $9)"""
+# a reply, holding its root (FOR KEY SHARE: a decision on the root waits for it, and it for the decision), and the
+# root's status: whether the reply counts in comment_count
+REPLY_INSERT = """WITH root AS (SELECT status FROM {comment} WHERE id = $3 FOR KEY SHARE)
+                  INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
+                                         content, extra, created_at, updated_at, status)
+                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now(), $9) RETURNING (SELECT status FROM root)"""
+POST_FOR_DECISION = """SELECT id, author AS user_id, id AS post_id, 0::bigint AS root_id, status, title, content, extra
+                       FROM {post} WHERE id = $1 FOR UPDATE"""
+COMMENT_FOR_DECISION = f"SELECT {COMMENT_COLUMNS}, status FROM {{comment}} WHERE id = $1 FOR UPDATE"
+LOG_EVER_VISIBLE = """SELECT EXISTS (SELECT 1 FROM {moderation_log} WHERE kind = $1 AND id = $2
+                                     AND 'visible' IN (from_status, to_status))"""
+ROOT_STATUS = "SELECT status FROM {comment} WHERE id = $1 FOR KEY SHARE"
+POST_SET_STATUS = "UPDATE {post} SET status = $2 WHERE id = $1"
+COMMENT_SET_STATUS = "UPDATE {comment} SET status = $2 WHERE id = $1"
+VISIBLE_REPLIES = "SELECT count(*) FROM {comment} WHERE root_id = $1 AND status = 'visible'"
+# the item's moderation row: status $4; reasons $5 added to those it has (a new hold starts the list afresh)
+MODERATION_SET = """INSERT INTO {moderation} AS m (kind, id, post_id, status, reasons) VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (kind, id) DO UPDATE SET status = EXCLUDED.status,
+        reasons = CASE WHEN m.status = 'pending' OR EXCLUDED.status <> 'pending'
+                       THEN ARRAY(SELECT DISTINCT r FROM unnest(m.reasons || EXCLUDED.reasons) r ORDER BY r)
+                       ELSE EXCLUDED.reasons END,
+        queued_at = CASE WHEN m.status = EXCLUDED.status THEN m.queued_at ELSE now() END"""
+MODERATION_FORGET = "DELETE FROM {moderation} WHERE kind = $1 AND id = ANY($2::bigint[])"
+REPORTS_CLOSE = """WITH closed AS (UPDATE {reports} SET open = false WHERE kind = $1 AND id = $2 AND open)
+                   UPDATE {moderation} SET reports = 0 WHERE kind = $1 AND id = $2"""
+REPORT_PUT = """INSERT INTO {reports} AS r (kind, id, user_id, reason, note) VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (kind, id, user_id) DO UPDATE SET reason = EXCLUDED.reason, note = EXCLUDED.note,
+                                                              open = true, created_at = now()"""
+REPORTS_OPEN = "SELECT count(*) FROM {reports} WHERE kind = $1 AND id = $2 AND open"
+MODERATION_REPORTS = """INSERT INTO {moderation} AS m (kind, id, post_id, status, reasons, reports)
+                        VALUES ($1, $2, $3, $4, '{{}}', $5)
+                        ON CONFLICT (kind, id) DO UPDATE SET reports = EXCLUDED.reports,
+                            queued_at = CASE WHEN m.reports = 0 THEN now() ELSE m.queued_at END"""
+QUEUE_COLUMNS = "kind, id, post_id, status, reasons, reports, queued_at"
+QUEUE_BY_STATUS = f"""SELECT {QUEUE_COLUMNS} FROM {{moderation}} WHERE status = $1 AND ($2::text IS NULL OR kind = $2)
+                      AND (queued_at, kind, id) > ($3, $4, $5) ORDER BY queued_at, kind, id LIMIT $6"""
+QUEUE_REPORTED = f"""SELECT {QUEUE_COLUMNS} FROM {{moderation}} WHERE reports > 0 AND ($2::text IS NULL OR kind = $2)
+                     AND (queued_at, kind, id) > ($3, $4, $5) AND $1::text IS NULL
+                     ORDER BY queued_at, kind, id LIMIT $6"""
+REPORT_REASONS = """SELECT kind, id, reason, count(*) AS n FROM {reports}
+                    WHERE open AND (kind, id) IN (SELECT * FROM unnest($1::text[], $2::bigint[])) GROUP BY 1, 2, 3"""
+POSTS_ANY_STATUS = "SELECT id, title, content, author, extra, created_at, status FROM {post} WHERE id = ANY($1::bigint[])"
+COMMENTS_ANY_STATUS = f"""SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num, status FROM {{comment}}
+                          WHERE id = ANY($1::bigint[])"""
+COMMENTS_HIDDEN = "SELECT id FROM {comment} WHERE id = ANY($1::bigint[]) AND status <> 'visible'"
+QUEUE_DEPTH = "SELECT count(*) FROM {moderation} WHERE status = 'pending'"
+LOG_INSERT = """INSERT INTO {moderation_log} (kind, id, from_status, to_status, source, moderator, note)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+LOG_READ = """SELECT seq, kind, id, from_status, to_status, source, moderator, note, created_at FROM {moderation_log}
+              WHERE kind = $1 AND id = $2 AND seq > $3 ORDER BY seq LIMIT $4"""
+BAN_PUT = """INSERT INTO {bans} AS b (user_id, mode, until, reason, moderator) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id) DO UPDATE SET mode = EXCLUDED.mode, until = EXCLUDED.until, reason = EXCLUDED.reason,
+                 moderator = EXCLUDED.moderator, created_at = now(), xid = pg_current_xact_id()
+             RETURNING created_at"""
+BAN_LIFT = """UPDATE {bans} SET until = now(), xid = pg_current_xact_id()
+              WHERE user_id = $1 AND (until IS NULL OR until > now()) RETURNING user_id"""
+BANS_LIST = """SELECT user_id, mode, until, reason, moderator, created_at FROM {bans}
+               WHERE (until IS NULL OR until > now()) AND (created_at, user_id) > ($1, $2)
+               ORDER BY created_at, user_id LIMIT $3"""
+# the bans written since the oldest transaction in flight at the previous look ($1: its xmin), and this look's
+# xmin: a ban committed later has a transaction id at or above it, so no change is ever missed
+BANS_CHANGED = """SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, b.user_id, b.mode, b.until
+                  FROM (SELECT 1) AS one LEFT JOIN {bans} b ON b.xid >= $1::text::xid8"""
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -1629,14 +1856,19 @@ POST_LIKE_UNSET_EMITTING = _emitting(POST_LIKE_UNSET, "del")
 # The other writes, each one statement with its event (one round trip, one implicit transaction). The owner check
 # is the WHERE clause, so nothing is written when refused; the final SELECT says why (`owner` is read from the
 # statement's snapshot: NULL, someone else, or the caller when the row went meanwhile). Counter slots: one ($slot)
-# per statement, taken in (kind, target) order like Store.count_change.
+# per statement, taken in (kind, target) order like Store.count_change. They change visible items only: anything
+# else (an author's own held item, a held update) goes the long way, as a transaction that also says why it refused.
+# A reply and a comment delete are transactions always: what they count in depends on the status of the thread's
+# root and of every deleted row.
 POST_UPDATE_WITH_EVENT = f"""WITH updated AS (
         UPDATE {{post}} SET content = COALESCE($3, content), title = COALESCE($4, title),
-               extra = COALESCE($5, extra), updated_at = now() WHERE id = $1 AND author = $2 RETURNING id),
+               extra = COALESCE($5, extra), updated_at = now() WHERE id = $1 AND author = $2 AND status = 'visible'
+               RETURNING id),
     ev AS ({EVENT_INTO} SELECT $6::text, id, $7::jsonb, CASE WHEN $8::boolean THEN now() END FROM updated)
     SELECT EXISTS (SELECT 1 FROM updated) AS changed, (SELECT author FROM {{post}} WHERE id = $1) AS owner"""
 # a post: gone, its clean-up queued (comments, likes), its counts dropped
-POST_DELETE_WITH_EVENT = f"""WITH gone AS (DELETE FROM {{post}} WHERE id = $1 AND author = $2 RETURNING id),
+POST_DELETE_WITH_EVENT = f"""WITH gone AS (DELETE FROM {{post}} WHERE id = $1 AND author = $2 AND status = 'visible'
+                                            RETURNING id),
     queued AS (INSERT INTO {{cleanup}} (kind, target_id) SELECT 'post', id FROM gone),
     slots AS (DELETE FROM {{counter_slots}} WHERE kind IN ('post', 'comments') AND target_id = $1
               AND EXISTS (SELECT 1 FROM gone)),
@@ -1649,68 +1881,23 @@ COMMENT_INSERT_WITH_EVENT = f"""WITH inserted AS ({COMMENT_INSERT}),
     bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n) VALUES ('comments', $6, $9::smallint, 1)
              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
     {EVENT_INTO} VALUES ($10, $6, $11::jsonb, CASE WHEN $12::boolean THEN now() END)"""
-# a reply: only when father $4 is on post $5 in thread $3 (a root comment is the root of its own thread); it names
-# the father's user; the thread's reply count and the post's comment count
-COMMENT_REPLY_WITH_EVENT = f"""WITH father AS (SELECT id, user_id, post_id, root_id FROM {{comment}} WHERE id = $4),
-    inserted AS (INSERT INTO {{comment}} (id, user_id, root_id, father_id, target_user_id, post_id, content, extra,
-                                         created_at, updated_at)
-                 SELECT $1, $2, $3, id, user_id, post_id, $6, $7, now(), now() FROM father
-                 WHERE post_id = $5 AND COALESCE(NULLIF(root_id, 0), id) = $3 RETURNING target_user_id),
-    bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n)
-             SELECT k.kind, k.target_id, $8::smallint, 1 FROM inserted,
-                    (VALUES ('children', $3::bigint), ('comments', $5::bigint)) AS k (kind, target_id)
-             ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1),
-    ev AS ({EVENT_INTO} SELECT $9::text, $5, $10::jsonb || jsonb_build_object('target_user_id', target_user_id),
-                               CASE WHEN $11::boolean THEN now() END FROM inserted)
-    SELECT EXISTS (SELECT 1 FROM father) AS found, EXISTS (SELECT 1 FROM inserted) AS changed"""
 COMMENT_UPDATE_WITH_EVENT = f"""WITH updated AS (
         UPDATE {{comment}} SET content = COALESCE($3, content), extra = COALESCE($4, extra), updated_at = now()
-        WHERE id = $1 AND user_id = $2 RETURNING post_id),
+        WHERE id = $1 AND user_id = $2 AND status = 'visible' RETURNING post_id),
     ev AS ({EVENT_INTO} SELECT $5::text, post_id, $6::jsonb || jsonb_build_object('post_id', post_id),
                                CASE WHEN $7::boolean THEN now() END FROM updated)
     SELECT EXISTS (SELECT 1 FROM updated) AS changed, (SELECT user_id FROM {{comment}} WHERE id = $1) AS owner"""
-# a comment of user $2 with its subtree (a root comment takes its whole thread, a reply every reply whose father
-# chain reaches it): their likes queued for clean-up, their own
-# counts dropped, the post's comment count and (for a reply) the thread's reply count lowered; deleted ids: the
-# comment first. The rows go by `id = ANY (ARRAY(...))`: `id IN (SELECT id FROM doomed)` is planned as a hash join
-# over a sequential scan of the whole comment table (the recursive CTE's row estimate).
-COMMENT_DELETE_WITH_EVENT = f"""
-WITH RECURSIVE doomed AS (
-    SELECT id, root_id FROM {{comment}} WHERE id = $1 AND user_id = $2
-    UNION
-    SELECT c.id, c.root_id FROM {{comment}} c JOIN doomed d
-      ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
-),
-gone AS (DELETE FROM {{comment}} WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING id, root_id, post_id),
-queued AS (INSERT INTO {{cleanup}} (kind, target_id) SELECT 'comment', id FROM gone),
-slots AS (DELETE FROM {{counter_slots}} WHERE kind IN ('comment', 'children')
-          AND target_id = ANY (ARRAY(SELECT id FROM gone))),
-bases AS (DELETE FROM {{like_counts}} WHERE kind IN ('comment', 'children')
-          AND target_id = ANY (ARRAY(SELECT id FROM gone))),
-bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n)
-         SELECT kind, target_id, $3::smallint, n FROM (
-             SELECT 'children' AS kind, root_id AS target_id, -count(*) AS n FROM gone
-             WHERE root_id <> 0 AND root_id <> ALL (ARRAY(SELECT id FROM gone)) GROUP BY root_id
-             UNION ALL
-             SELECT 'comments', post_id, -count(*) FROM gone WHERE post_id IS NOT NULL GROUP BY post_id) AS u
-         ORDER BY kind, target_id
-         ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + EXCLUDED.n),
-ev AS ({EVENT_INTO}
-       SELECT $4::text, post_id, $5::jsonb || jsonb_build_object('post_id', post_id,
-              'deleted_ids', (SELECT jsonb_agg(id ORDER BY id <> $1, id) FROM gone)),
-              CASE WHEN $6::boolean THEN now() END
-       FROM gone WHERE id = $1)
-SELECT (SELECT user_id FROM {{comment}} WHERE id = $1) AS owner, ARRAY(SELECT id FROM gone ORDER BY id <> $1, id)
-       AS deleted"""
 # a comment like of comment $1 on post $4 (nothing written when the comment is on another post), its count, event
-COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1 FOR KEY SHARE),
+COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
+                                               AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
     ins AS (INSERT INTO {{comment_like}} (comment_id, user_id, post_id, created_at)
             SELECT id, $2, post_id, now() FROM target WHERE post_id = $4 ON CONFLICT DO NOTHING RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, 1 FROM ins
              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1),
     ev AS ({EVENT_INTO} SELECT $5::text, $4, $6::jsonb, CASE WHEN $7::boolean THEN now() END FROM ins)
     SELECT post_id, EXISTS (SELECT 1 FROM ins) AS changed FROM target"""
-COMMENT_LIKE_UNSET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1 FOR KEY SHARE),
+COMMENT_LIKE_UNSET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
+                                                 AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
     del AS (DELETE FROM {{comment_like}} WHERE comment_id IN (SELECT id FROM target WHERE post_id = $4)
             AND user_id = $2 RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, -1 FROM del
@@ -1771,6 +1958,11 @@ def sql(svc: str, statement: str) -> str:
         "counter_slots": f"{svc}_counter_slots", "post_author_idx": f"{svc}_post_info_author_idx",
         "events": f"{svc}_events", "events_stream_idx": f"{svc}_events_stream_idx",
         "events_due_idx": f"{svc}_events_due_idx", "events_failed_idx": f"{svc}_events_failed_idx",
+        "post_held_idx": f"{svc}_post_info_held_idx", "comment_held_idx": f"{svc}_post_comment_info_held_idx",
+        "moderation": f"{svc}_moderation", "moderation_queue_idx": f"{svc}_moderation_queue_idx",
+        "moderation_reported_idx": f"{svc}_moderation_reported_idx", "reports": f"{svc}_reports",
+        "moderation_log": f"{svc}_moderation_log", "moderation_log_idx": f"{svc}_moderation_log_idx",
+        "bans": f"{svc}_bans", "bans_xid_idx": f"{svc}_bans_xid_idx",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -1810,7 +2002,7 @@ async def ensure_tables(pool: asyncpg.Pool, services: Iterable[str]) -> set[str]
     ready = set()
     for svc in services:
         statements = [statement for statement in sql(svc, DDL).split(";") if statement.strip()]
-        relations = [DDL_RELATIONS.search(statement).group(1) for statement in statements]
+        relations = [found.group(1) for statement in statements if (found := DDL_RELATIONS.search(statement))]
         try:
             async with pool.acquire() as conn:
                 if await conn.fetchval(DDL_MISSING, relations):
@@ -2445,6 +2637,7 @@ class Background:
         self.tasks: set[asyncio.Task] = set()
         self.cleanup_wakeup = asyncio.Event()
         self.events = Events()
+        self.moderation = ModerationState()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -2594,6 +2787,8 @@ class Render:
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        # services whose posts and comments carry "status" (moderation mode post or pre)
+        self.status_shown = frozenset(svc for svc, t in config.tenants.items() if t.moderation.mode != "off")
 
     def render_time(self, moment: dt.datetime | None) -> str:
         if moment is None:  # the Go version's columns allow it
@@ -2608,6 +2803,8 @@ class Render:
     def post_full_json(self, svc: str, row: asyncpg.Record, viewer: str | None) -> dict:
         post = self.post_json(svc, row)
         post["like_count"], post["comment_count"] = row["like_count"], row["comment_count"]
+        if svc in self.status_shown or row["status"] != "visible":  # (an author's own pending post)
+            post["status"] = row["status"]
         if viewer is not None:
             post["liked"] = row["liked"]
         return post
@@ -2655,6 +2852,9 @@ class Part:
         self.config, self.cache, self.background = store.config, store.cache, store.background
         self.db, self.emit, self.emitted, self.delivered = store.db, store.emit, store.emitted, store.delivered
         self.invalidate_later = invalidator.invalidate_later
+        self.state = store.background.moderation  # bans, hook breakers, word filters: outlive reloads
+        self.bans: Bans = None  # type: ignore[assignment]  # set by Service: the parts that check writes
+        self.moderation: Moderation = None  # type: ignore[assignment]
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
@@ -2695,7 +2895,15 @@ class Posts(Part):
     async def publish_post(self, svc: str, author: str, content: str, title: str | None,
                            extra: dict | None) -> dict:
         """Publish a post."""
+        self.bans.check(svc, author)
+        held = await self.moderation.screen(svc, "post", "publish", author, [title or "", content], {
+            "author": author, "title": title or "", "content": content, "extra": extra})
         post_id = await self.cache.next_id(post_id_counter_key(svc))
+        if held:  # pending: no post.published until it is approved
+            async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+                await conn.execute(sql(svc, POST_INSERT_HELD), post_id, content, title or "", author, extra, "pending")
+                await self.moderation.held(conn, svc, "post", post_id, post_id, None, held)
+            return {"post_id": post_id}
         event = {"post_id": post_id, "author": author, "title": title or "", "content": content, "extra": extra}
         async with self.db(svc, Err.CREATE_FAILED) as conn:  # the post and its event: one statement, one commit
             await conn.execute(sql(svc, POST_INSERT_WITH_EVENT), post_id, content, title or "", author, extra,
@@ -2718,10 +2926,12 @@ class Posts(Part):
         if cached is None:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
-            if row is None:
+            if row is None or row["status"] != "visible":  # only visible posts are read (and cached)
                 raise ApiError(Err.FIND_FAILED)
             cached = orjson.dumps(self.render.post_json(svc, row))
             await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
+        if svc in self.render.status_shown:
+            return b'{"post":' + cached[:-1] + b',"status":"visible"}}'
         return b'{"post":' + cached + b"}"
 
     async def update_post(self, svc: str, post_id: int, user_id: str, content: str | None,
@@ -2729,15 +2939,30 @@ class Posts(Part):
         """Update your post: only the fields given."""
         if content is None and extra is None and title is None:
             raise ApiError(Err.UPDATE_EMPTY)
+        self.bans.check(svc, user_id)
+        held = [] if content is None and title is None else await self.moderation.screen(
+            svc, "post", "update", user_id, [title or "", content or ""],
+            {"post_id": post_id, "author": user_id, **_given(content=content, title=title, extra=extra)})
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
-        event = {"post_id": post_id, "user_id": user_id, **_given(content=content, title=title, extra=extra)}
-        async with self.db(svc, Err.UPDATE_FAILED) as conn:  # the owner check, the change, its event: one statement
-            changed, owner = await conn.fetchrow(sql(svc, POST_UPDATE_WITH_EVENT), post_id, user_id, content, title,
+        changed = False
+        if not held:  # a visible post of the caller: the owner check, the change, its event in one statement
+            event = {"post_id": post_id, "user_id": user_id, **_given(content=content, title=title, extra=extra)}
+            async with self.db(svc, Err.UPDATE_FAILED) as conn:
+                changed, _ = await conn.fetchrow(sql(svc, POST_UPDATE_WITH_EVENT), post_id, user_id, content, title,
                                                  extra, "post.updated", event, self.delivered(svc, "post.updated"))
-            if changed:
-                self.emitted(conn, svc)
-        check_changed(changed, owner, user_id)
+                if changed:
+                    self.emitted(conn, svc)
+        if not changed:  # held, or not a visible post of the caller: the long way, which says why
+            async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
+                status = check_writer(await conn.fetchrow(sql(svc, POST_OWNER), post_id), user_id)
+                await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
+                if held and status == "visible":  # a held update: the post waits for a moderator again
+                    await conn.execute(sql(svc, POST_SET_STATUS), post_id, "pending")
+                    await self.moderation.held(conn, svc, "post", post_id, post_id, "visible", held)
+                elif status == "visible":
+                    await self.emit(conn, svc, "post.updated", {"post_id": post_id, "user_id": user_id,
+                                                                **_given(content=content, title=title, extra=extra)})
         self.invalidate_later([key])
 
     async def delete_post(self, svc: str, post_id: int, user_id: str) -> None:
@@ -2745,12 +2970,20 @@ class Posts(Part):
         keys = [post_info_key(svc, post_id), post_like_key(svc, post_id)]
         await self.cache.invalidate(keys)
         async with self.db(svc, Err.DELETE_FAILED) as conn:  # the owner check, delete, clean-up, counts, event: one
-            changed, owner = await conn.fetchrow(sql(svc, POST_DELETE_WITH_EVENT), post_id, user_id, "post.deleted",
-                                                 {"post_id": post_id, "user_id": user_id},
-                                                 self.delivered(svc, "post.deleted"))
+            changed, _ = await conn.fetchrow(sql(svc, POST_DELETE_WITH_EVENT), post_id, user_id, "post.deleted",
+                                             {"post_id": post_id, "user_id": user_id},
+                                             self.delivered(svc, "post.deleted"))
             if changed:
                 self.emitted(conn, svc)
-        check_changed(changed, owner, user_id)
+        if not changed:  # not a visible post of the caller: the long way, which says why
+            async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
+                if check_writer(await conn.fetchrow(sql(svc, POST_OWNER), post_id), user_id) != "visible":
+                    await conn.execute(sql(svc, MODERATION_FORGET), "post", [post_id])  # out of the queue
+                await conn.execute(sql(svc, POST_DELETE), post_id)
+                await conn.execute(sql(svc, CLEANUP_ENQUEUE), "post", [post_id])
+                await conn.execute(sql(svc, LIKE_COUNTS_DROP), "post", [post_id])
+                await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comments", [post_id])
+                await self.emit(conn, svc, "post.deleted", {"post_id": post_id, "user_id": user_id})
         log.info("deleted post %s/%d; its comments and likes are queued for clean-up", svc, post_id)
         self.background.cleanup_wakeup.set()
         self.invalidate_later(keys)
@@ -2794,16 +3027,17 @@ class Posts(Part):
         if not post_ids:
             return []
         unique = sorted(set(post_ids))
+        owner = viewer if viewer is not None and self.moderation.may_hold(svc) else None  # sees own pending posts
 
         async def read(conn: asyncpg.Connection) -> tuple[dict, list[asyncpg.Record]]:
-            rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer)
+            rows = await conn.fetch(sql(svc, POSTS_FULL), unique, viewer, owner)
             found = {row["id"]: self.render.post_full_json(svc, row, None) for row in rows}
             await self.store.settle_counts(conn, svc, found.values(), (("post", "like_count"),
                                                                        ("comments", "comment_count")))
             return found, rows
 
         tag = "posts_r" if replica and self.store.database(svc).replicas else "posts"  # getinfo's counts: primary's
-        found, liked = await self.near_feed(svc, (tag, unique), viewer, read, POSTS_LIKED, list, replica)
+        found, liked = await self.near_feed(svc, (tag, unique) if owner is None else (tag, unique, owner), viewer, read, POSTS_LIKED, list, replica)
         if viewer is None:
             return [found.get(post_id) for post_id in post_ids]
         return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
@@ -2825,7 +3059,7 @@ class Comments(Part):
             return orjson.loads(cached)
         async with self.db(svc, Err.FIND_FAILED) as conn:
             row = await conn.fetchrow(sql(svc, COMMENT_GET), comment_id)
-        if row is None:
+        if row is None or row["status"] != "visible":  # only visible comments are read (and cached)
             raise ApiError(Err.FIND_FAILED)
         comment = self.render.comment_json(svc, row)
         await self.cache.set_many([(key, orjson.dumps(comment), self.config.cache.comment_expire)])
@@ -2834,7 +3068,16 @@ class Comments(Part):
     async def publish_comment(self, svc: str, post_id: int, user_id: str, content: str,
                               extra: dict | None) -> dict:
         """Comment on a post (or on any object id of the caller's)."""
+        self.bans.check(svc, user_id)
+        held = await self.moderation.screen(svc, "comment", "publish", user_id, [content], {
+            "post_id": post_id, "user_id": user_id, "root_id": 0, "father_id": 0, "content": content, "extra": extra})
         comment_id = await self.cache.next_id(comment_id_counter_key(svc))
+        if held:  # pending: not counted, no comment.published until it is approved
+            async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+                await conn.execute(sql(svc, COMMENT_INSERT_HELD), comment_id, user_id, 0, 0, None, post_id,
+                                   content, extra, "pending")
+                await self.moderation.held(conn, svc, "comment", comment_id, post_id, None, held)
+            return {"comment_id": comment_id}
         event = {"comment_id": comment_id, "post_id": post_id, "user_id": user_id, "content": content, "extra": extra}
         async with self.db(svc, Err.CREATE_FAILED) as conn:  # the comment, the post's count, the event: one statement
             await conn.execute(sql(svc, COMMENT_INSERT_WITH_EVENT), comment_id, user_id, 0, 0, None, post_id,
@@ -2848,20 +3091,32 @@ class Comments(Part):
         """Reply to a comment of a thread."""
         if root_comment_id == 0 or father_comment_id == 0:
             raise ApiError(Err.PARAMS_WRONG)
-        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
-        event = {"comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
-                 "father_id": father_comment_id, "user_id": user_id, "content": content, "extra": extra}
-        async with self.db(svc, Err.CREATE_FAILED) as conn:  # the father check, the reply, two counts, the event
-            found, changed = await conn.fetchrow(
-                sql(svc, COMMENT_REPLY_WITH_EVENT), comment_id, user_id, root_comment_id, father_comment_id, post_id,
-                content, extra, random.randrange(COUNTER_SLOTS), "comment.replied", event,
-                self.delivered(svc, "comment.replied"))
-            if changed:
-                self.emitted(conn, svc)
-        if not found:
-            raise ApiError(Err.FIND_FAILED)
-        if not changed:  # the father is not on that post, or not in that thread
+        self.bans.check(svc, user_id)
+        father = await self.get_comment(svc, father_comment_id)
+        father_root = father["root_id"] or father["id"]  # a root comment is the root of its own thread
+        if father["post_id"] != post_id or father_root != root_comment_id:
             raise ApiError(Err.PARAMS_WRONG)
+        if father["root_id"]:
+            await self.get_comment(svc, root_comment_id)  # a thread whose root is not visible takes no reply
+        held = await self.moderation.screen(svc, "comment", "publish", user_id, [content], {
+            "post_id": post_id, "user_id": user_id, "root_id": root_comment_id, "father_id": father_comment_id,
+            "target_user_id": father["user_id"], "content": content, "extra": extra})
+        comment_id = await self.cache.next_id(comment_id_counter_key(svc))
+        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+            root_status = await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id,
+                                              father_comment_id, father["user_id"], post_id, content, extra,
+                                              "pending" if held else "visible")
+            if held:
+                await self.moderation.held(conn, svc, "comment", comment_id, post_id, None, held)
+                return {"comment_id": comment_id}
+            if root_status not in ("visible", None):  # hidden with its root (made so meanwhile): counted by it
+                await self.store.count_change(conn, svc, [("children", root_comment_id, 1)])
+                return {"comment_id": comment_id}
+            await self.store.count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
+            await self.emit(conn, svc, "comment.replied", {
+                "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
+                "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
+                "content": content, "extra": extra})
         return {"comment_id": comment_id}
 
     async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,
@@ -2869,55 +3124,84 @@ class Comments(Part):
         """Update your comment: only the fields given."""
         if content is None and extra is None:
             raise ApiError(Err.UPDATE_EMPTY)
+        self.bans.check(svc, user_id)
+        held = [] if content is None else await self.moderation.screen(
+            svc, "comment", "update", user_id, [content],
+            {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)})
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
-        event = {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)}  # + post_id
-        async with self.db(svc, Err.UPDATE_FAILED) as conn:  # the owner check, the change, its event: one statement
-            changed, owner = await conn.fetchrow(sql(svc, COMMENT_UPDATE_WITH_EVENT), comment_id, user_id, content,
+        changed = False
+        if not held:  # a visible comment of the caller: the owner check, the change, its event in one statement
+            event = {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)}  # + post_id
+            async with self.db(svc, Err.UPDATE_FAILED) as conn:
+                changed, _ = await conn.fetchrow(sql(svc, COMMENT_UPDATE_WITH_EVENT), comment_id, user_id, content,
                                                  extra, "comment.updated", event,
                                                  self.delivered(svc, "comment.updated"))
-            if changed:
-                self.emitted(conn, svc)
-        check_changed(changed, owner, user_id)
+                if changed:
+                    self.emitted(conn, svc)
+        if not changed:  # held, or not a visible comment of the caller: the long way, which says why
+            async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
+                status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+                post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
+                if held and status == "visible":  # a held update: out of the counts until a moderator approves it
+                    await self.moderation.change(conn, svc, "comment", comment_id, ("visible",), "pending",
+                                                 held[0], None, None, held, [])
+                elif status == "visible":
+                    await self.emit(conn, svc, "comment.updated", {"comment_id": comment_id, "post_id": post_id,
+                                                                   "user_id": user_id,
+                                                                   **_given(content=content, extra=extra)})
         self.invalidate_later([key])
 
     async def delete_comment(self, svc: str, comment_id: int, user_id: str) -> None:
         """Delete your comment and its sub-comments; their likes go in the background."""
-        own = [comment_info_key(svc, comment_id), comment_like_key(svc, comment_id)]
-        await self.cache.invalidate(own)
-        async with self.db(svc, Err.DELETE_FAILED) as conn:  # owner check, subtree, clean-up, counts, event: one
-            owner, deleted = await conn.fetchrow(
-                sql(svc, COMMENT_DELETE_WITH_EVENT), comment_id, user_id, random.randrange(COUNTER_SLOTS),
-                "comment.deleted", {"comment_id": comment_id, "user_id": user_id},
-                self.delivered(svc, "comment.deleted"))
-            if comment_id in deleted:  # the event was written with the comment's delete
-                self.emitted(conn, svc)
-        check_changed(comment_id in deleted, owner, user_id)
+        await self.cache.invalidate([comment_info_key(svc, comment_id)])
+        async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
+            check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
+            deleted = [row["id"] for row in rows]
+            if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
+                await conn.execute(sql(svc, MODERATION_FORGET), "comment",
+                                   [row["id"] for row in rows if row["status"] != "visible"])
+            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
+            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
+            await self._count_removed_comments(conn, svc, rows)
+            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
+                                                           "user_id": user_id, "deleted_ids": deleted})
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
-        subs = [key for cid in deleted if cid != comment_id
-                for key in (comment_info_key(svc, cid), comment_like_key(svc, cid))]
-        if subs:  # the sub-comments' entries (unknown before the delete): now, and once more later
-            with contextlib.suppress(ApiError):
-                await self.cache.invalidate(subs)
-        self.invalidate_later(own + subs)
+        keys = [key for cid in deleted for key in (comment_info_key(svc, cid), comment_like_key(svc, cid))]
+        with contextlib.suppress(ApiError):  # the sub-comments' entries: now, and once more later
+            await self.cache.invalidate(keys)
+        self.invalidate_later(keys)
+
+    async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
+        """Deleted comments leave comment_count and child_num in the delete's transaction (the ones they were
+        counted in: visible, and for comment_count under a visible root)."""
+        deleted = {row["id"] for row in rows}
+        changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None
+                                      and row["status"] == "visible" and not row["under_hidden"])
+        changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted
+                       and row["status"] == "visible")
+        await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
                             limit: int | None, viewer: str | None = None, sort: str | None = None) -> dict:
         """Root comments of a post (root_comment_id=0) or replies of a thread, created after cursor, oldest first."""
         limit, top, target = self.page_size(limit), sort == "top", post_id if root_comment_id == 0 else root_comment_id
+        owner = viewer if viewer is not None and self.moderation.may_hold(svc) else None  # sees own pending ones
         if top:
             if cursor is not None and not (isinstance(cursor, Keyset) and cursor.order == "top"):
                 raise bad_param("sort=top pages with the next_cursor of sort=top")
             statement = COMMENT_ROOTS_TOP if root_comment_id == 0 else COMMENT_REPLIES_TOP
-            args: tuple = ((cursor.moment, limit, viewer, cursor.count, cursor.id) if cursor else
-                           (None, limit, viewer, None, None))
+            args: tuple = ((cursor.moment, limit, viewer, cursor.count, cursor.id, owner) if cursor else
+                           (None, limit, viewer, None, None, owner))
         else:
             if isinstance(cursor, Keyset):
                 raise bad_param("a cursor of sort=top")
             statement = COMMENT_ROOTS_PAGE if root_comment_id == 0 else COMMENT_REPLIES_PAGE
-            args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer)
+            args = (cursor or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), limit, viewer, owner)
 
         async def read(conn: asyncpg.Connection) -> tuple[tuple[list[dict], str | None], list[asyncpg.Record]]:
             rows = await conn.fetch(sql(svc, statement), target, *args)
@@ -2925,17 +3209,19 @@ class Comments(Part):
             await self.store.settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
             return page, rows
 
-        page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit), viewer,
+        page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit, owner), viewer,
                                            read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]], True)
         comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
         return {"comments": comments, "next_cursor": page[1]}
 
     def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
         """(comments with like_count, next_cursor) of a page's rows."""
-        comments = []
+        comments, status = [], svc in self.render.status_shown
         for row in rows:
             comment = self.render.comment_json(svc, row)
             comment["like_count"] = row["like_count"]
+            if status or row["status"] != "visible":  # (an author's own pending comment)
+                comment["status"] = row["status"]
             comments.append(comment)
         if not top or not rows:
             return comments, next_cursor(rows)
@@ -2948,6 +3234,7 @@ class Likes(Part):
 
     async def like_post(self, svc: str, post_id: int, user_id: str, like: bool) -> None:
         """Like or unlike a post (idempotent)."""
+        self.bans.check(svc, user_id)
         key = post_like_key(svc, post_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
         kind = "post.liked" if like else "post.unliked"
@@ -2965,6 +3252,7 @@ class Likes(Part):
 
     async def like_comment(self, svc: str, post_id: int, comment_id: int, user_id: str, like: bool) -> None:
         """Like or unlike a comment (idempotent)."""
+        self.bans.check(svc, user_id)
         key = comment_like_key(svc, comment_id)
         invalidated = await self.cache.invalidate_unless_hot(key)
         kind = "comment.liked" if like else "comment.unliked"
@@ -3014,6 +3302,8 @@ class Likes(Part):
                 if uncounted:  # no base yet: made from the rows, once (none for unknown ids)
                     await conn.execute(sql(svc, COMMENT_LIKES_INIT), uncounted)
                     found.update(await conn.fetch(sql(svc, COUNTS_READ), "comment", uncounted))
+                for (hidden,) in await conn.fetch(sql(svc, COMMENTS_HIDDEN), missing):
+                    found.pop(hidden, None)  # a comment that is not visible counts as unknown
             ttl = self.config.cache.commentlike_expire
             await self.cache.set_many([(comment_like_key(svc, cid), found.get(cid, 0), ttl) for cid in missing])
             counts.update((cid, found.get(cid, 0)) for cid in missing)
@@ -3121,6 +3411,471 @@ class Cleanup(Part):
                 await asyncio.wait_for(wakeup.wait(), self.config.clean.interval)
 
 
+# --- moderation: the word filter, the hook, bans, the queue and decisions -----------------------------------
+
+WORDS_FILE_CHECK = 1.0  # seconds between looks at a words_file's size and time stamp (a change applies within 5 s)
+WORD_IGNORED = re.compile(r"[\W_]+")  # after NFKC and case folding: whitespace, punctuation, symbols, invisible
+HOOK_CONCURRENCY = 32  # hook calls in flight per service and process; a call waiting longer than timeout_ms errs
+HOOK_BREAKER_FAILURES = 5  # consecutive failures (per service and process) that open the breaker...
+HOOK_BREAKER_PAUSE = 30.0  # ...for this many seconds: on_error applies at once, the hook is not called
+BAN_POLL = 0.25  # seconds between looks at each service's bans (a ban made elsewhere applies within ~0.3 s)
+BAN_POLL_SKIP = 0.7  # seconds since the last look within which a look is skipped when no connection is idle
+DECIDE_MAX = 100  # items per moderation decision
+LOG_MAX = 1000  # audit entries per answer
+NOTE_MAX_CHARS = 1000
+REPORT_REASONS_ALLOWED = ("spam", "abuse", "offensive", "illegal", "other")
+DECISIONS = {"approve": (("pending",), "visible"), "reject": (("pending",), "rejected"),
+             "remove": (("visible",), "removed"), "restore": (("rejected", "removed"), "visible")}
+
+
+def normalise_text(text: str) -> str:
+    """What the word filter compares: NFKC, case-folded, without whitespace, punctuation, symbols and zero-width
+    or other invisible characters (so "b a d", "ｂａｄ", "B\\u200bAD" all read "bad")."""
+    return WORD_IGNORED.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+class WordFilter:
+    """The blocked words of one list, in one Aho-Corasick automaton: a match costs time linear in the text,
+    whatever the number of words."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self.automaton = ahocorasick.Automaton()
+        for word in words:
+            key = normalise_text(word)
+            if key and key not in self.automaton:
+                self.automaton.add_word(key, word.strip())
+        self.empty = len(self.automaton) == 0
+        if not self.empty:
+            self.automaton.make_automaton()
+
+    def match(self, texts: Iterable[str]) -> str | None:
+        """The first blocked word (as listed) found in any of the texts, or None."""
+        if self.empty:
+            return None
+        for text in texts:
+            for _end, word in self.automaton.iter(normalise_text(text)):
+                return word
+        return None
+
+
+class WordLists:
+    """Word filters by (words, words_file), kept across reloads; a words_file is re-read when it changes
+    (looked at no more than once per WORDS_FILE_CHECK, on use)."""
+
+    def __init__(self) -> None:
+        self._filters: dict[tuple, tuple[WordFilter, Any, float]] = {}  # key -> (filter, file stamp, checked at)
+
+    def get(self, cfg: ModerationConfig) -> WordFilter:
+        key = (cfg.words, cfg.words_file)
+        kept, now = self._filters.get(key), time.monotonic()
+        if kept is not None and (not cfg.words_file or now - kept[2] < WORDS_FILE_CHECK):
+            return kept[0]
+        stamp, words = None, list(cfg.words)
+        if cfg.words_file:
+            try:
+                st = os.stat(cfg.words_file)
+                stamp = (st.st_mtime_ns, st.st_size)
+                if kept is not None and kept[1] == stamp:
+                    self._filters[key] = (kept[0], stamp, now)
+                    return kept[0]
+                words += pathlib.Path(cfg.words_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                if kept is None or kept[1] is not None:
+                    log.error("moderation: cannot read words_file %s: %s", cfg.words_file, exc)
+                if kept is not None:
+                    self._filters[key] = (kept[0], None, now)
+                    return kept[0]
+        if len(self._filters) > 256:
+            self._filters.clear()
+        word_filter = WordFilter(w for w in words if w.strip() and not w.lstrip().startswith("#"))
+        self._filters[key] = (word_filter, stamp, now)
+        return word_filter
+
+
+class HookBreaker:
+    """Consecutive failures of one service's hook in this process; open (skipped) for HOOK_BREAKER_PAUSE."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+        self.semaphore = asyncio.Semaphore(HOOK_CONCURRENCY)
+
+
+class ModerationState:
+    """What outlives configuration reloads: word filters, hook breakers, and the bans of every service as this
+    process last read them (with the position of that read)."""
+
+    def __init__(self) -> None:
+        self.words = WordLists()
+        self.breakers: dict[str, HookBreaker] = {}
+        self.bans: dict[str, dict[str, tuple[str, dt.datetime | None]]] = {}  # svc -> user -> (mode, until)
+        self.ban_xmin: dict[str, str] = {}  # svc -> the xmin of its last read
+        self.bans_pool: Any = None  # the pool those reads came from (another database: read everything again)
+        self.bans_read = 0.0  # when (monotonic) they were last read
+        self.http: httpx.AsyncClient | None = None
+
+    def ban_of(self, svc: str, user: str) -> tuple[str, dt.datetime | None] | None:
+        """The user's ban in force (mode, until), or None; an expired one is over by itself."""
+        bans = self.bans.get(svc)
+        if not bans:
+            return None
+        ban = bans.get(user)
+        if ban is None or (ban[1] is not None and ban[1] <= dt.datetime.now(dt.timezone.utc)):
+            return None
+        return ban
+
+
+def _rfc3339(moment: dt.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Bans(Part):
+    """Bans: `ban` refuses the user's writes (403), `premod` holds their new items; every replica applies a ban
+    within BAN_POLL of its commit (each process reads the changes of every service's bans that often)."""
+
+    def check(self, svc: str, user: str) -> None:
+        """403 user is banned, when `user` is under a `ban` (checked by every write of the user's but deletes)."""
+        ban = self.state.ban_of(svc, user)
+        if ban is not None and ban[0] == "ban":
+            raise ApiError(Err.BANNED, data={"until": _rfc3339(ban[1])})
+
+    def premod(self, svc: str, user: str) -> bool:
+        ban = self.state.ban_of(svc, user)
+        return ban is not None and ban[0] == "premod"
+
+    async def put_ban(self, svc: str, user_id: str, moderator: str, mode: str | None = None,
+                      until: dt.datetime | None = None, reason: str | None = None) -> dict:
+        """Ban a user (mode ban: no writes; premod: every new item held), until a time or for good."""
+        mode = mode or "ban"
+        if until is not None and until <= dt.datetime.now(dt.timezone.utc):
+            raise bad_param("until is in the past")
+        async with self.db(svc, Err.UPDATE_FAILED) as conn:
+            created = await conn.fetchval(sql(svc, BAN_PUT), user_id, mode, until, reason, moderator)
+        self.state.bans.setdefault(svc, {})[user_id] = (mode, until)
+        log.info("moderation %s: %s banned (%s) until %s by %s", svc, user_id, mode, _rfc3339(until) or "ever",
+                 moderator)
+        return {"ban": {"user_id": user_id, "mode": mode, "until": _rfc3339(until), "reason": reason,
+                        "moderator": moderator, "time": _rfc3339(created)}}
+
+    async def delete_ban(self, svc: str, user_id: str) -> dict:
+        """Lift a user's ban (no ban: success too)."""
+        async with self.db(svc, Err.UPDATE_FAILED) as conn:
+            lifted = await conn.fetchval(sql(svc, BAN_LIFT), user_id)
+        self.state.bans.get(svc, {}).pop(user_id, None)
+        return {"lifted": lifted is not None}
+
+    async def list_bans(self, svc: str, cursor: tuple[dt.datetime, str] | None = None,
+                        limit: int | None = None) -> dict:
+        """The bans in force, oldest first, keyset-paged."""
+        moment, after = cursor or (Keyset.EPOCH, "")
+        async with self.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, BANS_LIST), moment, after, self.page_size(limit))
+        bans = [{"user_id": r["user_id"], "mode": r["mode"], "until": _rfc3339(r["until"]), "reason": r["reason"],
+                 "moderator": r["moderator"], "time": _rfc3339(r["created_at"])} for r in rows]
+        return {"bans": bans, "next_cursor": ban_cursor(rows[-1]["created_at"], rows[-1]["user_id"]) if rows else None}
+
+    async def poll_once(self) -> None:
+        """Read the ban changes of every service since the last look (everything at the first)."""
+        state, pool = self.state, self.store.pool
+        if state.bans_pool is not pool:
+            state.bans_pool, state.ban_xmin = pool, {}
+        if not pool.get_idle_size() and time.monotonic() - state.bans_read < BAN_POLL_SKIP:
+            return  # every connection busy: skip a look or two rather than grow the pool
+        try:
+            async with pool.acquire(timeout=self.config.db.pool_wait) as conn:
+                for svc in sorted(self.store.ready):
+                    try:
+                        rows = await conn.fetch(sql(svc, BANS_CHANGED), state.ban_xmin.get(svc, "0"))
+                    except asyncpg.PostgresError as exc:
+                        log.warning("moderation: cannot read the bans of %r: %s", svc, exc)
+                        continue
+                    self._apply_bans(svc, rows)
+        except (asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("moderation: cannot read the bans: %r", exc)
+            return
+        state.bans_read = time.monotonic()
+
+    def _apply_bans(self, svc: str, rows: list[asyncpg.Record]) -> None:
+        """The changed ban rows of one look into this process's view of svc's bans."""
+        state = self.state
+        first = svc not in state.ban_xmin
+        bans = {} if first else dict(state.bans.get(svc, {}))
+        now = dt.datetime.now(dt.timezone.utc)
+        for row in rows:
+            if row["user_id"] is None:
+                continue
+            if row["until"] is None or row["until"] > now:
+                bans[row["user_id"]] = (row["mode"], row["until"])
+            else:
+                bans.pop(row["user_id"], None)
+        state.bans[svc], state.ban_xmin[svc] = bans, rows[0]["xmin"]
+
+
+def ban_cursor(moment: dt.datetime, user_id: str) -> str:
+    micros = (moment - Keyset.EPOCH) // dt.timedelta(microseconds=1)
+    return "b" + base64.urlsafe_b64encode(f"{micros}:{user_id}".encode()).decode().rstrip("=")
+
+
+class Moderation(Part):
+    """Statuses: the checks a write runs (word filter, hook, premod bans), the queue, decisions and their audit
+    log, reports. Every change of status changes the counts it affects in its own transaction."""
+
+    def may_hold(self, svc: str) -> bool:
+        """Can svc have held items that their authors see (then feed pages read with a viewer are per viewer)?"""
+        tenant = self.config.tenants.get(svc)
+        return (tenant is not None and tenant.moderation.mode != "off") or any(
+            mode == "premod" for mode, _ in self.state.bans.get(svc, {}).values())
+
+    async def screen(self, svc: str, kind: str, action: str, user: str, texts: list[str],
+                     item: dict) -> list[str]:
+        """The reasons to hold a write ([]: visible), or 422 content rejected. Mode off consults nothing but bans."""
+        cfg = self.config.tenants[svc].moderation
+        premod = self.bans.premod(svc, user)
+        if cfg.mode == "off":
+            return ["premod"] if premod else []
+        reasons: list[str] = []
+        accepted = False
+        word = self.state.words.get(cfg).match(t for t in texts if t) if cfg.words or cfg.words_file else None
+        if word is not None:
+            METRICS.moderation(svc, "word", cfg.on_word)
+            if cfg.on_word == "reject":
+                raise ApiError(Err.CONTENT_REJECTED, data={"reason": "word", "detail": word})
+            reasons.append("word")
+        elif cfg.hook is not None:
+            decision, detail = await self.ask_hook(svc, cfg.hook, {"type": "moderation.check", "svc": svc,
+                                                                   "kind": kind, "action": action, "item": item})
+            METRICS.moderation(svc, "hook", decision)
+            if decision == "reject":
+                raise ApiError(Err.CONTENT_REJECTED, data={"reason": "hook", "detail": detail})
+            if decision == "hold":
+                reasons.append("hook")
+            accepted = decision == "accept"
+        if cfg.mode == "pre" and not accepted and not reasons:
+            reasons.append("pre")
+        if premod:
+            reasons.append("premod")
+        return reasons
+
+    async def ask_hook(self, svc: str, hook: ModerationHook, check: dict) -> tuple[str, str | None]:
+        """The hook's (decision, reason), or (on_error, why) when it failed, timed out or its breaker is open.
+        No database connection is held meanwhile."""
+        breaker = self.state.breakers.setdefault(svc, HookBreaker())
+        if breaker.open_until > time.monotonic():
+            return hook.on_error, "hook skipped"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(hook.timeout_ms / 1000):
+                async with breaker.semaphore:
+                    decision, detail = await self._call_hook(svc, hook, check)
+        except (asyncio.TimeoutError, httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
+            METRICS.hook_seconds(time.perf_counter() - started)
+            breaker.failures += 1
+            if breaker.failures >= HOOK_BREAKER_FAILURES:
+                breaker.failures, breaker.open_until = 0, time.monotonic() + HOOK_BREAKER_PAUSE
+                log.warning("moderation %s: the hook failed %d times in a row (last: %s); skipped for %g s, "
+                            "on_error=%s meanwhile", svc, HOOK_BREAKER_FAILURES, type(exc).__name__ or exc,
+                            HOOK_BREAKER_PAUSE, hook.on_error)
+            return hook.on_error, "hook failed"
+        METRICS.hook_seconds(time.perf_counter() - started)
+        breaker.failures = 0
+        return decision, detail
+
+    async def _call_hook(self, svc: str, hook: ModerationHook, check: dict) -> tuple[str, str | None]:
+        """POST the check, signed per Standard Webhooks; ValueError for an answer that is not a decision."""
+        if self.state.http is None:
+            self.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=WEBHOOK_CONNECTIONS))
+        body = orjson.dumps(check).decode()
+        msg_id, now = f"{svc}_check_{secrets.token_hex(8)}", dt.datetime.now(dt.timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": msg_id,
+                   "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": _webhook_signer(hook.secret).sign(msg_id, now, body)}
+        response = await self.state.http.post(hook.url, content=body.encode(), headers=headers)
+        if not 200 <= response.status_code < 300:
+            raise ValueError(f"HTTP {response.status_code}")
+        answer = orjson.loads(response.content)  # orjson.JSONDecodeError is a ValueError
+        decision = answer.get("decision") if isinstance(answer, dict) else None
+        if decision not in ("accept", "hold", "reject"):
+            raise ValueError("no decision")
+        reason = answer.get("reason")
+        return decision, reason if isinstance(reason, str) else None
+
+    async def held(self, conn: asyncpg.Connection, svc: str, kind: str, item_id: int, post_id: int | None,
+                   before: str | None, reasons: list[str]) -> None:
+        """A write left its item pending (or made it so): queue row, audit row, *.moderated event."""
+        source = reasons[0] if reasons[0] in ("word", "hook") else ("report" if reasons[0] == "reports" else
+                                                                     reasons[0])
+        await conn.execute(sql(svc, MODERATION_SET), kind, item_id, post_id, "pending", reasons)
+        await conn.execute(sql(svc, LOG_INSERT), kind, item_id, before, "pending", source, None, None)
+        await self.emit(conn, svc, f"{kind}.moderated", {
+            "id": item_id, f"{kind}_id": item_id, "post_id": post_id, "from": before, "to": "pending",
+            "source": source, "moderator": None, "reasons": reasons})
+
+    async def change(self, conn: asyncpg.Connection, svc: str, kind: str, item_id: int, allowed: tuple[str, ...],
+                     to: str, source: str, moderator: str | None, note: str | None,
+                     reasons: list[str], keys: list[str]) -> tuple[str, str] | None:
+        """Move one item from a status in `allowed` to `to` (any other status: left as it is), with its counts,
+        queue row, audit row and events; (before, after), or None for an unknown item."""
+        if kind == "comment":
+            root_id = await conn.fetchval(sql(svc, "SELECT root_id FROM {comment} WHERE id = $1"), item_id)
+            root_status = (await conn.fetchval(sql(svc, ROOT_STATUS), root_id)) if root_id else None
+        row = await conn.fetchrow(sql(svc, POST_FOR_DECISION if kind == "post" else COMMENT_FOR_DECISION), item_id)
+        if row is None:
+            return None
+        before = row["status"]
+        if before not in allowed or before == to:
+            return before, before
+        post_id = row["post_id"]
+        await conn.execute(sql(svc, POST_SET_STATUS if kind == "post" else COMMENT_SET_STATUS), item_id, to)
+        became, left = to == "visible", before == "visible"
+        if kind == "comment" and (became or left):
+            sign = 1 if became else -1
+            if row["root_id"]:  # a reply: its root's child_num, and comment_count while the root is visible
+                changes = [("children", row["root_id"], sign)]
+                if root_status in ("visible", None) and post_id is not None:
+                    changes.append(("comments", post_id, sign))
+            else:  # a root: itself and its visible replies
+                replies = await conn.fetchval(sql(svc, VISIBLE_REPLIES), item_id)
+                changes = [("comments", post_id, sign * (1 + replies))] if post_id is not None else []
+            if changes:
+                await self.store.count_change(conn, svc, changes)
+        await conn.execute(sql(svc, MODERATION_SET), kind, item_id, post_id, to, reasons)
+        if before == "pending" and to == "visible":
+            await conn.execute(sql(svc, REPORTS_CLOSE), kind, item_id)
+        first = became and not await conn.fetchval(sql(svc, LOG_EVER_VISIBLE), kind, item_id)
+        await conn.execute(sql(svc, LOG_INSERT), kind, item_id, before, to, source, moderator, note)
+        await self.emit(conn, svc, f"{kind}.moderated", {
+            "id": item_id, f"{kind}_id": item_id, "post_id": post_id, "from": before, "to": to, "source": source,
+            "moderator": moderator, "reasons": reasons})
+        if first:
+            await self._first_visible(conn, svc, kind, row)
+        keys.extend([post_info_key(svc, item_id), post_like_key(svc, item_id)] if kind == "post" else
+                    [comment_info_key(svc, item_id), comment_like_key(svc, item_id)])
+        return before, to
+
+    async def _first_visible(self, conn: asyncpg.Connection, svc: str, kind: str, row: asyncpg.Record) -> None:
+        """post.published / comment.published / comment.replied: an item is announced when first visible."""
+        if kind == "post":
+            await self.emit(conn, svc, "post.published", {"post_id": row["id"], "author": row["user_id"],
+                                                          "title": row["title"] or "", "content": row["content"],
+                                                          "extra": row["extra"]})
+        elif not row["root_id"]:
+            await self.emit(conn, svc, "comment.published", {
+                "comment_id": row["id"], "post_id": row["post_id"], "user_id": row["user_id"],
+                "content": row["content"], "extra": row["extra"]})
+        else:
+            await self.emit(conn, svc, "comment.replied", {
+                "comment_id": row["id"], "post_id": row["post_id"], "root_id": row["root_id"],
+                "father_id": row["father_id"], "user_id": row["user_id"], "target_user_id": row["target_user_id"],
+                "content": row["content"], "extra": row["extra"]})
+
+    async def decide(self, svc: str, items: list[tuple[str, int]], decision: str, moderator: str,
+                     note: str | None = None) -> dict:
+        """Decide on up to 100 items: approve, reject, remove or restore (other pairs leave an item as it is)."""
+        allowed, to = DECISIONS[decision]
+        results: dict[tuple[str, int], dict | None] = {}
+        keys: list[str] = []
+        async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
+            for kind, item_id in sorted(set(items)):  # one lock order for every decision: no deadlocks
+                moved = await self.change(conn, svc, kind, item_id, allowed, to, "moderator", moderator, note,
+                                          [], keys)
+                results[(kind, item_id)] = None if moved is None else {"kind": kind, "id": item_id,
+                                                                       "status": moved[1]}
+                if moved is not None and moved[0] != moved[1]:
+                    METRICS.moderation(svc, "moderator", decision)
+        await self._invalidate(svc, keys)
+        return {"results": [results[item] for item in items]}
+
+    async def _invalidate(self, svc: str, keys: list[str]) -> None:
+        if keys:
+            self.cache.near.bump(svc)
+            with contextlib.suppress(ApiError):
+                await self.cache.invalidate(keys)
+            self.invalidate_later(keys)
+
+    async def report(self, svc: str, user_id: str, reason: str, post_id: int | None = None,
+                     comment_id: int | None = None, note: str | None = None) -> dict:
+        """Report a post or a comment (one report per user and item; again: replaces the reason)."""
+        if post_id is None and comment_id is None:
+            raise bad_param("give post_id or comment_id")
+        self.bans.check(svc, user_id)
+        kind, item_id = ("post", post_id) if comment_id is None else ("comment", comment_id)  # comment_id wins
+        cfg = self.config.tenants[svc].moderation
+        keys: list[str] = []
+        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+            row = await conn.fetchrow(sql(svc, POST_FOR_DECISION if kind == "post" else COMMENT_FOR_DECISION),
+                                      item_id)
+            if row is None or (row["status"] != "visible" and row["user_id"] != user_id):
+                raise ApiError(Err.FIND_FAILED)
+            await conn.execute(sql(svc, REPORT_PUT), kind, item_id, user_id, reason, note)
+            count = await conn.fetchval(sql(svc, REPORTS_OPEN), kind, item_id)
+            await conn.execute(sql(svc, MODERATION_REPORTS), kind, item_id, row["post_id"], row["status"], count)
+            await self.emit(conn, svc, f"{kind}.reported", {"id": item_id, f"{kind}_id": item_id,
+                                                            "post_id": row["post_id"], "user_id": user_id,
+                                                            "reason": reason, "report_count": count})
+            if cfg.mode != "off" and cfg.report_threshold and count >= cfg.report_threshold:
+                moved = await self.change(conn, svc, kind, item_id, ("visible",), "pending", "report", None, None,
+                                          ["reports"], keys)
+                if moved and moved[0] != moved[1]:
+                    METRICS.moderation(svc, "report", "hold")
+        await self._invalidate(svc, keys)
+        return {"report_count": count}
+
+    async def queue(self, svc: str, status: str, kind: str | None = None, cursor: Keyset | None = None,
+                    limit: int | None = None) -> dict:
+        """The moderation queue: items by status (or with open reports), oldest first, keyset-paged."""
+        if cursor is not None and cursor.order != "queue":
+            raise bad_param("not a cursor of the queue")
+        after = (cursor.moment, KINDS[cursor.count], cursor.id) if cursor else (Keyset.EPOCH, "", -1)
+        statement = QUEUE_REPORTED if status == "reported" else QUEUE_BY_STATUS
+        async with self.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, statement), None if status == "reported" else status, kind, *after,
+                                    self.page_size(limit))
+            kinds, ids = [r["kind"] for r in rows], [r["id"] for r in rows]
+            reports: dict[tuple[str, int], dict] = {}
+            for r in await conn.fetch(sql(svc, REPORT_REASONS), kinds, ids):
+                reports.setdefault((r["kind"], r["id"]), {})[r["reason"]] = r["n"]
+            posts = {r["id"]: r for r in await conn.fetch(sql(svc, POSTS_ANY_STATUS),
+                                                          [i for k, i in zip(kinds, ids) if k == "post"])}
+            comments = {r["id"]: r for r in await conn.fetch(sql(svc, COMMENTS_ANY_STATUS),
+                                                             [i for k, i in zip(kinds, ids) if k == "comment"])}
+        items = []
+        for r in rows:
+            found = (posts if r["kind"] == "post" else comments).get(r["id"])
+            if found is None:  # deleted since
+                continue
+            item = (self.render.post_json(svc, found) if r["kind"] == "post" else
+                    self.render.comment_json(svc, found))
+            item["status"] = found["status"]
+            items.append({"kind": r["kind"], "id": r["id"], "post_id": r["post_id"], "status": found["status"],
+                          "reasons": list(r["reasons"]), "reports": reports.get((r["kind"], r["id"]), {}),
+                          "item": item})
+        last = rows[-1] if rows else None
+        return {"items": items, "next_cursor": None if last is None else
+                Keyset("queue", last["queued_at"], last["id"], KINDS.index(last["kind"])).encode()}
+
+    async def audit_log(self, svc: str, kind: str, id: int) -> dict:
+        """The changes of status of one item, oldest first (who, when, from, to, why)."""
+        async with self.db(svc, Err.FIND_FAILED) as conn:
+            rows = await conn.fetch(sql(svc, LOG_READ), kind, id, 0, LOG_MAX)
+        return {"entries": [{"kind": r["kind"], "id": r["id"], "from": r["from_status"], "to": r["to_status"],
+                             "source": r["source"], "moderator": r["moderator"], "note": r["note"],
+                             "time": _rfc3339(r["created_at"])} for r in rows]}
+
+    async def queue_depth(self) -> dict[str, int]:
+        """Pending items per service (for /metrics)."""
+        depth: dict[str, int] = {}
+        async with self.store.pool.acquire() as conn:
+            for svc in sorted(self.store.ready):
+                with contextlib.suppress(asyncpg.PostgresError):
+                    depth[svc] = await conn.fetchval(sql(svc, QUEUE_DEPTH))
+        return depth
+
+
+KINDS = ("comment", "post")  # kinds of moderated items (a queue cursor carries the index)
+
+
 class Service:
     """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
     in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
@@ -3139,6 +3894,9 @@ class Service:
         parts = (self.store, self.render, self.invalidator)
         self.posts, self.comments, self.likes = Posts(*parts), Comments(*parts), Likes(*parts)
         self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
+        self.moderation, self.bans = Moderation(*parts), Bans(*parts)
+        for part in (self.posts, self.comments, self.likes, self.moderation, self.bans):
+            part.bans, part.moderation = self.bans, self.moderation
 
 
 def _given(**fields: Any) -> dict:
@@ -3159,14 +3917,20 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-def check_changed(changed: bool, owner: str | None, user_id: str) -> None:
-    """After a write whose WHERE clause was the owner check: nothing changed is 10014 when the row is someone
-    else's, else 10006 (no such row, or it went meanwhile)."""
-    if changed:
-        return
-    if owner is None or owner == user_id:
+def check_writer(row: asyncpg.Record | None, user_id: str) -> str:
+    """The owner check of an update or delete, with the item's status: an item that is not visible is 10006 to
+    anyone but its author. Returns the status."""
+    if row is None or (row[1] != "visible" and row[0] != user_id):
         raise ApiError(Err.FIND_FAILED)
-    raise ApiError(Err.NOT_OWNER)
+    check_owner(row[0], user_id)
+    return row[1]
+
+
+def check_owner(owner: str | None, user_id: str) -> None:
+    if owner is None:
+        raise ApiError(Err.FIND_FAILED)
+    if owner != user_id:
+        raise ApiError(Err.NOT_OWNER)
 
 
 # ============================================================================
@@ -3763,7 +4527,7 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Keyset:
     """Where a page ended, handed out as an opaque `next_cursor`: base64url of 'order:count:microseconds:id'."""
-    order: str  # "time" (getlist, newest first) or "top" (comments, most liked first)
+    order: str  # "time" (getlist, newest first), "top" (comments, most liked first), "queue" (moderation queue)
     moment: dt.datetime
     id: int
     count: int = 0
@@ -3782,7 +4546,7 @@ class Keyset:
         if len(raw) > cls.MAX_LEN or not raw.isascii():
             raise ValueError("cursor too long")
         order, count, micros, ident = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().split(":")
-        if order not in ("time", "top") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
+        if order not in ("time", "top", "queue") or not all(x.isdigit() or x[:1] == "-" and x[1:].isdigit()
                                                   for x in (count, micros, ident)):
             raise ValueError("not a cursor")
         value = cls(order, cls.EPOCH + dt.timedelta(microseconds=int(micros)), int(ident), int(count))
@@ -3907,6 +4671,72 @@ def as_ids_mode(raw: Any) -> str:
     if raw in ("string", "number"):
         return raw
     raise bad_param(f"ids must be string or number: {raw!r}")
+
+
+def _one_of(name: str, allowed: Iterable[str]) -> Callable[[Any], str]:
+    allowed = tuple(allowed)
+
+    def parse(raw: Any) -> str:
+        if raw in allowed:
+            return raw
+        raise bad_param(f"{name} must be one of {', '.join(allowed)}: {raw!r}")
+    parse.__name__ = f"as_{name}"
+    return parse
+
+
+as_kind = _one_of("kind", KINDS)
+as_decision = _one_of("decision", DECISIONS)
+as_report_reason = _one_of("reason", REPORT_REASONS_ALLOWED)
+as_queue_status = _one_of("status", ("pending", "reported", "rejected", "removed"))
+as_ban_mode = _one_of("mode", ("ban", "premod"))
+
+
+def as_note(raw: Any) -> str:
+    return _text(raw, NOTE_MAX_CHARS)
+
+
+def as_until(raw: Any) -> dt.datetime:
+    """An RFC 3339 time with its offset (Z or +hh:mm)."""
+    if not isinstance(raw, str) or not raw.isascii() or not CURSOR_CHARS[0] <= len(raw) <= CURSOR_CHARS[1]:
+        raise bad_param("until must be an RFC 3339 time")
+    try:
+        moment = dt.datetime.fromisoformat(raw.strip())
+        if moment.tzinfo is None:
+            raise ValueError("no offset")
+        return moment.astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise bad_param(f"bad until {raw!r}") from None
+
+
+def as_decide_items(raw: Any) -> list[tuple[str, int]]:
+    """1..DECIDE_MAX items {"kind": post|comment, "id": id}."""
+    if not isinstance(raw, list) or not 1 <= len(raw) <= DECIDE_MAX:
+        raise bad_param(f"items must be a list of 1 to {DECIDE_MAX} items")
+    items = []
+    for item in raw:
+        if not isinstance(item, dict) or "kind" not in item or "id" not in item:
+            raise bad_param("an item is {kind, id}")
+        items.append((as_kind(item["kind"]), as_id(item["id"])))
+    return items
+
+
+def as_queue_cursor(raw: Any) -> Keyset:
+    cursor = as_page_cursor(raw)
+    if not isinstance(cursor, Keyset) or cursor.order != "queue" or cursor.count >= len(KINDS):
+        raise bad_param("not a cursor of the queue")
+    return cursor
+
+
+def as_ban_cursor(raw: Any) -> tuple[dt.datetime, str]:
+    try:
+        if not isinstance(raw, str) or not raw.startswith("b") or len(raw) > Keyset.MAX_LEN * 3:
+            raise ValueError("not a ban cursor")
+        micros, user = base64.urlsafe_b64decode(raw[1:] + "=" * (-len(raw[1:]) % 4)).decode().split(":", 1)
+        if not micros.isdigit():
+            raise ValueError("not a ban cursor")
+        return Keyset.EPOCH + dt.timedelta(microseconds=int(micros)), as_name(user)
+    except (ValueError, OverflowError, UnicodeDecodeError):
+        raise bad_param(f"bad cursor {raw!r}") from None
 
 
 MAX_BATCH = 100  # post ids per getbatch at most
@@ -4165,6 +4995,78 @@ POST_PAGE = dict(POST_IDS, properties=dict(POST_IDS["properties"], posts={
 POST_BATCH = _obj(posts={"type": "array", "items": {"anyOf": [POST_SCHEMA, {"type": "null"}]},
                          "description": "in the order of post_ids; null for an unknown id"})
 
+# --- moderation: parameters and answers ---
+KIND_SCHEMA = {"type": "string", "enum": list(KINDS)}
+STATUS_SCHEMA = {"type": "string", "enum": ["visible", "pending", "rejected", "removed"]}
+RFC3339_SCHEMA = {"type": "string", "format": "date-time", "minLength": CURSOR_CHARS[0], "maxLength": CURSOR_CHARS[1]}
+NOTE_SCHEMA = {"type": "string", "maxLength": NOTE_MAX_CHARS, "pattern": NO_NUL}
+REPORT_POST_ID = Param("post_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID,
+                       description="the post reported (or comment_id)")
+REPORT_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
+                          description="the comment reported (given, it is reported rather than the post)")
+REPORT_REASON = Param("reason", "body", as_report_reason, schema={"type": "string", "enum": list(REPORT_REASONS_ALLOWED)},
+                      example="spam", description="why")
+NOTE_OPT = Param("note", "body", as_note, required=False, schema=NOTE_SCHEMA, example="selling pills",
+                 description=f"free text, at most {NOTE_MAX_CHARS} characters")
+QUEUE_STATUS = Param("status", "query", as_queue_status, example="pending",
+                     schema={"type": "string", "enum": ["pending", "reported", "rejected", "removed"]},
+                     description="the items of this status; reported: items with open reports, any status")
+KIND_OPT = Param("kind", "query", as_kind, required=False, schema=KIND_SCHEMA, example="comment",
+                 description="only posts or only comments")
+QUEUE_CURSOR = Param("cursor", "query", as_queue_cursor, required=False,
+                     schema={"type": "string", "pattern": f"^[A-Za-z][A-Za-z0-9_-]{{0,{Keyset.MAX_LEN - 1}}}$"},
+                     example=Keyset("queue", Keyset.EPOCH, 0, 0).encode(),
+                     description="the next_cursor of the previous page")
+DECIDE_ITEMS = Param("items", "json", as_decide_items, example=[{"kind": "comment", "id": EXAMPLE_ID + 1}],
+                     schema={"allOf": [{"type": "array", "minItems": 1, "maxItems": DECIDE_MAX,
+                                        "items": _obj(kind=KIND_SCHEMA, id=NONZERO_ID_SCHEMA)}]},
+                     description=f"the items decided on, at most {DECIDE_MAX}")
+DECISION = Param("decision", "json", as_decision, example="approve", schema={"type": "string", "enum": list(DECISIONS)},
+                 description="approve: pending → visible; reject: pending → rejected; remove: visible → removed; "
+                             "restore: rejected or removed → visible (any other pair: left as it is)")
+MODERATOR = Param("moderator", "json", as_name, schema=NAME_SCHEMA, example="mod_anna",
+                  description="who decides (written to the audit log)")
+NOTE_JSON = dataclasses.replace(NOTE_OPT, where="json")
+LOG_KIND = Param("kind", "query", as_kind, schema=KIND_SCHEMA, example="comment", description="post or comment")
+LOG_ID = Param("id", "query", as_id, schema=ID_SCHEMA, example=EXAMPLE_ID + 1, description="the item")
+BAN_USER = Param("user_id", "json", as_name, schema=NAME_SCHEMA, example="spammer42", description="the user banned")
+BAN_MODE = Param("mode", "json", as_ban_mode, required=False, schema={"type": "string", "enum": ["ban", "premod"]},
+                 example="ban", description="ban (default): every write refused, 403; premod: every new item held")
+BAN_UNTIL = Param("until", "json", as_until, required=False, schema=dict(RFC3339_SCHEMA, type=["string", "null"]),
+                  example="2031-01-01T00:00:00Z", description="when it ends (RFC 3339, in the future); null: never")
+BAN_REASON = Param("reason", "json", as_note, required=False, schema=NOTE_SCHEMA, example="spam",
+                   description="why (shown in the list)")
+BAN_CURSOR = Param("cursor", "query", as_ban_cursor, required=False,
+                   schema={"type": "string", "pattern": f"^b[A-Za-z0-9_-]{{0,{Keyset.MAX_LEN * 3 - 1}}}$"},
+                   example=ban_cursor(Keyset.EPOCH, "a"),
+                   description="the next_cursor of the previous page")
+BANNED_USER = dataclasses.replace(USER_ID, description="the user whose ban is lifted")
+
+NULLABLE_TEXT = {"type": ["string", "null"]}
+TIME_OUT = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
+REPORTED = _obj(report_count={"type": "integer", "minimum": 1, "description": "distinct users with an open report"})
+QUEUE_ITEM = _obj(kind=KIND_SCHEMA, id=ID_OUT, post_id={"type": ["integer", "string", "null"]}, status=STATUS_SCHEMA,
+                  reasons={"type": "array", "items": {"type": "string"},
+                           "description": "why it was held: word, hook, pre, premod, reports"},
+                  reports={"type": "object", "additionalProperties": {"type": "integer"},
+                           "description": "open reports by reason"},
+                  item={"anyOf": [POST_SCHEMA, COMMENT_SCHEMA]})
+QUEUE_PAGE = _obj(items={"type": "array", "items": QUEUE_ITEM},
+                  next_cursor={"type": ["string", "null"], "description": "the cursor of the next page"})
+DECIDED = _obj(results={"type": "array", "items": {"anyOf": [_obj(kind=KIND_SCHEMA, id=ID_OUT, status=STATUS_SCHEMA),
+                                                              {"type": "null"}]},
+                        "description": "in the order of items: the status now; null for an unknown item"})
+LOG_ENTRIES = _obj(entries={"type": "array", "items": _obj(
+    kind=KIND_SCHEMA, id=ID_OUT, **{"from": {"type": ["string", "null"]}}, to=STATUS_SCHEMA,
+    source={"type": "string", "description": "word, hook, pre, premod, report or moderator"},
+    moderator=NULLABLE_TEXT, note=NULLABLE_TEXT, time=TIME_OUT)})
+BAN_OUT = _obj(user_id={"type": "string"}, mode={"type": "string", "enum": ["ban", "premod"]},
+               until={"type": ["string", "null"], "format": "date-time"}, reason=NULLABLE_TEXT,
+               moderator=NULLABLE_TEXT, time=TIME_OUT)
+A_BAN = _obj(ban=BAN_OUT)
+LIFTED = _obj(lifted={"type": "boolean", "description": "false: there was no ban in force"})
+BAN_PAGE = _obj(bans={"type": "array", "items": BAN_OUT}, next_cursor={"type": ["string", "null"]})
+
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
@@ -4198,6 +5100,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET",    "/comments/getlike", Likes.comment_likes,      LIKE_COUNTS,  None,    (COMMENT_IDS,)),
     Route("GET",    "/events",           Streams.event_stream,     EVENT_STREAM, None,    (POST_ID_OPT, TYPES_OPT,
                                                                                            LAST_EVENT_ID)),
+    Route("POST",   "/report",           Moderation.report,        REPORTED,     USER_ID, (REPORT_POST_ID,
+                                                                                           REPORT_COMMENT_ID, USER_ID,
+                                                                                           REPORT_REASON, NOTE_OPT)),
+    Route("GET",    "/moderation/queue", Moderation.queue,         QUEUE_PAGE,   None,    (QUEUE_STATUS, KIND_OPT,
+                                                                                           QUEUE_CURSOR, LIMIT)),
+    Route("PUT",    "/moderation/decide", Moderation.decide,       DECIDED,      None,    (DECIDE_ITEMS, DECISION,
+                                                                                           MODERATOR, NOTE_JSON)),
+    Route("GET",    "/moderation/log",   Moderation.audit_log,     LOG_ENTRIES,  None,    (LOG_KIND, LOG_ID)),
+    Route("PUT",    "/moderation/ban",   Bans.put_ban,             A_BAN,        None,    (BAN_USER, BAN_MODE, BAN_UNTIL,
+                                                                                           BAN_REASON, MODERATOR)),
+    Route("DELETE", "/moderation/ban",   Bans.delete_ban,          LIFTED,       None,    (BANNED_USER,)),
+    Route("GET",    "/moderation/bans",  Bans.list_bans,           BAN_PAGE,     None,    (BAN_CURSOR, LIMIT)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
@@ -4322,10 +5236,15 @@ RATE_LIMIT_OUT = {
                   "example": '"user-writes";r=0;t=2'}}
 
 
+ERROR_DATA_EXAMPLES = {Err.BANNED: {"until": "2031-01-01T00:00:00Z"},
+                       Err.CONTENT_REJECTED: {"reason": "word", "detail": "bad"}}
+
+
 def _envelope_examples(*errors: Err) -> dict:
     """Example objects of the error envelopes an answer may carry."""
     return {f"{err.code}-{err.name.lower().replace('_', '-')}": {
-        "summary": err.msg, "value": {"code": err.code, "msg": err.msg, "data": None}} for err in errors}
+        "summary": err.msg, "value": {"code": err.code, "msg": err.msg, "data": ERROR_DATA_EXAMPLES.get(err)}}
+        for err in errors}
 
 
 # status: (what it means, the envelopes it carries, its headers); the body is the envelope. X-Request-ID is on
@@ -4334,9 +5253,14 @@ ERROR_ANSWERS = {
     "400": ("bind param failed (a parameter is missing or malformed), something of params is wrong, or bind "
             "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
             (Err.BIND_PARAM, Err.PARAMS_WRONG, Err.AUTHENTICATION), dict(REQUEST_ID_OUT, **AUTH_ERROR_OUT)),
+    "403": ("user is banned: a write (publish, comment, reply, update, like, report) by a user under a `ban`; "
+            "data.until is when it ends (null: never); nothing was written", (Err.BANNED,), REQUEST_ID_OUT),
     "408": ("the request head did not arrive within server.header_timeout, or its body stopped arriving for "
             "server.body_timeout (the connection is closed; answered by the server's own HTTP protocol, which "
             "`python im_backend.py` and the container use)", (Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT), {}),
+    "422": ("content rejected (publish, comment, reply, update): data.reason is word (a blocked word) or hook (the "
+            "moderation hook), data.detail the word or the hook's reason; nothing was written",
+            (Err.CONTENT_REJECTED,), REQUEST_ID_OUT),
     "429": ("too many requests: over the service's or the user's rate limit; nothing was done",
             (Err.TOO_MANY_REQUESTS,), dict(REQUEST_ID_OUT, **RATE_LIMIT_OUT)),
     "431": ("the request line and headers are larger than server.header_limit bytes or have more than "
@@ -4478,7 +5402,8 @@ def openapi_document(root_path: str = "") -> dict:
                                                                                 "getinfo with counts=1 or viewer"},
                     comment_count={"type": "integer", "minimum": 0,
                                    "description": "every comment and reply on the post; as like_count"},
-                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the post"}),
+                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the post"},
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
                 "Comment": _with_optional(_obj(id=ID_OUT, user_id=string, content=string,
                                 root_id=dict(ID_OUT, description="0 for a root comment"),
                                 father_id=dict(ID_OUT, description="0 for a root comment"),
@@ -4488,7 +5413,8 @@ def openapi_document(root_path: str = "") -> dict:
                                            "description": "replies in the thread (root comments in a page); "
                                                           "else null"},
                                 extra=extra_out, like_count={"type": "integer", "minimum": 0}),
-                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the comment"}),
+                    liked={"type": "boolean", "description": "with viewer=: whether that user likes the comment"},
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
             },
         },
     }
@@ -4578,6 +5504,8 @@ class Metrics:
                                               yet (a count over the whole database: the most recent value of
                                               any worker is shown)
       METRICS.config_reload(result)           im_config_reloads_total{result}; result "ok" or "rejected"
+      METRICS.moderation(svc, source, decision) im_moderation_total{svc,source,decision}
+      METRICS.hook_seconds(seconds)           im_moderation_hook_seconds (histogram)
     """
 
     def __init__(self) -> None:
@@ -4608,6 +5536,12 @@ class Metrics:
         self.replica_reads = prom.Counter("im_db_replica_reads_total", "Uncached reads sent to a streaming standby, "
                                           "by result: ok, or fallback (it failed; the primary answered)",
                                           ("replica", "result"), registry=registry)
+        self.moderation_total = prom.Counter(
+            "im_moderation_total", "Moderation outcomes by source (word, hook, report, moderator) and decision "
+            "(hold, reject, accept, approve, remove, restore)", ("svc", "source", "decision"), registry=registry)
+        self.hook_duration = prom.Histogram("im_moderation_hook_seconds", "Time waited for the moderation hook "
+                                            "(timeouts and failures included)", buckets=DURATION_BUCKETS,
+                                            registry=registry)
         self.pool_connections = prom.Gauge("im_db_pool_connections", "PostgreSQL pool connections by state "
                                            "(summed over live workers)", ("state",), registry=registry,
                                            multiprocess_mode="livesum")
@@ -4679,6 +5613,12 @@ class Metrics:
     def config_reload(self, result: str) -> None:
         self._count(self.config_reloads, result)
 
+    def moderation(self, svc: str | None, source: str, decision: str) -> None:
+        self._count(self.moderation_total, self.svc_label(svc), source, decision)
+
+    def hook_seconds(self, seconds: float) -> None:
+        self.hook_duration.observe(seconds)  # a hook call costs milliseconds: the direct call is noise
+
     # --- hand-over to prometheus-client, scrape ------------------------------------------
 
     def flush(self, pools: Iterable[asyncpg.Pool] | None) -> None:
@@ -4735,6 +5675,11 @@ class Metrics:
                 log.warning("metrics: clean-up queue depth unavailable: %r", exc)
             try:
                 async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
+                    self.scrape_time.queue_depths = await service.moderation.queue_depth()
+            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("metrics: moderation queue depth unavailable: %r", exc)
+            try:
+                async with asyncio.timeout(SCRAPE_QUERY_TIMEOUT):
                     for svc, counts in (await service.background.events.counts()).items():
                         self.events_pending(svc, counts["backlog"])
             except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
@@ -4769,6 +5714,7 @@ class ScrapeTimeGauges:
     def __init__(self) -> None:
         self.cleanup_depths: dict[str, int] = {}
         self.replicas: list[ReplicaLink] = []  # the standbys as this process measured them
+        self.queue_depths: dict[str, int] = {}
 
     def collect(self) -> Iterable[prom.Metric]:
         family = prom.core.GaugeMetricFamily("im_cleanup_queue_depth", "Clean-up jobs waiting (rows of the "
@@ -4787,6 +5733,11 @@ class ScrapeTimeGauges:
             up.add_metric((link.label,), 0 if link.state == "down" else 1)
         yield lag
         yield up
+        family = prom.core.GaugeMetricFamily("im_moderation_queue_depth", "Items pending moderation per service",
+                                             labels=("svc",))
+        for svc, depth in sorted(self.queue_depths.items()):
+            family.add_metric((svc,), depth)
+        yield family
 
 
 METRICS = Metrics()
@@ -4966,7 +5917,9 @@ class App:
         self.auth = Authenticator()
         self.deadlines = Deadlines()
         self.source: Any = None
+        self.config_base: pathlib.Path | None = None  # where relative paths of the application configuration start
         self._cleanup_task: asyncio.Task | None = None
+        self._bans_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
         self._openapi: dict[str, bytes] = {}  # root_path -> the document mounted there
@@ -4986,9 +5939,10 @@ class App:
         path = self.bootstrap_path or os.environ.get("IM_CONF") or DEFAULT_BOOTSTRAP
         boot = read_bootstrap(path)
         self.source = config_source(boot)
+        self.config_base = app_conf_path(boot).parent if boot.get("app_conf") else boot["_path"].parent
         text = await self.source.start(self.reload)
         try:
-            config = parse_app_config(text)
+            config = parse_app_config(text, self.config_base)
             SERVER_LIMITS.apply(config)
             configure_observability(config)
             pool = await self._connect_db(config.db, wait=config.server.startup_wait)
@@ -4998,7 +5952,9 @@ class App:
         main, tenant_dbs = await self._attach(config, pool)
         self.service = Service(config, main, tenant_dbs, open_cache(config.cache), self.background)
         self.source.save_last_good(text)
+        await self.service.bans.poll_once()  # the bans in force before the first request (nothing else runs yet)
         self._cleanup_task = asyncio.create_task(keep_running("clean-up", self._run_cleanup))
+        self._bans_task = asyncio.create_task(keep_running("bans", self._run_ban_poll))
         self.background.events.start(self.service)
         self._end_streams_on_signals()
         if METRICS.multiprocess:
@@ -5067,6 +6023,13 @@ class App:
         return main, {svc: registry[config.db_of(svc).primary] for svc in config.services
                       if registry[config.db_of(svc).primary] is not main}
 
+    async def _run_ban_poll(self) -> None:
+        """Every process follows the bans of every service (a ban made anywhere applies here within BAN_POLL)."""
+        while True:
+            await asyncio.sleep(BAN_POLL)
+            assert self.service is not None
+            await self.service.bans.poll_once()
+
     async def _run_cleanup(self) -> None:
         """The clean-up loop of the current configuration (after a failure, keep_running starts the newest)."""
         assert self.service is not None
@@ -5092,10 +6055,14 @@ class App:
         self.background.events.end_streams()
         if self.source:
             await self.source.stop()
-        if self._cleanup_task:
-            self._cleanup_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup_task
+        for task in (self._cleanup_task, self._bans_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.background.moderation.http is not None:
+            await self.background.moderation.http.aclose()
+            self.background.moderation.http = None
         await self.deadlines.stop()
         await self.background.events.stop()
         Acceptor.stop()
@@ -5115,7 +6082,7 @@ class App:
         """Apply a changed application configuration atomically, or keep the old one if it is bad."""
         async with self._reload_lock:
             try:
-                config = parse_app_config(text)
+                config = parse_app_config(text, self.config_base)
             except ConfigError as exc:
                 log.error("rejected the new configuration, keeping the old one: %s", exc)
                 METRICS.config_reload("rejected")
@@ -5283,7 +6250,7 @@ class App:
         except ApiError as exc:
             if exc.headers:
                 raise
-            return error_answer(exc.err)
+            return error_answer(exc.err, exc.data)
         except asyncio.CancelledError:
             if not self.deadlines.expired(task):
                 raise
