@@ -11,7 +11,9 @@ One hand-written ASGI module, read top to bottom in the order data flows (leaves
   5. Cache (Redis) and id generation ...... the Redis keys, NearCache, Cache
   6. Domain operations .................... Service (one per configuration) and its parts: Store (transactions,
                                             events emitted, counters), Render (JSON, times), Invalidator (the delayed
-                                            double delete), Posts, Comments, Likes, Streams, Cleanup; Background
+                                            double delete), Posts, Comments, Likes, Streams, Cleanup, Moderation
+                                            (statuses, the word filter, the hook, queue, decisions, reports), Bans;
+                                            WordFilter, ModerationState; Background
   7. Events ............................... EventStream, Events (the outbox, live streams, webhook delivery)
   8. HTTP layer ........................... Request, body reading (bodiless), parameter kinds (as_*), Keyset, Param,
                                             ParsedQueries, Route, ROUTES and SYSTEM_ROUTES, openapi_document()
