@@ -4605,17 +4605,24 @@ def as_extra(raw: Any) -> dict:
     return raw
 
 
-def as_cursor(raw: Any) -> dt.datetime:
-    """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
+def _utc_time(raw: Any, what: str, shape_error: str, naive_is_utc: bool) -> dt.datetime:
+    """An ISO 8601 / RFC 3339 time as UTC; one without an offset is UTC when naive_is_utc, else refused."""
     if not isinstance(raw, str) or not raw.isascii() or not CURSOR_CHARS[0] <= len(raw) <= CURSOR_CHARS[1]:
-        raise bad_param("bad cursor")
+        raise bad_param(shape_error)
     try:
         moment = dt.datetime.fromisoformat(raw.strip())
         if moment.tzinfo is None:
+            if not naive_is_utc:
+                raise ValueError("no offset")
             return moment.replace(tzinfo=dt.timezone.utc)
         return moment.astimezone(dt.timezone.utc)  # fails here, not in the driver, for year 9999 at -05:00
     except (ValueError, OverflowError):
-        raise bad_param(f"bad cursor {raw!r}") from None
+        raise bad_param(f"bad {what} {raw!r}") from None
+
+
+def as_cursor(raw: Any) -> dt.datetime:
+    """UTC; YYYY-MM-DDTHH:MM:SS as the original, or ISO 8601 with fractions and Z/offset."""
+    return _utc_time(raw, "cursor", "bad cursor", naive_is_utc=True)
 
 
 def as_limit(raw: Any) -> int:
@@ -4699,15 +4706,7 @@ def as_note(raw: Any) -> str:
 
 def as_until(raw: Any) -> dt.datetime:
     """An RFC 3339 time with its offset (Z or +hh:mm)."""
-    if not isinstance(raw, str) or not raw.isascii() or not CURSOR_CHARS[0] <= len(raw) <= CURSOR_CHARS[1]:
-        raise bad_param("until must be an RFC 3339 time")
-    try:
-        moment = dt.datetime.fromisoformat(raw.strip())
-        if moment.tzinfo is None:
-            raise ValueError("no offset")
-        return moment.astimezone(dt.timezone.utc)
-    except (ValueError, OverflowError):
-        raise bad_param(f"bad until {raw!r}") from None
+    return _utc_time(raw, "until", "until must be an RFC 3339 time", naive_is_utc=False)
 
 
 def as_decide_items(raw: Any) -> list[tuple[str, int]]:
