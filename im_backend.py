@@ -1673,12 +1673,13 @@ POSTS_FULL = f"""SELECT p.id, p.title, p.content, p.author, p.extra, p.created_a
     FROM {{post}} p WHERE p.id = ANY($1::bigint[]) AND (p.status = 'visible' OR p.status = 'pending' AND p.author = $3)"""
 POSTS_LIKED = "SELECT post_id FROM {post_like} WHERE post_id = ANY($1::bigint[]) AND user_id = $2"
 COMMENTS_LIKED = "SELECT comment_id FROM {comment_like} WHERE comment_id = ANY($1::bigint[]) AND user_id = $2"
-# Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4].
-POST_LIST_AFTER = """SELECT id, created_at FROM {post} WHERE (created_at, id) < ($1, $2) AND status = 'visible'
-                     ORDER BY created_at DESC, id DESC LIMIT $3"""
-POST_LIST_BY_AUTHOR = """SELECT id, created_at FROM {post} WHERE author = $4 AND (created_at, id) < ($1, $2)
-                         AND status = 'visible'
-                         ORDER BY created_at DESC, id DESC LIMIT $3"""
+# Keyset pages of post ids, newest first, after (created_at $1, id $2) [of author $4]; visible posts, and the
+# pending ones of user $5 (NULL: nobody), who sees their own held posts in the feed.
+_LISTED = "(status = 'visible' OR $5::text IS NOT NULL AND status = 'pending' AND author = $5)"
+POST_LIST_AFTER = f"""SELECT id, created_at FROM {{post}} WHERE (created_at, id) < ($1, $2) AND {_LISTED}
+                      AND $4::text IS NULL ORDER BY created_at DESC, id DESC LIMIT $3"""  # $4: no author here
+POST_LIST_BY_AUTHOR = f"""SELECT id, created_at FROM {{post}} WHERE author = $4 AND (created_at, id) < ($1, $2)
+                          AND {_LISTED} ORDER BY created_at DESC, id DESC LIMIT $3"""
 
 COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
@@ -1686,6 +1687,10 @@ COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, targ
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
 COMMENT_GET = f"SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num, status FROM {{comment}} WHERE id = $1"
 COMMENT_OWNER = "SELECT user_id, status FROM {comment} WHERE id = $1 FOR UPDATE"
+# a delete's owner check, holding the thread's root too (FOR KEY SHARE, as a reply does): a decision on the root
+# waits for the delete, or the delete for it, so the deleted replies leave comment_count once whatever the order
+COMMENT_OWNER_FOR_DELETE = """WITH c AS (SELECT user_id, status, root_id FROM {comment} WHERE id = $1 FOR UPDATE)
+    SELECT user_id, status, (SELECT r.id FROM {comment} r WHERE r.id = c.root_id FOR KEY SHARE) FROM c"""
 COMMENT_UPDATE = """UPDATE {comment} SET content = COALESCE($2, content), extra = COALESCE($3, extra),
                     updated_at = now() WHERE id = $1 RETURNING post_id"""
 
@@ -1726,8 +1731,9 @@ WITH RECURSIVE doomed AS (
     SELECT c.id, c.root_id FROM {comment} c JOIN doomed d
       ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
 )
-DELETE FROM {comment} WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING id, root_id, post_id, status,
-    root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = root_id AND h.status <> 'visible') AS under_hidden"""
+DELETE FROM {comment} d WHERE d.id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING d.id, d.root_id, d.post_id,
+    d.status, d.root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = d.root_id AND h.status <> 'visible')
+    AS under_hidden"""
 COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
                                    "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
 CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id "
@@ -3008,12 +3014,13 @@ class Posts(Part):
             moment, after = cursor.moment, cursor.id
         else:  # (created_at, id) < (t, -1) is created_at < t
             moment, after = cursor or dt.datetime.now(dt.timezone.utc), -1
-        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author)
+        owner = viewer if viewer is not None and self.moderation.may_hold(svc) else None  # sees own pending posts
+        key = feed_page_key(svc, self.cache.near.generation(svc), "list", cursor, limit, author, owner)
         page = self.cache.near.get(key)
         if page is None:
-            rows = await self.store.read(svc, Err.FIND_FAILED, lambda conn: (
-                conn.fetch(sql(svc, POST_LIST_AFTER), moment, after, limit) if author is None else
-                conn.fetch(sql(svc, POST_LIST_BY_AUTHOR), moment, after, limit, author)))
+            statement = sql(svc, POST_LIST_AFTER if author is None else POST_LIST_BY_AUTHOR)
+            rows = await self.store.read(svc, Err.FIND_FAILED,
+                                         lambda conn: conn.fetch(statement, moment, after, limit, author, owner))
             page = ([row["id"] for row in rows],
                     Keyset("time", rows[-1]["created_at"], rows[-1]["id"]).encode() if rows else None)
             self.cache.near.put(key, page)
@@ -3143,7 +3150,7 @@ class Comments(Part):
                     self.emitted(conn, svc)
         if not changed:  # held, or not a visible comment of the caller: the long way, which says why
             async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-                status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+                status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
                 post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
                 if held and status == "visible":  # a held update: out of the counts until a moderator approves it
                     await self.moderation.change(conn, svc, "comment", comment_id, ("visible",), "pending",
@@ -3158,7 +3165,7 @@ class Comments(Part):
         """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+            check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
             rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
             deleted = [row["id"] for row in rows]
             if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
@@ -3706,8 +3713,9 @@ class Moderation(Part):
     async def held(self, conn: asyncpg.Connection, svc: str, kind: str, item_id: int, post_id: int | None,
                    before: str | None, reasons: list[str]) -> None:
         """A write left its item pending (or made it so): queue row, audit row, *.moderated event."""
-        source = reasons[0] if reasons[0] in ("word", "hook") else ("report" if reasons[0] == "reports" else
-                                                                     reasons[0])
+        # source: what held it (word, hook, report); an item held by the service's mode `pre` or its author's
+        # premod ban waits for a moderator's decision: source moderator (its reasons say which)
+        source = {"word": "word", "hook": "hook", "reports": "report"}.get(reasons[0], "moderator")
         await conn.execute(sql(svc, MODERATION_SET), kind, item_id, post_id, "pending", reasons)
         await conn.execute(sql(svc, LOG_INSERT), kind, item_id, before, "pending", source, None, None)
         await self.emit(conn, svc, f"{kind}.moderated", {

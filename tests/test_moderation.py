@@ -208,6 +208,10 @@ async def test_pending_is_invisible_in_every_read_and_count_but_to_its_author(cl
     assert (await pre.ok("GET", "/getbatch", {"post_ids": str(post), "viewer": "paula"}))["posts"][0]["id"] == post
     assert post not in (await pre.ok("GET", "/getlist", {"limit": 100}))["post_list"]
     assert post not in (await pre.ok("GET", "/getlist", {"limit": 100, "author": "paula"}))["post_list"]
+    assert post not in (await pre.ok("GET", "/getlist", {"limit": 100, "expand": 1, "viewer": "other"}))["post_list"]
+    mine = await pre.ok("GET", "/getlist", {"limit": 100, "expand": 1, "viewer": "paula"})  # the author's own feed
+    assert post in mine["post_list"] and mine["posts"][mine["post_list"].index(post)]["status"] == "pending"
+    assert post in (await pre.ok("GET", "/getlist", {"limit": 100, "author": "paula", "viewer": "paula"}))["post_list"]
     assert (await pre.call("PUT", "/like", {"post_id": post, "user_id": "fan"}, json={"like": True}))[1]["code"] == 10006
     assert (await pre.call("PUT", "/update", {"post_id": post, "user_id": "other"}, data={"content": "x"}))[1][
         "code"] == 10006
@@ -284,6 +288,49 @@ async def test_decisions_move_counts_and_write_the_audit_log(clients, db):
     assert [c["id"] for c in await roots(mod, post, viewer="u9")] == [root]  # a rejected one is not shown
 
 
+
+async def test_a_reply_deleted_while_its_root_is_removed_leaves_the_count_once(clients, backing, db):
+    """A decision removing a root and its author deleting a reply, at the same moment: the reply leaves
+    comment_count once (with its root, or by its delete), never twice."""
+    mod, _ = apis(clients, POST)
+    post = await mod.publish(author="rhea")
+    root = await mod.comment(post, "rob", "root")
+    reply = await mod.reply(post, root, root, "rex", "reply")
+    assert (await post_counts(mod, post))["comment_count"] == 2
+    # Stall the decision inside its transaction, after it has counted the root's visible replies: hold the
+    # moderation row it is about to write (an uncommitted insert of the same key).
+    stall = await asyncpg_connect(backing)
+    try:
+        holding = stall.transaction()
+        await holding.start()
+        await stall.execute(f'INSERT INTO "{POST}_moderation" (kind, id, post_id, status, reasons) '
+                            "VALUES ('comment', $1, $2, 'visible', '{}')", root, post)
+        decision = asyncio.ensure_future(decide(mod, "comment", root, "remove"))
+        assert await eventually(lambda: waiting_on_a_lock(db, "_moderation"), timeout=10)
+        delete = asyncio.ensure_future(mod.ok("DELETE", "/comments/delete", {"comment_id": reply,
+                                                                               "user_id": "rex"}))
+        await asyncio.sleep(0.5)  # the delete waits for the decision (it holds the root), or would run now
+        await holding.rollback()
+        assert await decision == [{"kind": "comment", "id": root, "status": "removed"}]
+        await delete
+    finally:
+        await stall.close()
+    assert (await post_counts(mod, post))["comment_count"] == 0
+    assert await decide(mod, "comment", root, "restore") == [{"kind": "comment", "id": root, "status": "visible"}]
+    assert (await post_counts(mod, post))["comment_count"] == 1
+
+
+async def asyncpg_connect(backing: dict):
+    import asyncpg
+    cfg = backing["db"]
+    return await asyncpg.connect(host=cfg["host"], port=cfg["port"], user=cfg["user"],
+                                 password=cfg["password"] or None, database=cfg["dbname"])
+
+
+async def waiting_on_a_lock(db, table_part: str) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND query LIKE '%' || $1 || '%'", table_part))
+
 async def test_comment_published_fires_once_at_first_visibility(clients, db):
     pre, _ = apis(clients, PRE)
     post = await pre.publish(author="evan")
@@ -300,8 +347,9 @@ async def test_comment_published_fires_once_at_first_visibility(clients, db):
     moderated = await db.fetch(f'SELECT data FROM "{PRE}_events" WHERE type = \'comment.moderated\' '
                                f"AND (data->>'comment_id')::bigint = $1 ORDER BY id", comment)
     moderated = [json.loads(m["data"]) for m in moderated]
+    assert moderated[0]["reasons"] == ["pre"] and moderated[0]["moderator"] is None
     assert [(m["from"], m["to"], m["source"]) for m in moderated] == [
-        (None, "pending", "pre"), ("pending", "visible", "moderator"), ("visible", "removed", "moderator"),
+        (None, "pending", "moderator"), ("pending", "visible", "moderator"), ("visible", "removed", "moderator"),
         ("removed", "visible", "moderator")]
     reply = await pre.reply(post, comment, comment, "ria", "re")
     assert await events_of(db, PRE, "comment.replied", "comment_id", reply) == 0
