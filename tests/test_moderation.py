@@ -24,7 +24,8 @@ OFF, POST, REJ, PRE, HOOK = (svc_name(n) for n in ("moff", "mpost", "mrej", "mpr
 
 class HookServer:
     """The moderation hook: answers each call by `self.answer` ("accept", "hold", "reject", "slow", "500",
-    "garbage"), verifying the signature as a receiver would."""
+    "garbage", "huge": an answer of 100 kB; "chunked": hold, chunked; "close": hold, then the connection closes;
+    "drop": hold, then the connection closes without saying so), verifying the signature as a receiver would."""
 
     def __init__(self, secret: str) -> None:
         self.webhook_secret = secret
@@ -50,11 +51,26 @@ class HookServer:
                     status = 500
                 elif answer == "garbage":
                     payload = b"<html>not json"
+                elif answer == "huge":
+                    payload = json.dumps({"decision": "accept", "reason": "x" * 100_000}).encode()
+                elif answer in ("chunked", "close", "drop"):
+                    payload = json.dumps({"decision": "hold", "reason": answer}).encode()
                 try:
                     self.send_response(status)
+                    if answer == "chunked":
+                        self.send_header("transfer-encoding", "chunked")
+                        self.end_headers()
+                        for i in range(0, len(payload), 7):
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(payload[i:i + 7]), payload[i:i + 7]))
+                        self.wfile.write(b"0\r\n\r\n")
+                        return
                     self.send_header("content-length", str(len(payload)))
+                    if answer == "close":
+                        self.send_header("connection", "close")
                     self.end_headers()
                     self.wfile.write(payload)
+                    if answer in ("close", "drop"):
+                        self.close_connection = True
                 except OSError:
                     pass
 
@@ -378,6 +394,11 @@ async def test_the_hook_decides_and_its_failures_follow_on_error(clients, hook, 
     assert len(hook.calls) == 3 and hook.unverified == 0
     assert hook.calls[0]["type"] == "moderation.check" and hook.calls[0]["kind"] == "post"
     assert hook.calls[0]["action"] == "publish" and hook.calls[0]["item"]["content"] == "hi"
+    # the answer chunked, a connection closed after the answer (said or not): read right, the next call works
+    for answer in ("chunked", "close", "drop", "drop", "accept", "close", "accept"):
+        assert await publish_status(answer) == ("visible" if answer == "accept" else "pending"), answer
+    assert await publish_status("huge") == "pending"  # too long an answer is a bad one: on_error (hold)
+    assert await publish_status("accept") == "visible"  # (a success: the failures in a row start again)
     # on_error: hold, for a timeout (the hook answers after 1 s, timeout_ms is 300), a 500, an answer not JSON
     started = time.monotonic()
     assert await publish_status("slow") == "pending"
