@@ -11,7 +11,8 @@ One server (one uvicorn worker), five services on it, alike but for their `moder
 wrk -t1 -c64 runs each comparison in paired rounds (bench.paired_rounds: order alternating); the figure is the
 median of the per-round ratios with min-max:
   1. off / plain       for publish, comment publish, getinfo and a comment page of 20 (the feature unused)
-  2. words / off       for publish and the comment page (the word filter's cost)
+  2. words / off       for publish and the comment page (the word filter's cost), and publish words / post and
+                       post / off (the filter alone; mode post alone)
   3. hooked / post     for publish (the wait for the hook must not hold a database connection or serialise)
 The server side (uvicorn, PostgreSQL, Redis) is pinned to CPU 0; wrk and the hook to CPU 1.
 Prints figures and writes bench/results-moderation.json; asserts nothing about them.
@@ -165,6 +166,7 @@ def main() -> int:
             comparisons += [("off", "plain", k) for k in ("publish", "comment-publish", "getinfo", "comment-page")]
         if "words" in only:
             comparisons += [("words", "off", k) for k in ("publish", "comment-page")]
+            comparisons += [("words", "post", "publish"), ("post", "off", "publish")]  # the filter; mode post
         if "hook" in only:
             comparisons += [("hooked", "post", "publish")]
         for svc, base, kind in comparisons:
