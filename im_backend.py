@@ -1890,6 +1890,22 @@ COMMENT_INSERT_WITH_EVENT = f"""WITH inserted AS ({COMMENT_INSERT}),
     bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n) VALUES ('comments', $6, $9::smallint, 1)
              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
     {EVENT_INTO} VALUES ($10, $6, $11::jsonb, CASE WHEN $12::boolean THEN now() END)"""
+# a visible reply in one statement: it holds its root as REPLY_INSERT does; child_num always, and while the root
+# is visible (or gone) comment_count and comment.replied; one INSERT takes both counter rows, children first (the
+# order of every count change); returns the root's status
+REPLY_INSERT_WITH_EVENT = f"""WITH root AS (SELECT status FROM {{comment}} WHERE id = $3 FOR KEY SHARE),
+    inserted AS (INSERT INTO {{comment}} (id, user_id, root_id, father_id, target_user_id, post_id,
+                                          content, extra, created_at, updated_at, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now(), 'visible') RETURNING 1),
+    shown AS (SELECT COALESCE((SELECT status FROM root), 'visible') = 'visible' AS yes),
+    bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n)
+             SELECT v.kind, v.target_id, $9::smallint, 1
+             FROM inserted, shown, (VALUES ('children', $3::bigint), ('comments', $6::bigint)) v (kind, target_id)
+             WHERE v.kind = 'children' OR shown.yes ORDER BY v.kind
+             ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1),
+    ev AS ({EVENT_INTO} SELECT $10::text, $6, $11::jsonb, CASE WHEN $12::boolean THEN now() END
+           FROM inserted, shown WHERE shown.yes)
+    SELECT (SELECT status FROM root)"""
 COMMENT_UPDATE_WITH_EVENT = f"""WITH updated AS (
         UPDATE {{comment}} SET content = COALESCE($3, content), extra = COALESCE($4, extra), updated_at = now()
         WHERE id = $1 AND user_id = $2 AND status = 'visible' RETURNING post_id),
@@ -3112,21 +3128,22 @@ class Comments(Part):
             "post_id": post_id, "user_id": user_id, "root_id": root_comment_id, "father_id": father_comment_id,
             "target_user_id": father["user_id"], "content": content, "extra": extra})
         comment_id = await self.cache.next_id(comment_id_counter_key(svc))
-        async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
-            root_status = await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id,
-                                              father_comment_id, father["user_id"], post_id, content, extra,
-                                              "pending" if held else "visible")
-            if held:
+        if held:  # pending: not counted, no comment.replied until it is approved
+            async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+                await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id, father_comment_id,
+                                    father["user_id"], post_id, content, extra, "pending")
                 await self.moderation.held(conn, svc, "comment", comment_id, post_id, None, held)
-                return {"comment_id": comment_id}
-            if root_status not in ("visible", None):  # hidden with its root (made so meanwhile): counted by it
-                await self.store.count_change(conn, svc, [("children", root_comment_id, 1)])
-                return {"comment_id": comment_id}
-            await self.store.count_change(conn, svc, [("comments", post_id, 1), ("children", root_comment_id, 1)])
-            await self.emit(conn, svc, "comment.replied", {
-                "comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
-                "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
-                "content": content, "extra": extra})
+            return {"comment_id": comment_id}
+        event = {"comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
+                 "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
+                 "content": content, "extra": extra}
+        async with self.db(svc, Err.CREATE_FAILED) as conn:  # the reply, its counts, its event: one statement
+            root_status = await conn.fetchval(sql(svc, REPLY_INSERT_WITH_EVENT), comment_id, user_id,
+                                              root_comment_id, father_comment_id, father["user_id"], post_id,
+                                              content, extra, random.randrange(COUNTER_SLOTS), "comment.replied",
+                                              event, self.delivered(svc, "comment.replied"))
+            if root_status in ("visible", None):  # else hidden with its root (made so meanwhile): no event
+                self.emitted(conn, svc)
         return {"comment_id": comment_id}
 
     async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,

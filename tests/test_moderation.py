@@ -336,6 +336,36 @@ async def test_a_reply_deleted_while_its_root_is_removed_leaves_the_count_once(c
     assert (await post_counts(mod, post))["comment_count"] == 1
 
 
+async def test_a_reply_made_while_its_root_is_removed_is_counted_with_it(clients, backing, db):
+    """A reply that passed its checks while the root was visible, written as a decision removes the root: it
+    waits for the decision, is not counted in comment_count nor announced, and comes back with its root."""
+    mod, _ = apis(clients, POST)
+    post = await mod.publish(author="rhea")
+    root = await mod.comment(post, "rob", "root")
+    assert (await post_counts(mod, post))["comment_count"] == 1
+    assert (await roots(mod, post))[0]["child_num"] == 0  # (the root cached visible; both counts have a base)
+    stall = await asyncpg_connect(backing)
+    try:
+        holding = stall.transaction()
+        await holding.start()
+        await stall.execute(f'INSERT INTO "{POST}_moderation" (kind, id, post_id, status, reasons) '
+                            "VALUES ('comment', $1, $2, 'visible', '{}')", root, post)
+        decision = asyncio.ensure_future(decide(mod, "comment", root, "remove"))
+        assert await eventually(lambda: waiting_on_a_lock(db, "_moderation"), timeout=10)
+        reply = asyncio.ensure_future(mod.reply(post, root, root, "rex", "reply"))
+        await asyncio.sleep(0.5)  # the reply waits for the decision (it holds the root)
+        await holding.rollback()
+        assert await decision == [{"kind": "comment", "id": root, "status": "removed"}]
+        reply = await reply
+    finally:
+        await stall.close()
+    assert (await post_counts(mod, post))["comment_count"] == 0
+    assert await events_of(db, POST, "comment.replied", "comment_id", reply) == 0
+    assert await decide(mod, "comment", root, "restore") == [{"kind": "comment", "id": root, "status": "visible"}]
+    assert (await post_counts(mod, post))["comment_count"] == 2
+    assert (await roots(mod, post))[0]["child_num"] == 1
+
+
 async def asyncpg_connect(backing: dict):
     import asyncpg
     cfg = backing["db"]
