@@ -113,6 +113,7 @@ class Err(enum.Enum):
     TOO_MANY_REQUESTS = (429, "too many requests")
     BANNED = (403, "user is banned")  # data: {"until": RFC 3339 | null}; nothing was written
     CONTENT_REJECTED = (422, "content rejected")  # data: {"reason": "word" | "hook", "detail": str | null}
+    EDIT_CLOSED = (403, "edit window has closed")  # an update later than edit.window_seconds after creation
     INTERNAL = (500, "internal server error")
     UNAVAILABLE = (503, "service unavailable")
     TIMEOUT = (504, "Request timeout")  # the Go version's capitalisation
@@ -455,6 +456,46 @@ def _moderation(raw: Any, where: str, base: pathlib.Path | None) -> ModerationCo
     return ModerationConfig(mode, tuple(str(w) for w in words), words_file, on_word, hook, threshold)
 
 
+# --- content lifecycle: `delete:` and `edit:` (top level: the default of every service; svc[] overrides) -------
+DELETE_MODES = ("cascade", "tombstone")
+EDIT_WINDOW_MAX = 10 * 365 * 86400  # seconds: a longer edit window is surely a typo
+
+
+@dataclasses.dataclass(frozen=True)
+class LifecycleConfig:
+    """`delete: {mode}` and `edit: {window_seconds, history}` of one service."""
+    delete_mode: str = "cascade"  # cascade: a comment goes with its replies; tombstone: one with replies stays a placeholder
+    edit_window: int = 0  # seconds after creation that the author may update an item (0: always)
+    edit_history: bool = False  # every update keeps the previous version (GET /revisions); items carry edited_at
+
+    @property
+    def edits_checked(self) -> bool:
+        """Does an update of this service need its item's creation time or previous version?"""
+        return self.edit_window > 0 or self.edit_history
+
+
+def _lifecycle(delete: Any, edit: Any, where: str) -> LifecycleConfig:
+    """The merged `delete:` and `edit:` mappings of one service (or of the top level), validated."""
+    for name, raw in (("delete", delete), ("edit", edit)):
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{where}'{name}' must be a mapping")
+    delete, edit = delete or {}, edit or {}
+    mode = delete.get("mode", "cascade")
+    if mode not in DELETE_MODES:
+        raise ConfigError(f"{where}'delete.mode' must be cascade or tombstone, got {mode!r}")
+    window = edit.get("window_seconds", 0)
+    if window is None:
+        window = 0
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 <= window <= EDIT_WINDOW_MAX:
+        raise ConfigError(f"{where}'edit.window_seconds' must be a whole number 0..{EDIT_WINDOW_MAX}, got {window!r}")
+    history = edit.get("history", False)
+    if history is None:
+        history = False
+    if not isinstance(history, bool):
+        raise ConfigError(f"{where}'edit.history' must be true or false, got {history!r}")
+    return LifecycleConfig(mode, window, history)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
@@ -466,6 +507,7 @@ class Tenant:
     webhook: Webhook | None = None
     db: DbConfig | None = None  # svc[].db: this service's own PostgreSQL (None: the top-level db)
     moderation: ModerationConfig = ModerationConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,6 +567,7 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
     if moderation is not None and not isinstance(moderation, dict):
         raise ConfigError("'moderation' must be a mapping")
     _moderation(moderation, "moderation", base)  # the default is validated even when every service overrides it
+    _lifecycle(raw.get("delete"), raw.get("edit"), "")  # the content lifecycle's default, likewise
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -539,6 +582,7 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
         tenants[name] = _tenant(entry, name, secret, limits, moderation or {}, base)
         if entry.get("db") is not None:
             tenants[name] = dataclasses.replace(tenants[name], db=_db_config(entry["db"], f"svc[{name}].db", db))
+        tenants[name] = dataclasses.replace(tenants[name], lifecycle=_tenant_lifecycle(raw, entry, name))
     server = _section(raw, "server", ServerConfig)
     if server.header_limit < 1024 or server.max_headers < 1 or min(server.header_timeout, server.body_timeout) <= 0:
         raise ConfigError("'server.header_limit' must be at least 1024, 'max_headers' at least 1 and "
@@ -639,6 +683,17 @@ def _tenant(entry: dict, name: str, secret: str, limits: Limits, moderation: dic
     return Tenant(name, secret, auth, tuple(str(p) for p in previous),
                   _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")),
                   moderation=_moderation({**moderation, **(own or {})}, f"service {name!r}: moderation", base))
+
+
+def _tenant_lifecycle(raw: dict, entry: dict, name: str) -> LifecycleConfig:
+    """svc[].delete and svc[].edit over the top-level ones, key by key."""
+    merged = []
+    for key in ("delete", "edit"):
+        top, own = raw.get(key), entry.get(key)
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"service {name!r}: '{key}' must be a mapping")
+        merged.append({**(top if isinstance(top, dict) else {}), **(own or {})})
+    return _lifecycle(merged[0], merged[1], f"service {name!r}: ")
 
 
 def parse_webhook(svc: str, raw: Any) -> Webhook | None:
@@ -1597,8 +1652,24 @@ CREATE TABLE IF NOT EXISTS {bans} (
     user_id VARCHAR(255) PRIMARY KEY, mode TEXT NOT NULL, until TIMESTAMPTZ, reason TEXT, moderator VARCHAR(255),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(), xid XID8 NOT NULL DEFAULT pg_current_xact_id());
 CREATE INDEX IF NOT EXISTS {bans_xid_idx} ON {bans} (xid);
+ALTER TABLE {comment} ADD COLUMN IF NOT EXISTS deleted BOOLEAN NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS {comment_deleted_idx} ON {comment} (id) WHERE deleted;
+CREATE TABLE IF NOT EXISTS {revisions} (
+    kind TEXT NOT NULL, id BIGINT NOT NULL, rev INT NOT NULL, title VARCHAR(255), content TEXT, extra JSONB,
+    written_at TIMESTAMPTZ, replaced_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (kind, id, rev));
+CREATE INDEX IF NOT EXISTS {comment_user_idx} ON {comment} (user_id, id);
+CREATE INDEX IF NOT EXISTS {comment_target_user_idx} ON {comment} (target_user_id, id);
+CREATE INDEX IF NOT EXISTS {post_like_user_idx} ON {post_like} (user_id, post_id);
+CREATE INDEX IF NOT EXISTS {comment_like_user_idx} ON {comment_like} (user_id, comment_id);
+CREATE INDEX IF NOT EXISTS {reports_user_idx} ON {reports} (user_id, kind, id);
+CREATE TABLE IF NOT EXISTS {erasures} (
+    job_id TEXT PRIMARY KEY, seq BIGSERIAL, user_id VARCHAR(255) NOT NULL, mode TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', stage INT NOT NULL DEFAULT 0, stage_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    counts JSONB NOT NULL DEFAULT '{{}}', created_at TIMESTAMPTZ NOT NULL DEFAULT now(), finished_at TIMESTAMPTZ);
+CREATE INDEX IF NOT EXISTS {erasures_open_idx} ON {erasures} (seq) WHERE status <> 'done';
+CREATE TABLE IF NOT EXISTS {erasure_key} (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), key BYTEA NOT NULL);
 """
-# The moderation objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
+# The moderation and lifecycle objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
 # by an index on it; ensure_tables sees a layout without the column as missing that index and runs the DDL.
 
 POST_INSERT = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at)
@@ -1655,7 +1726,7 @@ POST_LIKES_READ = f"""SELECT CASE WHEN EXISTS (SELECT 1 FROM {{post}} WHERE id =
                       ELSE {_counter('post', '$1')} END"""
 POST_LIKES_INIT = _counter_init("post", "{post}", "SELECT count(*) FROM {post_like} l WHERE l.post_id = t.id")
 COMMENT_COUNT_INIT = _counter_init("comments", "{post}", "SELECT count(*) FROM {comment} r WHERE r.post_id = t.id "
-                                   "AND r.status = 'visible' AND NOT EXISTS (SELECT 1 FROM {comment} h "
+                                   "AND r.status = 'visible' AND NOT r.deleted AND NOT EXISTS (SELECT 1 FROM {comment} h "
                                    "WHERE h.id = r.root_id AND h.status <> 'visible')")
 COUNTS_READ = """SELECT b.target_id, b.likes + COALESCE((SELECT sum(s.n) FROM {counter_slots} s
                  WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)::bigint
@@ -1681,7 +1752,7 @@ POST_LIST_AFTER = f"""SELECT id, created_at FROM {{post}} WHERE (created_at, id)
 POST_LIST_BY_AUTHOR = f"""SELECT id, created_at FROM {{post}} WHERE author = $4 AND (created_at, id) < ($1, $2)
                           AND {_LISTED} ORDER BY created_at DESC, id DESC LIMIT $3"""
 
-COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
+COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra, deleted"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
                                            content, extra, created_at, updated_at)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
@@ -1732,12 +1803,12 @@ WITH RECURSIVE doomed AS (
       ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
 )
 DELETE FROM {comment} d WHERE d.id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING d.id, d.root_id, d.post_id,
-    d.status, d.root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = d.root_id AND h.status <> 'visible')
+    d.status, d.deleted, d.root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = d.root_id AND h.status <> 'visible')
     AS under_hidden"""
 COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
                                    "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
 CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id "
-                                 "AND r.status = 'visible'")
+                                 "AND r.status = 'visible' AND NOT r.deleted")
 COUNTER_INIT = {"post": POST_LIKES_INIT, "comment": COMMENT_LIKES_INIT, "comments": COMMENT_COUNT_INIT,
                 "children": CHILD_COUNT_INIT}
 LIKE_COUNTS_DROP = """WITH slots AS (DELETE FROM {counter_slots} WHERE kind = $1 AND target_id = ANY($2::bigint[]))
@@ -1784,7 +1855,7 @@ LOG_EVER_VISIBLE = """SELECT EXISTS (SELECT 1 FROM {moderation_log} WHERE kind =
 ROOT_STATUS = "SELECT status FROM {comment} WHERE id = $1 FOR KEY SHARE"
 POST_SET_STATUS = "UPDATE {post} SET status = $2 WHERE id = $1"
 COMMENT_SET_STATUS = "UPDATE {comment} SET status = $2 WHERE id = $1"
-VISIBLE_REPLIES = "SELECT count(*) FROM {comment} WHERE root_id = $1 AND status = 'visible'"
+VISIBLE_REPLIES = "SELECT count(*) FROM {comment} WHERE root_id = $1 AND status = 'visible' AND NOT deleted"
 # the item's moderation row: status $4; reasons $5 added to those it has (a new hold starts the list afresh)
 MODERATION_SET = """INSERT INTO {moderation} AS m (kind, id, post_id, status, reasons) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (kind, id) DO UPDATE SET status = EXCLUDED.status,
@@ -1833,6 +1904,26 @@ BANS_LIST = """SELECT user_id, mode, until, reason, moderator, created_at FROM {
 # xmin: a ban committed later has a transaction id at or above it, so no change is ever missed
 BANS_CHANGED = """SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, b.user_id, b.mode, b.until
                   FROM (SELECT 1) AS one LEFT JOIN {bans} b ON b.xid >= $1::text::xid8"""
+
+# Content lifecycle. Tombstones: a deleted comment that still has replies stays as a placeholder (deleted = true;
+# content '', extra NULL, user_id ''), counted nowhere; it goes when its last reply goes. Its replies: for a root,
+# every comment of its thread; for a reply, the replies whose father it is. In tombstone mode a delete holds the
+# thread's root FOR UPDATE before anything else (a reply holds it FOR KEY SHARE, then its father): deletes and
+# replies of one thread take turns, so a reply never lands under a comment that is being removed, and a placeholder
+# is never removed while a reply to it commits.
+THREAD_ROOT_LOCK = """SELECT r.id FROM {comment} r WHERE r.id = (SELECT CASE WHEN root_id = 0 THEN id ELSE root_id END
+                      FROM {comment} WHERE id = $1) FOR UPDATE"""
+_HAS_REPLIES = """EXISTS (SELECT 1 FROM {comment} c WHERE (t.root_id = 0 AND c.root_id = t.id)
+                          OR (t.root_id <> 0 AND c.root_id = t.root_id AND c.father_id = t.id))"""
+COMMENT_FOR_TOMBSTONE = f"""SELECT t.status, t.root_id, t.father_id, t.post_id, t.deleted, {_HAS_REPLIES} AS has_replies,
+    t.root_id <> 0 AND EXISTS (SELECT 1 FROM {{comment}} h WHERE h.id = t.root_id AND h.status <> 'visible')
+    AS under_hidden FROM {{comment}} t WHERE t.id = $1"""
+COMMENT_TOMBSTONE = """UPDATE {comment} SET content = '', extra = NULL, user_id = '', deleted = true WHERE id = $1"""
+# a placeholder whose last reply went: removed (returns what COMMENT_DELETE_TREE does, and its father)
+TOMBSTONE_GONE = f"""DELETE FROM {{comment}} t WHERE t.id = $1 AND t.deleted AND NOT {_HAS_REPLIES}
+    RETURNING t.id, t.root_id, t.father_id, t.post_id, t.status, t.deleted, false AS under_hidden"""
+COMMENT_FATHER_LOCK = "SELECT id FROM {comment} WHERE id = $1 FOR KEY SHARE"
+REVISIONS_FORGET = "DELETE FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[])"
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -1897,7 +1988,8 @@ COMMENT_UPDATE_WITH_EVENT = f"""WITH updated AS (
     SELECT EXISTS (SELECT 1 FROM updated) AS changed, (SELECT user_id FROM {{comment}} WHERE id = $1) AS owner"""
 # a comment like of comment $1 on post $4 (nothing written when the comment is on another post), its count, event
 COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
-                                               AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
+                                               AND (status = 'visible' OR user_id = $2) AND NOT deleted
+                                               FOR KEY SHARE),
     ins AS (INSERT INTO {{comment_like}} (comment_id, user_id, post_id, created_at)
             SELECT id, $2, post_id, now() FROM target WHERE post_id = $4 ON CONFLICT DO NOTHING RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, 1 FROM ins
@@ -1905,7 +1997,8 @@ COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{commen
     ev AS ({EVENT_INTO} SELECT $5::text, $4, $6::jsonb, CASE WHEN $7::boolean THEN now() END FROM ins)
     SELECT post_id, EXISTS (SELECT 1 FROM ins) AS changed FROM target"""
 COMMENT_LIKE_UNSET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
-                                                 AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
+                                                 AND (status = 'visible' OR user_id = $2) AND NOT deleted
+                                                 FOR KEY SHARE),
     del AS (DELETE FROM {{comment_like}} WHERE comment_id IN (SELECT id FROM target WHERE post_id = $4)
             AND user_id = $2 RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, -1 FROM del
@@ -1971,6 +2064,13 @@ def sql(svc: str, statement: str) -> str:
         "moderation_reported_idx": f"{svc}_moderation_reported_idx", "reports": f"{svc}_reports",
         "moderation_log": f"{svc}_moderation_log", "moderation_log_idx": f"{svc}_moderation_log_idx",
         "bans": f"{svc}_bans", "bans_xid_idx": f"{svc}_bans_xid_idx",
+        # content lifecycle: tombstones, revisions, a user's rows (export, erasure), erasure jobs
+        "comment_deleted_idx": f"{svc}_post_comment_info_deleted_idx", "revisions": f"{svc}_revisions",
+        "comment_user_idx": f"{svc}_post_comment_info_user_idx",
+        "comment_target_user_idx": f"{svc}_post_comment_info_target_user_idx",
+        "post_like_user_idx": f"{svc}_post_like_user_idx", "comment_like_user_idx": f"{svc}_comment_like_user_idx",
+        "reports_user_idx": f"{svc}_reports_user_idx", "erasures": f"{svc}_erasures",
+        "erasures_open_idx": f"{svc}_erasures_open_idx", "erasure_key": f"{svc}_erasure_key",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -2790,6 +2890,9 @@ class Store:
                         item[field] = found.get(item["id"], 0)
 
 
+TOMBSTONE_MARK = {False: {}, True: {"deleted": True}, None: {}}  # a placeholder of a deleted comment says so
+
+
 class Render:
     """Rows as the JSON the API answers with, times in the configured zone (server.time_zone)."""
 
@@ -2822,7 +2925,7 @@ class Render:
                 "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
                 "target_user_id": row["target_user_id"], "post_id": row["post_id"],
                 "time": self.render_time(row["created_at"]), "svc": svc,
-                "child_num": row["child_num"], "extra": row["extra"]}
+                "child_num": row["child_num"], "extra": row["extra"], **TOMBSTONE_MARK[row["deleted"]]}
 
 
 class Invalidator:
@@ -3112,6 +3215,10 @@ class Comments(Part):
             "target_user_id": father["user_id"], "content": content, "extra": extra})
         comment_id = await self.cache.next_id(comment_id_counter_key(svc))
         async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+            if self.config.tenants[svc].lifecycle.delete_mode == "tombstone":  # the root, then the father, held
+                if (await conn.fetchval(sql(svc, ROOT_STATUS), root_comment_id) is None
+                        or await conn.fetchval(sql(svc, COMMENT_FATHER_LOCK), father_comment_id) is None):
+                    raise ApiError(Err.FIND_FAILED)  # deleted meanwhile
             root_status = await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id,
                                               father_comment_id, father["user_id"], post_id, content, extra,
                                               "pending" if held else "visible")
@@ -3165,17 +3272,7 @@ class Comments(Part):
         """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
-            rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
-            deleted = [row["id"] for row in rows]
-            if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
-                await conn.execute(sql(svc, MODERATION_FORGET), "comment",
-                                   [row["id"] for row in rows if row["status"] != "visible"])
-            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
-            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
-            await self._count_removed_comments(conn, svc, rows)
-            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
-                                                           "user_id": user_id, "deleted_ids": deleted})
+            deleted = await self.delete_in(conn, svc, comment_id, user_id)
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
@@ -3184,15 +3281,74 @@ class Comments(Part):
             await self.cache.invalidate(keys)
         self.invalidate_later(keys)
 
+    async def delete_in(self, conn: asyncpg.Connection, svc: str, comment_id: int, user_id: str) -> list[int]:
+        """A comment delete by user_id inside the caller's transaction: the owner check, the rows, their counts,
+        clean-up and event; the ids removed or made placeholders (the comment first)."""
+        if self.config.tenants[svc].lifecycle.delete_mode == "tombstone":
+            return await self._delete_keeping_threads(conn, svc, comment_id, user_id)
+        check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
+        rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
+        return await self._removed(conn, svc, comment_id, user_id, rows)
+
+    async def _removed(self, conn: asyncpg.Connection, svc: str, comment_id: int, user_id: str,
+                       rows: list[asyncpg.Record], tombstoned: list[int] = (), post_id: int | None = None) -> list[int]:
+        """What removing `rows` (and making `tombstoned` placeholders) leaves to do: queue rows, clean-up, counts,
+        revisions, the event."""
+        deleted = [row["id"] for row in rows]
+        if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
+            await conn.execute(sql(svc, MODERATION_FORGET), "comment",
+                               [row["id"] for row in rows if row["status"] != "visible"])
+        gone = [*tombstoned, *deleted]
+        await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", gone)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", gone)
+        await self._count_removed_comments(conn, svc, rows)
+        lifecycle = self.config.tenants[svc].lifecycle
+        if lifecycle.edit_history or lifecycle.delete_mode == "tombstone":  # their earlier versions go too
+            await conn.execute(sql(svc, REVISIONS_FORGET), "comment", gone)
+        post_id = rows[0]["post_id"] if rows else post_id
+        event = {"comment_id": comment_id, "post_id": post_id, "user_id": user_id, "deleted_ids": gone}
+        if tombstoned:
+            event["tombstoned_ids"] = list(tombstoned)
+        await self.emit(conn, svc, "comment.deleted", event)
+        return gone
+
+    async def _delete_keeping_threads(self, conn: asyncpg.Connection, svc: str, comment_id: int,
+                                      user_id: str) -> list[int]:
+        """delete.mode tombstone: a visible comment with replies becomes a placeholder (it leaves the counts at
+        once); one without replies goes as in cascade mode, and so do the placeholders above it that it was the
+        last reply of. The thread's root is held first (see THREAD_ROOT_LOCK)."""
+        await conn.fetchval(sql(svc, THREAD_ROOT_LOCK), comment_id)
+        check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+        item = await conn.fetchrow(sql(svc, COMMENT_FOR_TOMBSTONE), comment_id)
+        if item["has_replies"] and item["status"] == "visible":
+            await conn.execute(sql(svc, COMMENT_TOMBSTONE), comment_id)
+            changes = [] if item["under_hidden"] or item["post_id"] is None else [("comments", item["post_id"], -1)]
+            if item["root_id"]:
+                changes.append(("children", item["root_id"], -1))
+            if changes:
+                await self.store.count_change(conn, svc, changes)
+            return await self._removed(conn, svc, comment_id, user_id, [], [comment_id], item["post_id"])
+        rows = list(await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id))
+        father = item["father_id"] if item["root_id"] else 0
+        while father:  # placeholders whose last reply this was
+            gone = await conn.fetchrow(sql(svc, TOMBSTONE_GONE), father)
+            if gone is None:
+                break
+            rows.append(gone)
+            father = gone["father_id"] if gone["root_id"] else 0
+        return await self._removed(conn, svc, comment_id, user_id, rows)
+
     async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
         """Deleted comments leave comment_count and child_num in the delete's transaction (the ones they were
         counted in: visible, and for comment_count under a visible root)."""
         deleted = {row["id"] for row in rows}
+        rows = [row for row in rows if not row["deleted"]]  # a placeholder left the counts when it became one
         changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None
                                       and row["status"] == "visible" and not row["under_hidden"])
         changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted
                        and row["status"] == "visible")
-        await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        if changes:
+            await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
         await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
@@ -3228,7 +3384,7 @@ class Comments(Part):
         comments, status = [], svc in self.render.status_shown
         for row in rows:
             comment = self.render.comment_json(svc, row)
-            comment["like_count"] = row["like_count"]
+            comment["like_count"] = 0 if row["deleted"] else row["like_count"]  # a placeholder's likes went with it
             if status or row["status"] != "visible":  # (an author's own pending comment)
                 comment["status"] = row["status"]
             comments.append(comment)
@@ -3734,7 +3890,7 @@ class Moderation(Part):
         if row is None:
             return None
         before = row["status"]
-        if before not in allowed or before == to:
+        if before not in allowed or before == to or kind == "comment" and row["deleted"]:  # (a placeholder: none)
             return before, before
         post_id = row["post_id"]
         await conn.execute(sql(svc, POST_SET_STATUS if kind == "post" else COMMENT_SET_STATUS), item_id, to)
