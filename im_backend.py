@@ -1924,6 +1924,20 @@ TOMBSTONE_GONE = f"""DELETE FROM {{comment}} t WHERE t.id = $1 AND t.deleted AND
     RETURNING t.id, t.root_id, t.father_id, t.post_id, t.status, t.deleted, false AS under_hidden"""
 COMMENT_FATHER_LOCK = "SELECT id FROM {comment} WHERE id = $1 FOR KEY SHARE"
 REVISIONS_FORGET = "DELETE FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[])"
+# Edits (the item is held FOR UPDATE by the update's owner check): is the window closed ($2 seconds after creation;
+# a row without a creation time never closes), and the previous version kept as the next revision
+EDIT_CLOSED_POST = "SELECT created_at < now() - make_interval(secs => $2) FROM {post} WHERE id = $1"
+EDIT_CLOSED_COMMENT = "SELECT created_at < now() - make_interval(secs => $2) FROM {comment} WHERE id = $1"
+_NEXT_REV = "COALESCE((SELECT max(r.rev) FROM {{revisions}} r WHERE r.kind = '{kind}' AND r.id = $1), 0) + 1"
+REVISION_KEEP_POST = f"""INSERT INTO {{revisions}} (kind, id, rev, title, content, extra, written_at)
+    SELECT 'post', p.id, {_NEXT_REV.format(kind="post")}, p.title, p.content, p.extra, COALESCE(p.updated_at, p.created_at)
+    FROM {{post}} p WHERE p.id = $1"""
+REVISION_KEEP_COMMENT = f"""INSERT INTO {{revisions}} (kind, id, rev, title, content, extra, written_at)
+    SELECT 'comment', c.id, {_NEXT_REV.format(kind="comment")}, NULL, c.content, c.extra,
+           COALESCE(c.updated_at, c.created_at) FROM {{comment}} c WHERE c.id = $1"""
+REVISIONS_READ = """SELECT rev, title, content, extra, written_at FROM {revisions} WHERE kind = $1 AND id = $2
+                    ORDER BY rev"""
+EDITED_AT = """SELECT id, max(replaced_at) FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[]) GROUP BY id"""
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -2966,6 +2980,7 @@ class Part:
         self.state = store.background.moderation  # bans, hook breakers, word filters: outlive reloads
         self.bans: Bans = None  # type: ignore[assignment]  # set by Service: the parts that check writes
         self.moderation: Moderation = None  # type: ignore[assignment]
+        self.lifecycle: Lifecycle = None  # type: ignore[assignment]
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
@@ -3037,9 +3052,11 @@ class Posts(Part):
         if cached is None:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
-            if row is None or row["status"] != "visible":  # only visible posts are read (and cached)
-                raise ApiError(Err.FIND_FAILED)
-            cached = orjson.dumps(self.render.post_json(svc, row))
+                if row is None or row["status"] != "visible":  # only visible posts are read (and cached)
+                    raise ApiError(Err.FIND_FAILED)
+                post = self.render.post_json(svc, row)
+                await self.lifecycle.add_edited_at(conn, svc, "post", [post])  # (with edit history)
+            cached = orjson.dumps(post)
             await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
         if svc in self.render.status_shown:
             return b'{"post":' + cached[:-1] + b',"status":"visible"}}'
@@ -3056,8 +3073,8 @@ class Posts(Part):
             {"post_id": post_id, "author": user_id, **_given(content=content, title=title, extra=extra)})
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
-        changed = False
-        if not held:  # a visible post of the caller: the owner check, the change, its event in one statement
+        changed, checked = False, self.config.tenants[svc].lifecycle.edits_checked  # (edit window, history)
+        if not held and not checked:  # a visible post of the caller: owner check, change, event in one statement
             event = {"post_id": post_id, "user_id": user_id, **_given(content=content, title=title, extra=extra)}
             async with self.db(svc, Err.UPDATE_FAILED) as conn:
                 changed, _ = await conn.fetchrow(sql(svc, POST_UPDATE_WITH_EVENT), post_id, user_id, content, title,
@@ -3067,6 +3084,8 @@ class Posts(Part):
         if not changed:  # held, or not a visible post of the caller: the long way, which says why
             async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
                 status = check_writer(await conn.fetchrow(sql(svc, POST_OWNER), post_id), user_id)
+                if checked:
+                    await self.lifecycle.before_edit(conn, svc, "post", post_id)
                 await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
                 if held and status == "visible":  # a held update: the post waits for a moderator again
                     await conn.execute(sql(svc, POST_SET_STATUS), post_id, "pending")
@@ -3146,6 +3165,7 @@ class Posts(Part):
             found = {row["id"]: self.render.post_full_json(svc, row, None) for row in rows}
             await self.store.settle_counts(conn, svc, found.values(), (("post", "like_count"),
                                                                        ("comments", "comment_count")))
+            await self.lifecycle.add_edited_at(conn, svc, "post", found.values())
             return found, rows
 
         tag = "posts_r" if replica and self.store.database(svc).replicas else "posts"  # getinfo's counts: primary's
@@ -3246,8 +3266,8 @@ class Comments(Part):
             {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)})
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
-        changed = False
-        if not held:  # a visible comment of the caller: the owner check, the change, its event in one statement
+        changed, checked = False, self.config.tenants[svc].lifecycle.edits_checked  # (edit window, history)
+        if not held and not checked:  # a visible comment of the caller: owner check, change, event in one statement
             event = {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)}  # + post_id
             async with self.db(svc, Err.UPDATE_FAILED) as conn:
                 changed, _ = await conn.fetchrow(sql(svc, COMMENT_UPDATE_WITH_EVENT), comment_id, user_id, content,
@@ -3258,6 +3278,8 @@ class Comments(Part):
         if not changed:  # held, or not a visible comment of the caller: the long way, which says why
             async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
                 status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
+                if checked:
+                    await self.lifecycle.before_edit(conn, svc, "comment", comment_id)
                 post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
                 if held and status == "visible":  # a held update: out of the counts until a moderator approves it
                     await self.moderation.change(conn, svc, "comment", comment_id, ("visible",), "pending",
@@ -3372,6 +3394,7 @@ class Comments(Part):
             rows = await conn.fetch(sql(svc, statement), target, *args)
             page = self._comment_page(svc, rows, top)
             await self.store.settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
+            await self.lifecycle.add_edited_at(conn, svc, "comment", page[0])
             return page, rows
 
         page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit, owner), viewer,
@@ -4042,6 +4065,57 @@ class Moderation(Part):
 KINDS = ("comment", "post")  # kinds of moderated items (a queue cursor carries the index)
 
 
+# --- content lifecycle: edits and their history, a user's data (export, erasure) -------------------------------
+
+class Lifecycle(Part):
+    """The edit window and edit history (revisions, edited_at), a user's data as NDJSON, and erasure jobs."""
+
+    def settings(self, svc: str) -> LifecycleConfig:
+        return self.config.tenants[svc].lifecycle
+
+    async def before_edit(self, conn: asyncpg.Connection, svc: str, kind: str, item_id: int) -> None:
+        """In an update's transaction, after its owner check: 403 when the edit window has closed; the version
+        being replaced kept as a revision when history is on."""
+        cfg = self.settings(svc)
+        if cfg.edit_window and await conn.fetchval(
+                sql(svc, EDIT_CLOSED_POST if kind == "post" else EDIT_CLOSED_COMMENT), item_id, cfg.edit_window):
+            raise ApiError(Err.EDIT_CLOSED)
+        if cfg.edit_history:
+            await conn.execute(sql(svc, REVISION_KEEP_POST if kind == "post" else REVISION_KEEP_COMMENT), item_id)
+
+    async def add_edited_at(self, conn: asyncpg.Connection, svc: str, kind: str, items: Iterable[dict]) -> None:
+        """Items of a service with edit history gain edited_at: when last updated (null: never)."""
+        items = [item for item in items if item is not None]
+        if not items or not self.settings(svc).edit_history:
+            return
+        found = dict(await conn.fetch(sql(svc, EDITED_AT), kind, sorted({item["id"] for item in items})))
+        for item in items:
+            moment = found.get(item["id"])
+            item["edited_at"] = None if moment is None else self.render.render_time(moment)
+
+    async def revisions(self, svc: str, post_id: int | None = None, comment_id: int | None = None) -> dict:
+        """The earlier versions of a post or a comment, oldest first (kept while edit history is on)."""
+        if (post_id is None) == (comment_id is None):
+            raise bad_param("give post_id or comment_id")
+        kind, item_id = ("post", post_id) if comment_id is None else ("comment", comment_id)
+
+        async def read(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+            row = await conn.fetchrow(sql(svc, POST_GET if kind == "post" else COMMENT_GET), item_id)
+            return row, await conn.fetch(sql(svc, REVISIONS_READ), kind, item_id)
+
+        row, rows = await self.store.read(svc, Err.FIND_FAILED, read)
+        if row is None or row["status"] != "visible" or kind == "comment" and row["deleted"]:
+            raise ApiError(Err.FIND_FAILED)
+        revisions = []
+        for r in rows:
+            revision = {"rev": r["rev"], "title": r["title"] or "", "content": r["content"] or "",
+                        "extra": r["extra"], "time": self.render.render_time(r["written_at"])}
+            if kind == "comment":
+                del revision["title"]
+            revisions.append(revision)
+        return {"revisions": revisions}
+
+
 class Service:
     """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
     in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
@@ -4061,8 +4135,10 @@ class Service:
         self.posts, self.comments, self.likes = Posts(*parts), Comments(*parts), Likes(*parts)
         self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
         self.moderation, self.bans = Moderation(*parts), Bans(*parts)
-        for part in (self.posts, self.comments, self.likes, self.moderation, self.bans):
-            part.bans, part.moderation = self.bans, self.moderation
+        self.lifecycle = Lifecycle(*parts)
+        for part in (self.posts, self.comments, self.likes, self.moderation, self.bans, self.lifecycle,
+                     self.cleanup):
+            part.bans, part.moderation, part.lifecycle = self.bans, self.moderation, self.lifecycle
 
 
 def _given(**fields: Any) -> dict:
@@ -5232,6 +5308,19 @@ A_BAN = _obj(ban=BAN_OUT)
 LIFTED = _obj(lifted={"type": "boolean", "description": "false: there was no ban in force"})
 BAN_PAGE = _obj(bans={"type": "array", "items": BAN_OUT}, next_cursor={"type": ["string", "null"]})
 
+# --- content lifecycle: parameters and answers ---
+REVISION_POST_ID = Param("post_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID,
+                         description="the post (or comment_id)")
+REVISION_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
+                            description="the comment (given, its revisions are answered rather than the post's)")
+REVISIONS_OUT = _obj(revisions={"type": "array", "description": "oldest first; the current version is the item",
+                                "items": _with_optional(
+                                    _obj(rev={"type": "integer", "minimum": 1}, content={"type": "string"},
+                                         extra={"type": ["object", "null"]},
+                                         time={"type": "string", "description": "when this version was written, "
+                                                                                "as an item's time"}),
+                                    title={"type": "string", "description": "posts only"})})
+
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
@@ -5277,6 +5366,9 @@ ROUTES: tuple[Route, ...] = (
                                                                                            BAN_REASON, MODERATOR)),
     Route("DELETE", "/moderation/ban",   Bans.delete_ban,          LIFTED,       None,    (BANNED_USER,)),
     Route("GET",    "/moderation/bans",  Bans.list_bans,           BAN_PAGE,     None,    (BAN_CURSOR, LIMIT)),
+    # content lifecycle
+    Route("GET",    "/revisions",        Lifecycle.revisions,      REVISIONS_OUT, None,   (REVISION_POST_ID,
+                                                                                           REVISION_COMMENT_ID)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
@@ -5419,7 +5511,9 @@ ERROR_ANSWERS = {
             "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
             (Err.BIND_PARAM, Err.PARAMS_WRONG, Err.AUTHENTICATION), dict(REQUEST_ID_OUT, **AUTH_ERROR_OUT)),
     "403": ("user is banned: a write (publish, comment, reply, update, like, report) by a user under a `ban`; "
-            "data.until is when it ends (null: never); nothing was written", (Err.BANNED,), REQUEST_ID_OUT),
+            "data.until is when it ends (null: never); nothing was written; or edit window has closed: an update "
+            "later than edit.window_seconds after the item was created (nothing was written)",
+            (Err.BANNED, Err.EDIT_CLOSED), REQUEST_ID_OUT),
     "408": ("the request head did not arrive within server.header_timeout, or its body stopped arriving for "
             "server.body_timeout (the connection is closed; answered by the server's own HTTP protocol, which "
             "`python im_backend.py` and the container use)", (Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT), {}),
@@ -5568,7 +5662,9 @@ def openapi_document(root_path: str = "") -> dict:
                     comment_count={"type": "integer", "minimum": 0,
                                    "description": "every comment and reply on the post; as like_count"},
                     liked={"type": "boolean", "description": "with viewer=: whether that user likes the post"},
-                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre"),
+                    edited_at=dict(nullable_string, description="with edit history on: when last updated "
+                                                                "(null: never), as time")),
                 "Comment": _with_optional(_obj(id=ID_OUT, user_id=string, content=string,
                                 root_id=dict(ID_OUT, description="0 for a root comment"),
                                 father_id=dict(ID_OUT, description="0 for a root comment"),
@@ -5579,7 +5675,12 @@ def openapi_document(root_path: str = "") -> dict:
                                                           "else null"},
                                 extra=extra_out, like_count={"type": "integer", "minimum": 0}),
                     liked={"type": "boolean", "description": "with viewer=: whether that user likes the comment"},
-                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre"),
+                    edited_at=dict(nullable_string, description="with edit history on: when last updated "
+                                                                "(null: never), as time"),
+                    deleted={"type": "boolean", "const": True,
+                             "description": "a deleted comment kept as a placeholder for its replies (delete mode "
+                                            "tombstone): content and user_id empty, extra null"}),
             },
         },
     }

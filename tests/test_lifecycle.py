@@ -219,3 +219,75 @@ async def test_replies_racing_deletes_of_their_thread(client, db):
             await delete(api, root, "ann")
         assert await db.fetchval(f'SELECT count(*) FROM "{TOMB}_post_comment_info" WHERE post_id = $1', post) == 0
         assert await comment_count(api, post) == 0
+
+
+# --- the edit window and edit history ------------------------------------------------------------------------
+
+async def test_edit_window_closes_updates_after_it(client, db):
+    api = api_of(client, EDIT)
+    post = await api.publish("ann", "v1")
+    comment = await api.comment(post, "bob", "c1")
+    await api.ok("PUT", "/update", {"post_id": post, "user_id": "ann"}, data={"content": "v2"})
+    await api.ok("PUT", "/comments/update", {"comment_id": comment, "user_id": "bob"}, data={"content": "c2"})
+    # another user is still told it is not theirs, whatever the time
+    status, body = await api.call("PUT", "/update", {"post_id": post, "user_id": "eve"}, data={"content": "x"})
+    assert body["code"] == 10014
+    await asyncio.sleep(2.3)
+    for path, params in (("/update", {"post_id": post, "user_id": "ann"}),
+                         ("/comments/update", {"comment_id": comment, "user_id": "bob"})):
+        status, body = await api.call("PUT", path, params, data={"content": "too late"})
+        assert (status, body) == (403, {"code": 403, "msg": "edit window has closed", "data": None})
+    assert (await api.ok("GET", "/getinfo", {"post_id": post}))["post"]["content"] == "v2"
+    assert (await roots(api, post))[0]["content"] == "c2"
+    assert "edited_at" not in (await api.ok("GET", "/getinfo", {"post_id": post}))["post"]  # no history here
+    assert len([e for e in await events_of(db, EDIT, "post.updated") if e["post_id"] == post]) == 1
+    # deleting stays allowed
+    await delete(api, comment, "bob")
+    await api.ok("DELETE", "/delete", {"post_id": post, "user_id": "ann"})
+
+
+async def test_history_keeps_every_previous_version(client, db):
+    api = api_of(client, HIST)
+    post = await api.publish("ann", "v1", title="t1", extra=json.dumps({"n": 1}))
+    comment = await api.comment(post, "bob", "c1")
+    plain = (await api.ok("GET", "/getinfo", {"post_id": post}))["post"]
+    assert plain["edited_at"] is None
+    assert (await roots(api, post))[0]["edited_at"] is None
+    assert (await api.ok("GET", "/revisions", {"post_id": post})) == {"revisions": []}
+    await api.ok("PUT", "/update", {"post_id": post, "user_id": "ann"}, data={"content": "v2", "title": "t2"})
+    await api.ok("PUT", "/update", {"post_id": post, "user_id": "ann"}, data={"extra": json.dumps({"n": 3})})
+    await api.ok("PUT", "/comments/update", {"comment_id": comment, "user_id": "bob"}, data={"content": "c2"})
+    revisions = (await api.ok("GET", "/revisions", {"post_id": post}))["revisions"]
+    assert [(r["rev"], r["title"], r["content"], r["extra"]) for r in revisions] == [
+        (1, "t1", "v1", {"n": 1}), (2, "t2", "v2", {"n": 1})]
+    assert revisions[0]["time"] == plain["time"] and revisions[1]["time"] >= revisions[0]["time"]
+    now = (await api.ok("GET", "/getinfo", {"post_id": post}))["post"]
+    assert (now["content"], now["extra"]) == ("v2", {"n": 3}) and now["edited_at"] >= plain["time"]
+    batch = (await api.ok("GET", "/getbatch", {"post_ids": str(post)}))["posts"][0]
+    assert batch["edited_at"] == now["edited_at"]
+    page = await roots(api, post)
+    assert page[0]["edited_at"] is not None
+    assert (await api.ok("GET", "/revisions", {"comment_id": comment})) == {"revisions": [
+        {"rev": 1, "content": "c1", "extra": None, "time": page[0]["time"]}]}
+    # an update refused is no revision; a deleted comment's revisions go with it
+    status, body = await api.call("PUT", "/update", {"post_id": post, "user_id": "eve"}, data={"content": "x"})
+    assert body["code"] == 10014
+    assert len((await api.ok("GET", "/revisions", {"post_id": post}))["revisions"]) == 2
+    await delete(api, comment, "bob")
+    expect(await api.call("GET", "/revisions", {"comment_id": comment}), 10006)
+    assert await db.fetchval(f'SELECT count(*) FROM "{HIST}_revisions" WHERE kind = $1 AND id = $2',
+                             "comment", comment) == 0
+    expect(await api.call("GET", "/revisions", {}), 400, "bind param failed")
+
+
+async def test_services_without_lifecycle_keys_answer_as_before(client):
+    """No edited_at, no placeholders, no window: a service that configures nothing sees the version-2 answers."""
+    api = api_of(client, CASCADE)
+    post = await api.publish("ann", "v1")
+    comment = await api.comment(post, "bob")
+    await api.ok("PUT", "/update", {"post_id": post, "user_id": "ann"}, data={"content": "v2"})
+    await api.ok("PUT", "/comments/update", {"comment_id": comment, "user_id": "bob"}, data={"content": "c2"})
+    assert set((await api.ok("GET", "/getinfo", {"post_id": post}))["post"]) == {
+        "id", "title", "content", "author", "time", "svc", "extra"}
+    assert set((await roots(api, post))[0]) == {"id", "user_id", "content", "root_id", "father_id", "target_user_id",
+                                                "post_id", "time", "svc", "child_num", "extra", "like_count"}
