@@ -1938,6 +1938,17 @@ REVISION_KEEP_COMMENT = f"""INSERT INTO {{revisions}} (kind, id, rev, title, con
 REVISIONS_READ = """SELECT rev, title, content, extra, written_at FROM {revisions} WHERE kind = $1 AND id = $2
                     ORDER BY rev"""
 EDITED_AT = """SELECT id, max(replaced_at) FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[]) GROUP BY id"""
+# A user's data ($1), each part read through a server-side cursor (one snapshot: a repeatable-read transaction)
+EXPORT_POSTS = """SELECT id, title, content, author, extra, created_at, status FROM {post} WHERE author = $1
+                  ORDER BY created_at DESC, id DESC"""
+EXPORT_COMMENTS = f"""SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num, status FROM {{comment}} WHERE user_id = $1
+                      ORDER BY user_id, id"""
+EXPORT_POST_LIKES = "SELECT post_id, created_at FROM {post_like} WHERE user_id = $1 ORDER BY user_id, post_id"
+EXPORT_COMMENT_LIKES = """SELECT comment_id, post_id, created_at FROM {comment_like} WHERE user_id = $1
+                          ORDER BY user_id, comment_id"""
+EXPORT_REPORTS = """SELECT kind, id, reason, note, open, created_at FROM {reports} WHERE user_id = $1
+                    ORDER BY user_id, kind, id"""
+EXPORT_BANS = "SELECT mode, until, reason, moderator, created_at FROM {bans} WHERE user_id = $1"
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -4067,6 +4078,9 @@ KINDS = ("comment", "post")  # kinds of moderated items (a queue cursor carries 
 
 # --- content lifecycle: edits and their history, a user's data (export, erasure) -------------------------------
 
+EXPORT_BATCH = 500  # rows fetched from a cursor at a time, and objects per chunk of an export's body
+
+
 class Lifecycle(Part):
     """The edit window and edit history (revisions, edited_at), a user's data as NDJSON, and erasure jobs."""
 
@@ -4095,9 +4109,9 @@ class Lifecycle(Part):
 
     async def revisions(self, svc: str, post_id: int | None = None, comment_id: int | None = None) -> dict:
         """The earlier versions of a post or a comment, oldest first (kept while edit history is on)."""
-        if (post_id is None) == (comment_id is None):
+        if post_id is None and comment_id is None:
             raise bad_param("give post_id or comment_id")
-        kind, item_id = ("post", post_id) if comment_id is None else ("comment", comment_id)
+        kind, item_id = ("post", post_id) if comment_id is None else ("comment", comment_id)  # comment_id wins
 
         async def read(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
             row = await conn.fetchrow(sql(svc, POST_GET if kind == "post" else COMMENT_GET), item_id)
@@ -4114,6 +4128,72 @@ class Lifecycle(Part):
                 del revision["title"]
             revisions.append(revision)
         return {"revisions": revisions}
+
+    async def export(self, svc: str, user_id: str) -> NdjsonStream:
+        """A user's data as NDJSON: posts, comments, likes, reports, bans (streamed)."""
+        rest = self._export_batches(svc, user_id)
+        try:
+            first = await anext(rest, None)
+        except BaseException:
+            await rest.aclose()
+            raise
+        return NdjsonStream(first or [], rest)
+
+    async def _export_batches(self, svc: str, user_id: str) -> Any:
+        """The export's objects, EXPORT_BATCH at a time, from server-side cursors in one snapshot."""
+        render = self.render
+
+        def post(row: asyncpg.Record) -> dict:
+            return {"type": "post", **render.post_json(svc, row), "status": row["status"]}
+
+        def comment(row: asyncpg.Record) -> dict:
+            item = render.comment_json(svc, row)
+            del item["child_num"]
+            return {"type": "comment", **item, "status": row["status"]}
+
+        parts = (
+            (EXPORT_POSTS, post),
+            (EXPORT_COMMENTS, comment),
+            (EXPORT_POST_LIKES, lambda r: {"type": "post_like", "post_id": r["post_id"],
+                                           "time": _rfc3339(r["created_at"])}),
+            (EXPORT_COMMENT_LIKES, lambda r: {"type": "comment_like", "comment_id": r["comment_id"],
+                                              "post_id": r["post_id"], "time": _rfc3339(r["created_at"])}),
+            (EXPORT_REPORTS, lambda r: {"type": "report", "kind": r["kind"], "id": r["id"], "reason": r["reason"],
+                                        "note": r["note"], "open": r["open"], "time": _rfc3339(r["created_at"])}),
+            (EXPORT_BANS, lambda r: {"type": "ban", "mode": r["mode"], "until": _rfc3339(r["until"]),
+                                     "reason": r["reason"], "moderator": r["moderator"],
+                                     "time": _rfc3339(r["created_at"])}),
+        )
+        async with self.db(svc, Err.FIND_FAILED) as conn, conn.transaction(isolation="repeatable_read",
+                                                                            readonly=True):
+            batch: list[dict] = []
+            for statement, shape in parts:
+                async for row in conn.cursor(sql(svc, statement), user_id, prefetch=EXPORT_BATCH):
+                    batch.append(shape(row))
+                    if len(batch) >= EXPORT_BATCH:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
+
+
+class NdjsonStream:
+    """A streamed answer (GET /users/export): batches of objects, written out by the HTTP layer one line each.
+    `first` is read before the answer starts (so a failure to start is an error envelope), `rest` on demand while
+    the client keeps reading: memory stays one batch whatever the size."""
+    content_type = b"application/x-ndjson"
+
+    def __init__(self, first: list[dict], rest: Any) -> None:
+        self.first, self.rest, self.ids_string = first, rest, False
+
+    async def chunks(self) -> Any:
+        batch: list[dict] | None = self.first
+        while batch is not None:
+            yield b"".join(orjson.dumps(ids_as_strings(item) if self.ids_string else item) + b"\n" for item in batch)
+            batch = await anext(self.rest, None)
+
+    async def close(self) -> None:
+        await self.rest.aclose()  # (the connection and its transaction go back to the pool)
 
 
 class Service:
@@ -5321,6 +5401,13 @@ REVISIONS_OUT = _obj(revisions={"type": "array", "description": "oldest first; t
                                                                                 "as an item's time"}),
                                     title={"type": "string", "description": "posts only"})})
 
+EXPORTED_USER = dataclasses.replace(USER_ID, description="the user whose data is exported")
+NDJSON_STREAM = {"description": "application/x-ndjson, streamed: one JSON object per line, each with `type`: post "
+                                "(every post the user authored), comment (every comment and reply they wrote), "
+                                "post_like, comment_like (likes they gave), report (reports they filed), ban (bans "
+                                "on them); empty for a user with no data",
+                 "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
+
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
@@ -5369,6 +5456,7 @@ ROUTES: tuple[Route, ...] = (
     # content lifecycle
     Route("GET",    "/revisions",        Lifecycle.revisions,      REVISIONS_OUT, None,   (REVISION_POST_ID,
                                                                                            REVISION_COMMENT_ID)),
+    Route("GET",    "/users/export",     Lifecycle.export,         NDJSON_STREAM, None,   (EXPORTED_USER,)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
@@ -5587,8 +5675,8 @@ def openapi_document(root_path: str = "") -> dict:
                 "200": {"description": "success", "headers": REQUEST_ID_OUT, "content": {"application/json": {
                     "schema": {"allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
                 **{status: _error_answer(*answer) for status, answer in sorted(answers.items())}}}
-        if route.data is EVENT_STREAM:
-            op["responses"]["200"] = dict(EVENT_STREAM, headers=REQUEST_ID_OUT)
+        if route.data is EVENT_STREAM or route.data is NDJSON_STREAM:
+            op["responses"]["200"] = dict(route.data, headers=REQUEST_ID_OUT)
         if body:
             content = {"application/json": {"schema": _body_schema(body, "json"),
                                             "example": _body_example(body, "json")}}
@@ -6461,6 +6549,13 @@ class App:
                 return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
             finally:
                 REQUEST_ID.reset(rid_token)
+        if isinstance(body, NdjsonStream):  # likewise
+            if METRICS.enabled:
+                METRICS.record(scope["method"], path, OK, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+            try:
+                return await self.stream_lines(body, receive, send, [(b"x-request-id", rid)])
+            finally:
+                REQUEST_ID.reset(rid_token)
         # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
         # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 section 6.1).
         headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
@@ -6509,7 +6604,7 @@ class App:
                 written = svc
             data = await route.operation(getattr(service, route.part), svc, **args)
             if ids_mode == "string":
-                if isinstance(data, EventStream):
+                if isinstance(data, (EventStream, NdjsonStream)):
                     data.ids_string = True
                 else:
                     data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
@@ -6527,7 +6622,7 @@ class App:
             self.deadlines.finish(task)
             if written is not None:
                 service.cache.near.bump(written)
-        if isinstance(data, EventStream):
+        if isinstance(data, (EventStream, NdjsonStream)):
             return OK, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
             return OK, SUCCESS_PREFIX + data + b"}"
@@ -6561,6 +6656,32 @@ class App:
         finally:
             watcher.cancel()
             events.close_stream(stream)
+
+    async def stream_lines(self, stream: NdjsonStream, receive: Callable, send: Callable,
+                           headers: list[tuple[bytes, bytes]]) -> None:
+        """Write an NDJSON answer as the client reads it (send waits while the client is behind: one batch in
+        memory). A database failure after the start ends the connection without the final chunk, so the client
+        sees an incomplete answer rather than a short one."""
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": OK,
+                        "headers": [(b"content-type", stream.content_type)] + headers})
+            async for chunk in stream.chunks():
+                if watcher.done():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:
+            pass  # the client is gone
+        except Exception as exc:  # (ApiError: the database went away) the answer stays incomplete
+            log.error("export stream failed: %r", exc)
+        finally:
+            watcher.cancel()
+            await stream.close()
 
     def openapi(self, root_path: str) -> bytes:
         """The document for the path the app is mounted at, built once per root_path."""

@@ -291,3 +291,106 @@ async def test_services_without_lifecycle_keys_answer_as_before(client):
         "id", "title", "content", "author", "time", "svc", "extra"}
     assert set((await roots(api, post))[0]) == {"id", "user_id", "content", "root_id", "father_id", "target_user_id",
                                                 "post_id", "time", "svc", "child_num", "extra", "like_count"}
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+
+async def export_lines(client, svc: str, user_id: str, **params) -> tuple[httpx.Response, list[dict]]:
+    query = {"svc": svc, "appKey": im_backend.encrypt_appkey(SECRET), "user_id": user_id, **params}
+    response = await client.get("/api/v1/posts/users/export", params=query)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-ndjson"
+    return response, [json.loads(line) for line in response.text.splitlines()]
+
+
+async def test_export_has_every_kind_of_a_users_data(client, db):
+    api = api_of(client, CASCADE)
+    post = await api.publish("exp1", "mine", title="t")
+    other = await api.publish("someone", "theirs")
+    comment = await api.comment(other, "exp1", "my comment")
+    reply = await api.reply(other, comment, comment, "exp1", "my reply")
+    await api.comment(other, "someone", "not mine")
+    await api.ok("PUT", "/like", {"post_id": other, "user_id": "exp1"}, json={"like": True})
+    await api.ok("PUT", "/comments/like", {"post_id": other, "comment_id": comment, "user_id": "exp1"},
+                 json={"like": True})
+    await api.ok("POST", "/report", {"post_id": other, "user_id": "exp1"}, data={"reason": "spam", "note": "n"})
+    await api.ok("PUT", "/moderation/ban", json={"user_id": "exp1", "mode": "premod", "reason": "r",
+                                                 "moderator": "m", "until": "2031-01-01T00:00:00Z"})
+    _, lines = await export_lines(client, CASCADE, "exp1")
+    by_type = {}
+    for line in lines:
+        by_type.setdefault(line["type"], []).append(line)
+    assert set(by_type) == {"post", "comment", "post_like", "comment_like", "report", "ban"}
+    assert [(p["id"], p["content"], p["title"], p["author"]) for p in by_type["post"]] == [(post, "mine", "t", "exp1")]
+    assert sorted(c["id"] for c in by_type["comment"]) == [comment, reply]
+    assert {c["user_id"] for c in by_type["comment"]} == {"exp1"}
+    assert by_type["post_like"][0]["post_id"] == other
+    assert (by_type["comment_like"][0]["comment_id"], by_type["comment_like"][0]["post_id"]) == (comment, other)
+    assert (by_type["report"][0]["kind"], by_type["report"][0]["id"], by_type["report"][0]["reason"]) == (
+        "post", other, "spam")
+    assert (by_type["ban"][0]["mode"], by_type["ban"][0]["until"]) == ("premod", "2031-01-01T00:00:00Z")
+    await api.ok("DELETE", "/moderation/ban", {"user_id": "exp1"})
+    # ids as strings, like every other answer with ids=string
+    _, lines = await export_lines(client, CASCADE, "exp1", ids="string")
+    assert {line["id"] for line in lines if line["type"] == "post"} == {str(post)}
+    # nobody's data: an empty answer
+    response, lines = await export_lines(client, CASCADE, "nobody-at-all")
+    assert lines == [] and response.content == b""
+
+
+def peak_memory(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_export_of_thousands_of_rows_is_streamed(server, client, db):
+    """30,000 comments of 2 kB (60 MB): the first lines arrive while the server is still reading its cursor
+    (its transaction stays open as long as the client does not read on), every row arrives once, and the server's
+    peak memory grows by far less than the answer's size."""
+    svc, user, rows = CASCADE, "bulk-exporter", 30000
+    post = await api_of(client, svc).publish("someone", "big thread")
+    base = (int(time.time()) << 32) | 0xE0000000
+    await db.copy_records_to_table(f"{svc}_post_comment_info",
+                                   records=[(base + i, user, post, "x" * 2000) for i in range(rows)],
+                                   columns=["id", "user_id", "post_id", "content"])
+    query = {"svc": svc, "appKey": im_backend.encrypt_appkey(SECRET), "user_id": user}
+    peak = peak_memory(server.process.pid)
+    async with client.stream("GET", "/api/v1/posts/users/export", params=query) as response:
+        assert response.status_code == 200 and "content-length" not in response.headers
+        lines = response.aiter_lines()
+        first = json.loads(await anext(lines))
+        assert first["type"] == "comment" and first["user_id"] == user
+        await asyncio.sleep(0.5)  # not reading: the server waits with its cursor open
+        reading = await db.fetchval("""SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'
+                                       AND query LIKE '%post_comment_info%user_id = $1%'""")
+        assert reading == 1
+        ids = {first["id"]}
+        async for line in lines:
+            ids.add(json.loads(line)["id"])
+    assert ids == {base + i for i in range(rows)}
+    assert peak_memory(server.process.pid) - peak < 20 << 20  # (the whole answer in memory: 60 MB and more)
+    await asyncio.sleep(0.2)
+    assert await db.fetchval("""SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'
+                                AND query LIKE '%post_comment_info%user_id = $1%'""") == 0
+    await db.execute(f'DELETE FROM "{svc}_post_comment_info" WHERE user_id = $1', user)
+
+
+async def test_an_export_left_half_read_frees_its_connection(client, db):
+    svc, user = CASCADE, "quitter"
+    post = await api_of(client, svc).publish("someone", "thread")
+    base = (int(time.time()) << 32) | 0xD0000000
+    await db.copy_records_to_table(f"{svc}_post_comment_info",
+                                   records=[(base + i, user, post, "y" * 500) for i in range(20000)],
+                                   columns=["id", "user_id", "post_id", "content"])
+    query = {"svc": svc, "appKey": im_backend.encrypt_appkey(SECRET), "user_id": user}
+    async with httpx.AsyncClient(base_url=str(client.base_url), timeout=30) as own:
+        async with own.stream("GET", "/api/v1/posts/users/export", params=query) as response:
+            await anext(response.aiter_lines())
+    gone = await eventually(lambda: db.fetchval(
+        """SELECT count(*) = 0 FROM pg_stat_activity WHERE query LIKE '%post_comment_info%user_id = $1%'
+           AND state LIKE 'idle in transaction%'"""), timeout=10)
+    assert gone
+    await db.execute(f'DELETE FROM "{svc}_post_comment_info" WHERE user_id = $1', user)
