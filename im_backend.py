@@ -1658,16 +1658,9 @@ CREATE TABLE IF NOT EXISTS {revisions} (
     kind TEXT NOT NULL, id BIGINT NOT NULL, rev INT NOT NULL, title VARCHAR(255), content TEXT, extra JSONB,
     written_at TIMESTAMPTZ, replaced_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (kind, id, rev));
 CREATE INDEX IF NOT EXISTS {comment_user_idx} ON {comment} (user_id, id);
-CREATE INDEX IF NOT EXISTS {comment_target_user_idx} ON {comment} (target_user_id, id);
 CREATE INDEX IF NOT EXISTS {post_like_user_idx} ON {post_like} (user_id, post_id);
 CREATE INDEX IF NOT EXISTS {comment_like_user_idx} ON {comment_like} (user_id, comment_id);
 CREATE INDEX IF NOT EXISTS {reports_user_idx} ON {reports} (user_id, kind, id);
-CREATE TABLE IF NOT EXISTS {erasures} (
-    job_id TEXT PRIMARY KEY, seq BIGSERIAL, user_id VARCHAR(255) NOT NULL, mode TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending', stage INT NOT NULL DEFAULT 0, stage_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    counts JSONB NOT NULL DEFAULT '{{}}', created_at TIMESTAMPTZ NOT NULL DEFAULT now(), finished_at TIMESTAMPTZ);
-CREATE INDEX IF NOT EXISTS {erasures_open_idx} ON {erasures} (seq) WHERE status <> 'done';
-CREATE TABLE IF NOT EXISTS {erasure_key} (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), key BYTEA NOT NULL);
 """
 # The moderation and lifecycle objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
 # by an index on it; ensure_tables sees a layout without the column as missing that index and runs the DDL.
@@ -2089,13 +2082,11 @@ def sql(svc: str, statement: str) -> str:
         "moderation_reported_idx": f"{svc}_moderation_reported_idx", "reports": f"{svc}_reports",
         "moderation_log": f"{svc}_moderation_log", "moderation_log_idx": f"{svc}_moderation_log_idx",
         "bans": f"{svc}_bans", "bans_xid_idx": f"{svc}_bans_xid_idx",
-        # content lifecycle: tombstones, revisions, a user's rows (export, erasure), erasure jobs
+        # content lifecycle: tombstones, revisions, a user's rows (export)
         "comment_deleted_idx": f"{svc}_post_comment_info_deleted_idx", "revisions": f"{svc}_revisions",
         "comment_user_idx": f"{svc}_post_comment_info_user_idx",
-        "comment_target_user_idx": f"{svc}_post_comment_info_target_user_idx",
         "post_like_user_idx": f"{svc}_post_like_user_idx", "comment_like_user_idx": f"{svc}_comment_like_user_idx",
-        "reports_user_idx": f"{svc}_reports_user_idx", "erasures": f"{svc}_erasures",
-        "erasures_open_idx": f"{svc}_erasures_open_idx", "erasure_key": f"{svc}_erasure_key",
+        "reports_user_idx": f"{svc}_reports_user_idx",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -4076,13 +4067,13 @@ class Moderation(Part):
 KINDS = ("comment", "post")  # kinds of moderated items (a queue cursor carries the index)
 
 
-# --- content lifecycle: edits and their history, a user's data (export, erasure) -------------------------------
+# --- content lifecycle: edits and their history, a user's data (export) ---------------------------------------
 
 EXPORT_BATCH = 500  # rows fetched from a cursor at a time, and objects per chunk of an export's body
 
 
 class Lifecycle(Part):
-    """The edit window and edit history (revisions, edited_at), a user's data as NDJSON, and erasure jobs."""
+    """The edit window and edit history (revisions, edited_at), and a user's data as NDJSON."""
 
     def settings(self, svc: str) -> LifecycleConfig:
         return self.config.tenants[svc].lifecycle
