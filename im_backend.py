@@ -114,6 +114,7 @@ class Err(enum.Enum):
     TOO_MANY_REQUESTS = (429, "too many requests")
     BANNED = (403, "user is banned")  # data: {"until": RFC 3339 | null}; nothing was written
     CONTENT_REJECTED = (422, "content rejected")  # data: {"reason": "word" | "hook", "detail": str | null}
+    EDIT_CLOSED = (403, "edit window has closed")  # an update later than edit.window_seconds after creation
     INTERNAL = (500, "internal server error")
     UNAVAILABLE = (503, "service unavailable")
     TIMEOUT = (504, "Request timeout")  # the Go version's capitalisation
@@ -456,6 +457,46 @@ def _moderation(raw: Any, where: str, base: pathlib.Path | None) -> ModerationCo
     return ModerationConfig(mode, tuple(str(w) for w in words), words_file, on_word, hook, threshold)
 
 
+# --- content lifecycle: `delete:` and `edit:` (top level: the default of every service; svc[] overrides) -------
+DELETE_MODES = ("cascade", "tombstone")
+EDIT_WINDOW_MAX = 10 * 365 * 86400  # seconds: a longer edit window is surely a typo
+
+
+@dataclasses.dataclass(frozen=True)
+class LifecycleConfig:
+    """`delete: {mode}` and `edit: {window_seconds, history}` of one service."""
+    delete_mode: str = "cascade"  # cascade: a comment goes with its replies; tombstone: one with replies stays a placeholder
+    edit_window: int = 0  # seconds after creation that the author may update an item (0: always)
+    edit_history: bool = False  # every update keeps the previous version (GET /revisions); items carry edited_at
+
+    @property
+    def edits_checked(self) -> bool:
+        """Does an update of this service need its item's creation time or previous version?"""
+        return self.edit_window > 0 or self.edit_history
+
+
+def _lifecycle(delete: Any, edit: Any, where: str) -> LifecycleConfig:
+    """The merged `delete:` and `edit:` mappings of one service (or of the top level), validated."""
+    for name, raw in (("delete", delete), ("edit", edit)):
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{where}'{name}' must be a mapping")
+    delete, edit = delete or {}, edit or {}
+    mode = delete.get("mode", "cascade")
+    if mode not in DELETE_MODES:
+        raise ConfigError(f"{where}'delete.mode' must be cascade or tombstone, got {mode!r}")
+    window = edit.get("window_seconds", 0)
+    if window is None:
+        window = 0
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 <= window <= EDIT_WINDOW_MAX:
+        raise ConfigError(f"{where}'edit.window_seconds' must be a whole number 0..{EDIT_WINDOW_MAX}, got {window!r}")
+    history = edit.get("history", False)
+    if history is None:
+        history = False
+    if not isinstance(history, bool):
+        raise ConfigError(f"{where}'edit.history' must be true or false, got {history!r}")
+    return LifecycleConfig(mode, window, history)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tenant:
     """One calling service: an entry of `svc:` (name, secret and its per-service options)."""
@@ -467,6 +508,7 @@ class Tenant:
     webhook: Webhook | None = None
     db: DbConfig | None = None  # svc[].db: this service's own PostgreSQL (None: the top-level db)
     moderation: ModerationConfig = ModerationConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,6 +568,7 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
     if moderation is not None and not isinstance(moderation, dict):
         raise ConfigError("'moderation' must be a mapping")
     _moderation(moderation, "moderation", base)  # the default is validated even when every service overrides it
+    _lifecycle(raw.get("delete"), raw.get("edit"), "")  # the content lifecycle's default, likewise
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -540,6 +583,7 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
         tenants[name] = _tenant(entry, name, secret, limits, moderation or {}, base)
         if entry.get("db") is not None:
             tenants[name] = dataclasses.replace(tenants[name], db=_db_config(entry["db"], f"svc[{name}].db", db))
+        tenants[name] = dataclasses.replace(tenants[name], lifecycle=_tenant_lifecycle(raw, entry, name))
     server = _section(raw, "server", ServerConfig)
     if server.header_limit < 1024 or server.max_headers < 1 or min(server.header_timeout, server.body_timeout) <= 0:
         raise ConfigError("'server.header_limit' must be at least 1024, 'max_headers' at least 1 and "
@@ -640,6 +684,17 @@ def _tenant(entry: dict, name: str, secret: str, limits: Limits, moderation: dic
     return Tenant(name, secret, auth, tuple(str(p) for p in previous),
                   _limits(entry.get("limits"), limits, f"svc[{name}].limits"), parse_webhook(name, entry.get("webhook")),
                   moderation=_moderation({**moderation, **(own or {})}, f"service {name!r}: moderation", base))
+
+
+def _tenant_lifecycle(raw: dict, entry: dict, name: str) -> LifecycleConfig:
+    """svc[].delete and svc[].edit over the top-level ones, key by key."""
+    merged = []
+    for key in ("delete", "edit"):
+        top, own = raw.get(key), entry.get(key)
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"service {name!r}: '{key}' must be a mapping")
+        merged.append({**(top if isinstance(top, dict) else {}), **(own or {})})
+    return _lifecycle(merged[0], merged[1], f"service {name!r}: ")
 
 
 def parse_webhook(svc: str, raw: Any) -> Webhook | None:
@@ -1598,8 +1653,17 @@ CREATE TABLE IF NOT EXISTS {bans} (
     user_id VARCHAR(255) PRIMARY KEY, mode TEXT NOT NULL, until TIMESTAMPTZ, reason TEXT, moderator VARCHAR(255),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(), xid XID8 NOT NULL DEFAULT pg_current_xact_id());
 CREATE INDEX IF NOT EXISTS {bans_xid_idx} ON {bans} (xid);
+ALTER TABLE {comment} ADD COLUMN IF NOT EXISTS deleted BOOLEAN NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS {comment_deleted_idx} ON {comment} (id) WHERE deleted;
+CREATE TABLE IF NOT EXISTS {revisions} (
+    kind TEXT NOT NULL, id BIGINT NOT NULL, rev INT NOT NULL, title VARCHAR(255), content TEXT, extra JSONB,
+    written_at TIMESTAMPTZ, replaced_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (kind, id, rev));
+CREATE INDEX IF NOT EXISTS {comment_user_idx} ON {comment} (user_id, id);
+CREATE INDEX IF NOT EXISTS {post_like_user_idx} ON {post_like} (user_id, post_id);
+CREATE INDEX IF NOT EXISTS {comment_like_user_idx} ON {comment_like} (user_id, comment_id);
+CREATE INDEX IF NOT EXISTS {reports_user_idx} ON {reports} (user_id, kind, id);
 """
-# The moderation objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
+# The moderation and lifecycle objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
 # by an index on it; ensure_tables sees a layout without the column as missing that index and runs the DDL.
 
 POST_INSERT = """INSERT INTO {post} (id, content, title, author, extra, created_at, updated_at)
@@ -1656,7 +1720,7 @@ POST_LIKES_READ = f"""SELECT CASE WHEN EXISTS (SELECT 1 FROM {{post}} WHERE id =
                       ELSE {_counter('post', '$1')} END"""
 POST_LIKES_INIT = _counter_init("post", "{post}", "SELECT count(*) FROM {post_like} l WHERE l.post_id = t.id")
 COMMENT_COUNT_INIT = _counter_init("comments", "{post}", "SELECT count(*) FROM {comment} r WHERE r.post_id = t.id "
-                                   "AND r.status = 'visible' AND NOT EXISTS (SELECT 1 FROM {comment} h "
+                                   "AND r.status = 'visible' AND NOT r.deleted AND NOT EXISTS (SELECT 1 FROM {comment} h "
                                    "WHERE h.id = r.root_id AND h.status <> 'visible')")
 COUNTS_READ = """SELECT b.target_id, b.likes + COALESCE((SELECT sum(s.n) FROM {counter_slots} s
                  WHERE s.kind = b.kind AND s.target_id = b.target_id), 0)::bigint
@@ -1682,7 +1746,7 @@ POST_LIST_AFTER = f"""SELECT id, created_at FROM {{post}} WHERE (created_at, id)
 POST_LIST_BY_AUTHOR = f"""SELECT id, created_at FROM {{post}} WHERE author = $4 AND (created_at, id) < ($1, $2)
                           AND {_LISTED} ORDER BY created_at DESC, id DESC LIMIT $3"""
 
-COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra"
+COMMENT_COLUMNS = "id, user_id, content, root_id, father_id, target_user_id, post_id, created_at, extra, deleted"
 COMMENT_INSERT = """INSERT INTO {comment} (id, user_id, root_id, father_id, target_user_id, post_id,
                                            content, extra, created_at, updated_at)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())"""
@@ -1733,12 +1797,12 @@ WITH RECURSIVE doomed AS (
       ON (d.root_id = 0 AND c.root_id = d.id) OR (d.root_id <> 0 AND c.father_id = d.id AND c.root_id = d.root_id)
 )
 DELETE FROM {comment} d WHERE d.id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING d.id, d.root_id, d.post_id,
-    d.status, d.root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = d.root_id AND h.status <> 'visible')
+    d.status, d.deleted, d.root_id <> 0 AND EXISTS (SELECT 1 FROM {comment} h WHERE h.id = d.root_id AND h.status <> 'visible')
     AS under_hidden"""
 COMMENT_LIKES_INIT = _counter_init("comment", "{comment}",
                                    "SELECT count(*) FROM {comment_like} l WHERE l.comment_id = t.id")
 CHILD_COUNT_INIT = _counter_init("children", "{comment}", "SELECT count(*) FROM {comment} r WHERE r.root_id = t.id "
-                                 "AND r.status = 'visible'")
+                                 "AND r.status = 'visible' AND NOT r.deleted")
 COUNTER_INIT = {"post": POST_LIKES_INIT, "comment": COMMENT_LIKES_INIT, "comments": COMMENT_COUNT_INIT,
                 "children": CHILD_COUNT_INIT}
 LIKE_COUNTS_DROP = """WITH slots AS (DELETE FROM {counter_slots} WHERE kind = $1 AND target_id = ANY($2::bigint[]))
@@ -1785,7 +1849,7 @@ LOG_EVER_VISIBLE = """SELECT EXISTS (SELECT 1 FROM {moderation_log} WHERE kind =
 ROOT_STATUS = "SELECT status FROM {comment} WHERE id = $1 FOR KEY SHARE"
 POST_SET_STATUS = "UPDATE {post} SET status = $2 WHERE id = $1"
 COMMENT_SET_STATUS = "UPDATE {comment} SET status = $2 WHERE id = $1"
-VISIBLE_REPLIES = "SELECT count(*) FROM {comment} WHERE root_id = $1 AND status = 'visible'"
+VISIBLE_REPLIES = "SELECT count(*) FROM {comment} WHERE root_id = $1 AND status = 'visible' AND NOT deleted"
 # the item's moderation row: status $4; reasons $5 added to those it has (a new hold starts the list afresh)
 MODERATION_SET = """INSERT INTO {moderation} AS m (kind, id, post_id, status, reasons) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (kind, id) DO UPDATE SET status = EXCLUDED.status,
@@ -1834,6 +1898,51 @@ BANS_LIST = """SELECT user_id, mode, until, reason, moderator, created_at FROM {
 # xmin: a ban committed later has a transaction id at or above it, so no change is ever missed
 BANS_CHANGED = """SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, b.user_id, b.mode, b.until
                   FROM (SELECT 1) AS one LEFT JOIN {bans} b ON b.xid >= $1::text::xid8"""
+
+# Content lifecycle. Tombstones: a deleted comment that still has replies stays as a placeholder (deleted = true;
+# content '', extra NULL, user_id ''), counted nowhere; it goes when its last reply goes. Its replies: for a root,
+# every comment of its thread; for a reply, the replies whose father it is. In tombstone mode a delete holds the
+# thread's root FOR UPDATE before anything else (a reply holds it FOR KEY SHARE, then its father): deletes and
+# replies of one thread take turns, so a reply never lands under a comment that is being removed, and a placeholder
+# is never removed while a reply to it commits.
+THREAD_ROOT_LOCK = """SELECT r.id FROM {comment} r WHERE r.id = (SELECT CASE WHEN root_id = 0 THEN id ELSE root_id END
+                      FROM {comment} WHERE id = $1) FOR UPDATE"""
+_HAS_REPLIES = """EXISTS (SELECT 1 FROM {comment} c WHERE (t.root_id = 0 AND c.root_id = t.id)
+                          OR (t.root_id <> 0 AND c.root_id = t.root_id AND c.father_id = t.id))"""
+COMMENT_FOR_TOMBSTONE = f"""SELECT t.status, t.root_id, t.father_id, t.post_id, t.deleted, {_HAS_REPLIES} AS has_replies,
+    t.root_id <> 0 AND EXISTS (SELECT 1 FROM {{comment}} h WHERE h.id = t.root_id AND h.status <> 'visible')
+    AS under_hidden FROM {{comment}} t WHERE t.id = $1"""
+COMMENT_TOMBSTONE = """UPDATE {comment} SET content = '', extra = NULL, user_id = '', deleted = true WHERE id = $1"""
+# a placeholder whose last reply went: removed (returns what COMMENT_DELETE_TREE does, and its father)
+TOMBSTONE_GONE = f"""DELETE FROM {{comment}} t WHERE t.id = $1 AND t.deleted AND NOT {_HAS_REPLIES}
+    RETURNING t.id, t.root_id, t.father_id, t.post_id, t.status, t.deleted, false AS under_hidden"""
+COMMENT_FATHER_LOCK = "SELECT id FROM {comment} WHERE id = $1 FOR KEY SHARE"
+REVISIONS_FORGET = "DELETE FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[])"
+# Edits (the item is held FOR UPDATE by the update's owner check): is the window closed ($2 seconds after creation;
+# a row without a creation time never closes), and the previous version kept as the next revision
+EDIT_CLOSED_POST = "SELECT created_at < now() - make_interval(secs => $2) FROM {post} WHERE id = $1"
+EDIT_CLOSED_COMMENT = "SELECT created_at < now() - make_interval(secs => $2) FROM {comment} WHERE id = $1"
+_NEXT_REV = "COALESCE((SELECT max(r.rev) FROM {{revisions}} r WHERE r.kind = '{kind}' AND r.id = $1), 0) + 1"
+REVISION_KEEP_POST = f"""INSERT INTO {{revisions}} (kind, id, rev, title, content, extra, written_at)
+    SELECT 'post', p.id, {_NEXT_REV.format(kind="post")}, p.title, p.content, p.extra, COALESCE(p.updated_at, p.created_at)
+    FROM {{post}} p WHERE p.id = $1"""
+REVISION_KEEP_COMMENT = f"""INSERT INTO {{revisions}} (kind, id, rev, title, content, extra, written_at)
+    SELECT 'comment', c.id, {_NEXT_REV.format(kind="comment")}, NULL, c.content, c.extra,
+           COALESCE(c.updated_at, c.created_at) FROM {{comment}} c WHERE c.id = $1"""
+REVISIONS_READ = """SELECT rev, title, content, extra, written_at FROM {revisions} WHERE kind = $1 AND id = $2
+                    ORDER BY rev"""
+EDITED_AT = """SELECT id, max(replaced_at) FROM {revisions} WHERE kind = $1 AND id = ANY($2::bigint[]) GROUP BY id"""
+# A user's data ($1), each part read through a server-side cursor (one snapshot: a repeatable-read transaction)
+EXPORT_POSTS = """SELECT id, title, content, author, extra, created_at, status FROM {post} WHERE author = $1
+                  ORDER BY created_at DESC, id DESC"""
+EXPORT_COMMENTS = f"""SELECT {COMMENT_COLUMNS}, NULL::bigint AS child_num, status FROM {{comment}} WHERE user_id = $1
+                      ORDER BY user_id, id"""
+EXPORT_POST_LIKES = "SELECT post_id, created_at FROM {post_like} WHERE user_id = $1 ORDER BY user_id, post_id"
+EXPORT_COMMENT_LIKES = """SELECT comment_id, post_id, created_at FROM {comment_like} WHERE user_id = $1
+                          ORDER BY user_id, comment_id"""
+EXPORT_REPORTS = """SELECT kind, id, reason, note, open, created_at FROM {reports} WHERE user_id = $1
+                    ORDER BY user_id, kind, id"""
+EXPORT_BANS = "SELECT mode, until, reason, moderator, created_at FROM {bans} WHERE user_id = $1"
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -1914,7 +2023,8 @@ COMMENT_UPDATE_WITH_EVENT = f"""WITH updated AS (
     SELECT EXISTS (SELECT 1 FROM updated) AS changed, (SELECT user_id FROM {{comment}} WHERE id = $1) AS owner"""
 # a comment like of comment $1 on post $4 (nothing written when the comment is on another post), its count, event
 COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
-                                               AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
+                                               AND (status = 'visible' OR user_id = $2) AND NOT deleted
+                                               FOR KEY SHARE),
     ins AS (INSERT INTO {{comment_like}} (comment_id, user_id, post_id, created_at)
             SELECT id, $2, post_id, now() FROM target WHERE post_id = $4 ON CONFLICT DO NOTHING RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, 1 FROM ins
@@ -1922,7 +2032,8 @@ COMMENT_LIKE_SET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{commen
     ev AS ({EVENT_INTO} SELECT $5::text, $4, $6::jsonb, CASE WHEN $7::boolean THEN now() END FROM ins)
     SELECT post_id, EXISTS (SELECT 1 FROM ins) AS changed FROM target"""
 COMMENT_LIKE_UNSET_EMITTING = f"""WITH target AS (SELECT id, post_id FROM {{comment}} WHERE id = $1
-                                                 AND (status = 'visible' OR user_id = $2) FOR KEY SHARE),
+                                                 AND (status = 'visible' OR user_id = $2) AND NOT deleted
+                                                 FOR KEY SHARE),
     del AS (DELETE FROM {{comment_like}} WHERE comment_id IN (SELECT id FROM target WHERE post_id = $4)
             AND user_id = $2 RETURNING 1),
     bump AS (INSERT INTO {{counter_slots}} AS s SELECT 'comment', $1, $3, -1 FROM del
@@ -1988,6 +2099,11 @@ def sql(svc: str, statement: str) -> str:
         "moderation_reported_idx": f"{svc}_moderation_reported_idx", "reports": f"{svc}_reports",
         "moderation_log": f"{svc}_moderation_log", "moderation_log_idx": f"{svc}_moderation_log_idx",
         "bans": f"{svc}_bans", "bans_xid_idx": f"{svc}_bans_xid_idx",
+        # content lifecycle: tombstones, revisions, a user's rows (export)
+        "comment_deleted_idx": f"{svc}_post_comment_info_deleted_idx", "revisions": f"{svc}_revisions",
+        "comment_user_idx": f"{svc}_post_comment_info_user_idx",
+        "post_like_user_idx": f"{svc}_post_like_user_idx", "comment_like_user_idx": f"{svc}_comment_like_user_idx",
+        "reports_user_idx": f"{svc}_reports_user_idx",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -2807,6 +2923,9 @@ class Store:
                         item[field] = found.get(item["id"], 0)
 
 
+TOMBSTONE_MARK = {False: {}, True: {"deleted": True}, None: {}}  # a placeholder of a deleted comment says so
+
+
 class Render:
     """Rows as the JSON the API answers with, times in the configured zone (server.time_zone)."""
 
@@ -2839,7 +2958,7 @@ class Render:
                 "root_id": row["root_id"] or 0, "father_id": row["father_id"] or 0,
                 "target_user_id": row["target_user_id"], "post_id": row["post_id"],
                 "time": self.render_time(row["created_at"]), "svc": svc,
-                "child_num": row["child_num"], "extra": row["extra"]}
+                "child_num": row["child_num"], "extra": row["extra"], **TOMBSTONE_MARK[row["deleted"]]}
 
 
 class Invalidator:
@@ -2880,6 +2999,7 @@ class Part:
         self.state = store.background.moderation  # bans, hook breakers, word filters: outlive reloads
         self.bans: Bans = None  # type: ignore[assignment]  # set by Service: the parts that check writes
         self.moderation: Moderation = None  # type: ignore[assignment]
+        self.lifecycle: Lifecycle = None  # type: ignore[assignment]
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
@@ -2951,9 +3071,11 @@ class Posts(Part):
         if cached is None:
             async with self.db(svc, Err.FIND_FAILED) as conn:
                 row = await conn.fetchrow(sql(svc, POST_GET), post_id)
-            if row is None or row["status"] != "visible":  # only visible posts are read (and cached)
-                raise ApiError(Err.FIND_FAILED)
-            cached = orjson.dumps(self.render.post_json(svc, row))
+                if row is None or row["status"] != "visible":  # only visible posts are read (and cached)
+                    raise ApiError(Err.FIND_FAILED)
+                post = self.render.post_json(svc, row)
+                await self.lifecycle.add_edited_at(conn, svc, "post", [post])  # (with edit history)
+            cached = orjson.dumps(post)
             await self.cache.set_many([(key, cached, self.config.cache.post_expire)])
         if svc in self.render.status_shown:
             return b'{"post":' + cached[:-1] + b',"status":"visible"}}'
@@ -2970,8 +3092,8 @@ class Posts(Part):
             {"post_id": post_id, "author": user_id, **_given(content=content, title=title, extra=extra)})
         key = post_info_key(svc, post_id)
         await self.cache.invalidate([key])
-        changed = False
-        if not held:  # a visible post of the caller: the owner check, the change, its event in one statement
+        changed, checked = False, self.config.tenants[svc].lifecycle.edits_checked  # (edit window, history)
+        if not held and not checked:  # a visible post of the caller: owner check, change, event in one statement
             event = {"post_id": post_id, "user_id": user_id, **_given(content=content, title=title, extra=extra)}
             async with self.db(svc, Err.UPDATE_FAILED) as conn:
                 changed, _ = await conn.fetchrow(sql(svc, POST_UPDATE_WITH_EVENT), post_id, user_id, content, title,
@@ -2981,6 +3103,8 @@ class Posts(Part):
         if not changed:  # held, or not a visible post of the caller: the long way, which says why
             async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
                 status = check_writer(await conn.fetchrow(sql(svc, POST_OWNER), post_id), user_id)
+                if checked:
+                    await self.lifecycle.before_edit(conn, svc, "post", post_id)
                 await conn.execute(sql(svc, POST_UPDATE), post_id, content, title, extra)
                 if held and status == "visible":  # a held update: the post waits for a moderator again
                     await conn.execute(sql(svc, POST_SET_STATUS), post_id, "pending")
@@ -3060,6 +3184,7 @@ class Posts(Part):
             found = {row["id"]: self.render.post_full_json(svc, row, None) for row in rows}
             await self.store.settle_counts(conn, svc, found.values(), (("post", "like_count"),
                                                                        ("comments", "comment_count")))
+            await self.lifecycle.add_edited_at(conn, svc, "post", found.values())
             return found, rows
 
         tag = "posts_r" if replica and self.store.database(svc).replicas else "posts"  # getinfo's counts: primary's
@@ -3128,15 +3253,28 @@ class Comments(Part):
             "post_id": post_id, "user_id": user_id, "root_id": root_comment_id, "father_id": father_comment_id,
             "target_user_id": father["user_id"], "content": content, "extra": extra})
         comment_id = await self.cache.next_id(comment_id_counter_key(svc))
-        if held:  # pending: not counted, no comment.replied until it is approved
-            async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
-                await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id, father_comment_id,
-                                    father["user_id"], post_id, content, extra, "pending")
-                await self.moderation.held(conn, svc, "comment", comment_id, post_id, None, held)
-            return {"comment_id": comment_id}
         event = {"comment_id": comment_id, "post_id": post_id, "root_id": root_comment_id,
                  "father_id": father_comment_id, "user_id": user_id, "target_user_id": father["user_id"],
                  "content": content, "extra": extra}
+        tombstone = self.config.tenants[svc].lifecycle.delete_mode == "tombstone"
+        if held or tombstone:  # the long way: a held reply, or a thread whose deleted comments may stay placeholders
+            async with self.db(svc, Err.CREATE_FAILED) as conn, conn.transaction():
+                if tombstone:  # the root, then the father, held
+                    if (await conn.fetchval(sql(svc, ROOT_STATUS), root_comment_id) is None
+                            or await conn.fetchval(sql(svc, COMMENT_FATHER_LOCK), father_comment_id) is None):
+                        raise ApiError(Err.FIND_FAILED)  # deleted meanwhile
+                root_status = await conn.fetchval(sql(svc, REPLY_INSERT), comment_id, user_id, root_comment_id,
+                                                  father_comment_id, father["user_id"], post_id, content, extra,
+                                                  "pending" if held else "visible")
+                if held:  # pending: not counted, no comment.replied until it is approved
+                    await self.moderation.held(conn, svc, "comment", comment_id, post_id, None, held)
+                    return {"comment_id": comment_id}
+                shown = root_status in ("visible", None)  # else hidden with its root (made so meanwhile)
+                await self.store.count_change(conn, svc, [("children", root_comment_id, 1)]
+                                              + ([("comments", post_id, 1)] if shown else []))
+                if shown:
+                    await self.emit(conn, svc, "comment.replied", event)
+            return {"comment_id": comment_id}
         async with self.db(svc, Err.CREATE_FAILED) as conn:  # the reply, its counts, its event: one statement
             root_status = await conn.fetchval(sql(svc, REPLY_INSERT_WITH_EVENT), comment_id, user_id,
                                               root_comment_id, father_comment_id, father["user_id"], post_id,
@@ -3157,8 +3295,8 @@ class Comments(Part):
             {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)})
         key = comment_info_key(svc, comment_id)
         await self.cache.invalidate([key])
-        changed = False
-        if not held:  # a visible comment of the caller: the owner check, the change, its event in one statement
+        changed, checked = False, self.config.tenants[svc].lifecycle.edits_checked  # (edit window, history)
+        if not held and not checked:  # a visible comment of the caller: owner check, change, event in one statement
             event = {"comment_id": comment_id, "user_id": user_id, **_given(content=content, extra=extra)}  # + post_id
             async with self.db(svc, Err.UPDATE_FAILED) as conn:
                 changed, _ = await conn.fetchrow(sql(svc, COMMENT_UPDATE_WITH_EVENT), comment_id, user_id, content,
@@ -3168,7 +3306,9 @@ class Comments(Part):
                     self.emitted(conn, svc)
         if not changed:  # held, or not a visible comment of the caller: the long way, which says why
             async with self.db(svc, Err.UPDATE_FAILED) as conn, conn.transaction():
-                status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
+                status = check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+                if checked:
+                    await self.lifecycle.before_edit(conn, svc, "comment", comment_id)
                 post_id = await conn.fetchval(sql(svc, COMMENT_UPDATE), comment_id, content, extra)
                 if held and status == "visible":  # a held update: out of the counts until a moderator approves it
                     await self.moderation.change(conn, svc, "comment", comment_id, ("visible",), "pending",
@@ -3183,17 +3323,7 @@ class Comments(Part):
         """Delete your comment and its sub-comments; their likes go in the background."""
         await self.cache.invalidate([comment_info_key(svc, comment_id)])
         async with self.db(svc, Err.DELETE_FAILED) as conn, conn.transaction():
-            check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
-            rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
-            deleted = [row["id"] for row in rows]
-            if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
-                await conn.execute(sql(svc, MODERATION_FORGET), "comment",
-                                   [row["id"] for row in rows if row["status"] != "visible"])
-            await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", deleted)
-            await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", deleted)
-            await self._count_removed_comments(conn, svc, rows)
-            await self.emit(conn, svc, "comment.deleted", {"comment_id": comment_id, "post_id": rows[0]["post_id"],
-                                                           "user_id": user_id, "deleted_ids": deleted})
+            deleted = await self.delete_in(conn, svc, comment_id, user_id)
         log.info("deleted comment %s/%d with %d sub-comments; their likes are queued for clean-up",
                  svc, comment_id, len(deleted) - 1)
         self.background.cleanup_wakeup.set()
@@ -3202,15 +3332,74 @@ class Comments(Part):
             await self.cache.invalidate(keys)
         self.invalidate_later(keys)
 
+    async def delete_in(self, conn: asyncpg.Connection, svc: str, comment_id: int, user_id: str) -> list[int]:
+        """A comment delete by user_id inside the caller's transaction: the owner check, the rows, their counts,
+        clean-up and event; the ids removed or made placeholders (the comment first)."""
+        if self.config.tenants[svc].lifecycle.delete_mode == "tombstone":
+            return await self._delete_keeping_threads(conn, svc, comment_id, user_id)
+        check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER_FOR_DELETE), comment_id), user_id)
+        rows = await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id)
+        return await self._removed(conn, svc, comment_id, user_id, rows)
+
+    async def _removed(self, conn: asyncpg.Connection, svc: str, comment_id: int, user_id: str,
+                       rows: list[asyncpg.Record], tombstoned: list[int] = (), post_id: int | None = None) -> list[int]:
+        """What removing `rows` (and making `tombstoned` placeholders) leaves to do: queue rows, clean-up, counts,
+        revisions, the event."""
+        deleted = [row["id"] for row in rows]
+        if any(row["status"] != "visible" for row in rows):  # held ones leave the queue
+            await conn.execute(sql(svc, MODERATION_FORGET), "comment",
+                               [row["id"] for row in rows if row["status"] != "visible"])
+        gone = [*tombstoned, *deleted]
+        await conn.execute(sql(svc, CLEANUP_ENQUEUE), "comment", gone)
+        await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", gone)
+        await self._count_removed_comments(conn, svc, rows)
+        lifecycle = self.config.tenants[svc].lifecycle
+        if lifecycle.edit_history or lifecycle.delete_mode == "tombstone":  # their earlier versions go too
+            await conn.execute(sql(svc, REVISIONS_FORGET), "comment", gone)
+        post_id = rows[0]["post_id"] if rows else post_id
+        event = {"comment_id": comment_id, "post_id": post_id, "user_id": user_id, "deleted_ids": gone}
+        if tombstoned:
+            event["tombstoned_ids"] = list(tombstoned)
+        await self.emit(conn, svc, "comment.deleted", event)
+        return gone
+
+    async def _delete_keeping_threads(self, conn: asyncpg.Connection, svc: str, comment_id: int,
+                                      user_id: str) -> list[int]:
+        """delete.mode tombstone: a visible comment with replies becomes a placeholder (it leaves the counts at
+        once); one without replies goes as in cascade mode, and so do the placeholders above it that it was the
+        last reply of. The thread's root is held first (see THREAD_ROOT_LOCK)."""
+        await conn.fetchval(sql(svc, THREAD_ROOT_LOCK), comment_id)
+        check_writer(await conn.fetchrow(sql(svc, COMMENT_OWNER), comment_id), user_id)
+        item = await conn.fetchrow(sql(svc, COMMENT_FOR_TOMBSTONE), comment_id)
+        if item["has_replies"] and item["status"] == "visible":
+            await conn.execute(sql(svc, COMMENT_TOMBSTONE), comment_id)
+            changes = [] if item["under_hidden"] or item["post_id"] is None else [("comments", item["post_id"], -1)]
+            if item["root_id"]:
+                changes.append(("children", item["root_id"], -1))
+            if changes:
+                await self.store.count_change(conn, svc, changes)
+            return await self._removed(conn, svc, comment_id, user_id, [], [comment_id], item["post_id"])
+        rows = list(await conn.fetch(sql(svc, COMMENT_DELETE_TREE), comment_id))
+        father = item["father_id"] if item["root_id"] else 0
+        while father:  # placeholders whose last reply this was
+            gone = await conn.fetchrow(sql(svc, TOMBSTONE_GONE), father)
+            if gone is None:
+                break
+            rows.append(gone)
+            father = gone["father_id"] if gone["root_id"] else 0
+        return await self._removed(conn, svc, comment_id, user_id, rows)
+
     async def _count_removed_comments(self, conn: asyncpg.Connection, svc: str, rows: list[asyncpg.Record]) -> None:
         """Deleted comments leave comment_count and child_num in the delete's transaction (the ones they were
         counted in: visible, and for comment_count under a visible root)."""
         deleted = {row["id"] for row in rows}
+        rows = [row for row in rows if not row["deleted"]]  # a placeholder left the counts when it became one
         changes = collections.Counter(("comments", row["post_id"]) for row in rows if row["post_id"] is not None
                                       and row["status"] == "visible" and not row["under_hidden"])
         changes.update(("children", row["root_id"]) for row in rows if row["root_id"] and row["root_id"] not in deleted
                        and row["status"] == "visible")
-        await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
+        if changes:
+            await self.store.count_change(conn, svc, [(kind, target, -n) for (kind, target), n in changes.items()])
         await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", sorted(deleted))
 
     async def list_comments(self, svc: str, post_id: int, root_comment_id: int, cursor: dt.datetime | Keyset | None,
@@ -3234,6 +3423,7 @@ class Comments(Part):
             rows = await conn.fetch(sql(svc, statement), target, *args)
             page = self._comment_page(svc, rows, top)
             await self.store.settle_counts(conn, svc, page[0], (("comment", "like_count"), ("children", "child_num")))
+            await self.lifecycle.add_edited_at(conn, svc, "comment", page[0])
             return page, rows
 
         page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit, owner), viewer,
@@ -3246,7 +3436,7 @@ class Comments(Part):
         comments, status = [], svc in self.render.status_shown
         for row in rows:
             comment = self.render.comment_json(svc, row)
-            comment["like_count"] = row["like_count"]
+            comment["like_count"] = 0 if row["deleted"] else row["like_count"]  # a placeholder's likes went with it
             if status or row["status"] != "visible":  # (an author's own pending comment)
                 comment["status"] = row["status"]
             comments.append(comment)
@@ -3858,7 +4048,7 @@ class Moderation(Part):
         if row is None:
             return None
         before = row["status"]
-        if before not in allowed or before == to:
+        if before not in allowed or before == to or kind == "comment" and row["deleted"]:  # (a placeholder: none)
             return before, before
         post_id = row["post_id"]
         await conn.execute(sql(svc, POST_SET_STATUS if kind == "post" else COMMENT_SET_STATUS), item_id, to)
@@ -4010,6 +4200,126 @@ class Moderation(Part):
 KINDS = ("comment", "post")  # kinds of moderated items (a queue cursor carries the index)
 
 
+# --- content lifecycle: edits and their history, a user's data (export) ---------------------------------------
+
+EXPORT_BATCH = 500  # rows fetched from a cursor at a time, and objects per chunk of an export's body
+
+
+class Lifecycle(Part):
+    """The edit window and edit history (revisions, edited_at), and a user's data as NDJSON."""
+
+    def settings(self, svc: str) -> LifecycleConfig:
+        return self.config.tenants[svc].lifecycle
+
+    async def before_edit(self, conn: asyncpg.Connection, svc: str, kind: str, item_id: int) -> None:
+        """In an update's transaction, after its owner check: 403 when the edit window has closed; the version
+        being replaced kept as a revision when history is on."""
+        cfg = self.settings(svc)
+        if cfg.edit_window and await conn.fetchval(
+                sql(svc, EDIT_CLOSED_POST if kind == "post" else EDIT_CLOSED_COMMENT), item_id, cfg.edit_window):
+            raise ApiError(Err.EDIT_CLOSED)
+        if cfg.edit_history:
+            await conn.execute(sql(svc, REVISION_KEEP_POST if kind == "post" else REVISION_KEEP_COMMENT), item_id)
+
+    async def add_edited_at(self, conn: asyncpg.Connection, svc: str, kind: str, items: Iterable[dict]) -> None:
+        """Items of a service with edit history gain edited_at: when last updated (null: never)."""
+        items = [item for item in items if item is not None]
+        if not items or not self.settings(svc).edit_history:
+            return
+        found = dict(await conn.fetch(sql(svc, EDITED_AT), kind, sorted({item["id"] for item in items})))
+        for item in items:
+            moment = found.get(item["id"])
+            item["edited_at"] = None if moment is None else self.render.render_time(moment)
+
+    async def revisions(self, svc: str, post_id: int | None = None, comment_id: int | None = None) -> dict:
+        """The earlier versions of a post or a comment, oldest first (kept while edit history is on)."""
+        if post_id is None and comment_id is None:
+            raise bad_param("give post_id or comment_id")
+        kind, item_id = ("post", post_id) if comment_id is None else ("comment", comment_id)  # comment_id wins
+
+        async def read(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+            row = await conn.fetchrow(sql(svc, POST_GET if kind == "post" else COMMENT_GET), item_id)
+            return row, await conn.fetch(sql(svc, REVISIONS_READ), kind, item_id)
+
+        row, rows = await self.store.read(svc, Err.FIND_FAILED, read)
+        if row is None or row["status"] != "visible" or kind == "comment" and row["deleted"]:
+            raise ApiError(Err.FIND_FAILED)
+        revisions = []
+        for r in rows:
+            revision = {"rev": r["rev"], "title": r["title"] or "", "content": r["content"] or "",
+                        "extra": r["extra"], "time": self.render.render_time(r["written_at"])}
+            if kind == "comment":
+                del revision["title"]
+            revisions.append(revision)
+        return {"revisions": revisions}
+
+    async def export(self, svc: str, user_id: str) -> NdjsonStream:
+        """A user's data as NDJSON: posts, comments, likes, reports, bans (streamed)."""
+        rest = self._export_batches(svc, user_id)
+        try:
+            first = await anext(rest, None)
+        except BaseException:
+            await rest.aclose()
+            raise
+        return NdjsonStream(first or [], rest)
+
+    async def _export_batches(self, svc: str, user_id: str) -> Any:
+        """The export's objects, EXPORT_BATCH at a time, from server-side cursors in one snapshot."""
+        render = self.render
+
+        def post(row: asyncpg.Record) -> dict:
+            return {"type": "post", **render.post_json(svc, row), "status": row["status"]}
+
+        def comment(row: asyncpg.Record) -> dict:
+            item = render.comment_json(svc, row)
+            del item["child_num"]
+            return {"type": "comment", **item, "status": row["status"]}
+
+        parts = (
+            (EXPORT_POSTS, post),
+            (EXPORT_COMMENTS, comment),
+            (EXPORT_POST_LIKES, lambda r: {"type": "post_like", "post_id": r["post_id"],
+                                           "time": _rfc3339(r["created_at"])}),
+            (EXPORT_COMMENT_LIKES, lambda r: {"type": "comment_like", "comment_id": r["comment_id"],
+                                              "post_id": r["post_id"], "time": _rfc3339(r["created_at"])}),
+            (EXPORT_REPORTS, lambda r: {"type": "report", "kind": r["kind"], "id": r["id"], "reason": r["reason"],
+                                        "note": r["note"], "open": r["open"], "time": _rfc3339(r["created_at"])}),
+            (EXPORT_BANS, lambda r: {"type": "ban", "mode": r["mode"], "until": _rfc3339(r["until"]),
+                                     "reason": r["reason"], "moderator": r["moderator"],
+                                     "time": _rfc3339(r["created_at"])}),
+        )
+        async with self.db(svc, Err.FIND_FAILED) as conn, conn.transaction(isolation="repeatable_read",
+                                                                            readonly=True):
+            batch: list[dict] = []
+            for statement, shape in parts:
+                async for row in conn.cursor(sql(svc, statement), user_id, prefetch=EXPORT_BATCH):
+                    batch.append(shape(row))
+                    if len(batch) >= EXPORT_BATCH:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
+
+
+class NdjsonStream:
+    """A streamed answer (GET /users/export): batches of objects, written out by the HTTP layer one line each.
+    `first` is read before the answer starts (so a failure to start is an error envelope), `rest` on demand while
+    the client keeps reading: memory stays one batch whatever the size."""
+    content_type = b"application/x-ndjson"
+
+    def __init__(self, first: list[dict], rest: Any) -> None:
+        self.first, self.rest, self.ids_string = first, rest, False
+
+    async def chunks(self) -> Any:
+        batch: list[dict] | None = self.first
+        while batch is not None:
+            yield b"".join(orjson.dumps(ids_as_strings(item) if self.ids_string else item) + b"\n" for item in batch)
+            batch = await anext(self.rest, None)
+
+    async def close(self) -> None:
+        await self.rest.aclose()  # (the connection and its transaction go back to the pool)
+
+
 class Service:
     """The domain operations bound to one configuration, as named parts; a reload builds a new one and swaps it
     in whole. The route table calls the parts' operations (service.posts.get_post, ...)."""
@@ -4029,8 +4339,10 @@ class Service:
         self.posts, self.comments, self.likes = Posts(*parts), Comments(*parts), Likes(*parts)
         self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
         self.moderation, self.bans = Moderation(*parts), Bans(*parts)
-        for part in (self.posts, self.comments, self.likes, self.moderation, self.bans):
-            part.bans, part.moderation = self.bans, self.moderation
+        self.lifecycle = Lifecycle(*parts)
+        for part in (self.posts, self.comments, self.likes, self.moderation, self.bans, self.lifecycle,
+                     self.cleanup):
+            part.bans, part.moderation, part.lifecycle = self.bans, self.moderation, self.lifecycle
 
 
 def _given(**fields: Any) -> dict:
@@ -5200,6 +5512,26 @@ A_BAN = _obj(ban=BAN_OUT)
 LIFTED = _obj(lifted={"type": "boolean", "description": "false: there was no ban in force"})
 BAN_PAGE = _obj(bans={"type": "array", "items": BAN_OUT}, next_cursor={"type": ["string", "null"]})
 
+# --- content lifecycle: parameters and answers ---
+REVISION_POST_ID = Param("post_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID,
+                         description="the post (or comment_id)")
+REVISION_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
+                            description="the comment (given, its revisions are answered rather than the post's)")
+REVISIONS_OUT = _obj(revisions={"type": "array", "description": "oldest first; the current version is the item",
+                                "items": _with_optional(
+                                    _obj(rev={"type": "integer", "minimum": 1}, content={"type": "string"},
+                                         extra={"type": ["object", "null"]},
+                                         time={"type": "string", "description": "when this version was written, "
+                                                                                "as an item's time"}),
+                                    title={"type": "string", "description": "posts only"})})
+
+EXPORTED_USER = dataclasses.replace(USER_ID, description="the user whose data is exported")
+NDJSON_STREAM = {"description": "application/x-ndjson, streamed: one JSON object per line, each with `type`: post "
+                                "(every post the user authored), comment (every comment and reply they wrote), "
+                                "post_like, comment_like (likes they gave), report (reports they filed), ban (bans "
+                                "on them); empty for a user with no data",
+                 "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
+
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
@@ -5245,6 +5577,10 @@ ROUTES: tuple[Route, ...] = (
                                                                                            BAN_REASON, MODERATOR)),
     Route("DELETE", "/moderation/ban",   Bans.delete_ban,          LIFTED,       None,    (BANNED_USER,)),
     Route("GET",    "/moderation/bans",  Bans.list_bans,           BAN_PAGE,     None,    (BAN_CURSOR, LIMIT)),
+    # content lifecycle
+    Route("GET",    "/revisions",        Lifecycle.revisions,      REVISIONS_OUT, None,   (REVISION_POST_ID,
+                                                                                           REVISION_COMMENT_ID)),
+    Route("GET",    "/users/export",     Lifecycle.export,         NDJSON_STREAM, None,   (EXPORTED_USER,)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route
@@ -5387,7 +5723,9 @@ ERROR_ANSWERS = {
             "authentication (svc/appKey/signature; the IM-Auth-Error header says why)",
             (Err.BIND_PARAM, Err.PARAMS_WRONG, Err.AUTHENTICATION), dict(REQUEST_ID_OUT, **AUTH_ERROR_OUT)),
     "403": ("user is banned: a write (publish, comment, reply, update, like, report) by a user under a `ban`; "
-            "data.until is when it ends (null: never); nothing was written", (Err.BANNED,), REQUEST_ID_OUT),
+            "data.until is when it ends (null: never); nothing was written; or edit window has closed: an update "
+            "later than edit.window_seconds after the item was created (nothing was written)",
+            (Err.BANNED, Err.EDIT_CLOSED), REQUEST_ID_OUT),
     "408": ("the request head did not arrive within server.header_timeout, or its body stopped arriving for "
             "server.body_timeout (the connection is closed; answered by the server's own HTTP protocol, which "
             "`python im_backend.py` and the container use)", (Err.HEADER_TIMEOUT, Err.BODY_TIMEOUT), {}),
@@ -5461,8 +5799,8 @@ def openapi_document(root_path: str = "") -> dict:
                 "200": {"description": "success", "headers": REQUEST_ID_OUT, "content": {"application/json": {
                     "schema": {"allOf": [{"$ref": "#/components/schemas/Envelope"}, _obj(data=success_data)]}}}},
                 **{status: _error_answer(*answer) for status, answer in sorted(answers.items())}}}
-        if route.data is EVENT_STREAM:
-            op["responses"]["200"] = dict(EVENT_STREAM, headers=REQUEST_ID_OUT)
+        if route.data is EVENT_STREAM or route.data is NDJSON_STREAM:
+            op["responses"]["200"] = dict(route.data, headers=REQUEST_ID_OUT)
         if body:
             content = {"application/json": {"schema": _body_schema(body, "json"),
                                             "example": _body_example(body, "json")}}
@@ -5536,7 +5874,9 @@ def openapi_document(root_path: str = "") -> dict:
                     comment_count={"type": "integer", "minimum": 0,
                                    "description": "every comment and reply on the post; as like_count"},
                     liked={"type": "boolean", "description": "with viewer=: whether that user likes the post"},
-                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre"),
+                    edited_at=dict(nullable_string, description="with edit history on: when last updated "
+                                                                "(null: never), as time")),
                 "Comment": _with_optional(_obj(id=ID_OUT, user_id=string, content=string,
                                 root_id=dict(ID_OUT, description="0 for a root comment"),
                                 father_id=dict(ID_OUT, description="0 for a root comment"),
@@ -5547,7 +5887,12 @@ def openapi_document(root_path: str = "") -> dict:
                                                           "else null"},
                                 extra=extra_out, like_count={"type": "integer", "minimum": 0}),
                     liked={"type": "boolean", "description": "with viewer=: whether that user likes the comment"},
-                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre")),
+                    status=dict(STATUS_SCHEMA, description="when the service's moderation mode is post or pre"),
+                    edited_at=dict(nullable_string, description="with edit history on: when last updated "
+                                                                "(null: never), as time"),
+                    deleted={"type": "boolean", "const": True,
+                             "description": "a deleted comment kept as a placeholder for its replies (delete mode "
+                                            "tombstone): content and user_id empty, extra null"}),
             },
         },
     }
@@ -6326,6 +6671,13 @@ class App:
                 return await self.stream_events(body, receive, send, [(b"x-request-id", rid)])
             finally:
                 REQUEST_ID.reset(rid_token)
+        if isinstance(body, NdjsonStream):  # likewise
+            if METRICS.enabled:
+                METRICS.record(scope["method"], path, OK, b"", scope.get(SVC_SCOPE_KEY), time.perf_counter() - started)
+            try:
+                return await self.stream_lines(body, receive, send, [(b"x-request-id", rid)])
+            finally:
+                REQUEST_ID.reset(rid_token)
         # Content-Length on every answer: without it uvicorn frames the body as chunked (extra bytes and work per
         # response), and sends chunked even to an HTTP/1.0 client, which cannot read it (RFC 9112 section 6.1).
         headers = headers + [(b"x-request-id", rid), (b"content-length", b"%d" % len(body))]
@@ -6374,7 +6726,7 @@ class App:
                 written = svc
             data = await route.operation(getattr(service, route.part), svc, **args)
             if ids_mode == "string":
-                if isinstance(data, EventStream):
+                if isinstance(data, (EventStream, NdjsonStream)):
                     data.ids_string = True
                 else:
                     data = ids_as_strings(orjson.loads(data) if isinstance(data, bytes) else data)
@@ -6392,7 +6744,7 @@ class App:
             self.deadlines.finish(task)
             if written is not None:
                 service.cache.near.bump(written)
-        if isinstance(data, EventStream):
+        if isinstance(data, (EventStream, NdjsonStream)):
             return OK, data  # type: ignore[return-value]  # written out by handle_http
         if isinstance(data, bytes):
             return OK, SUCCESS_PREFIX + data + b"}"
@@ -6426,6 +6778,32 @@ class App:
         finally:
             watcher.cancel()
             events.close_stream(stream)
+
+    async def stream_lines(self, stream: NdjsonStream, receive: Callable, send: Callable,
+                           headers: list[tuple[bytes, bytes]]) -> None:
+        """Write an NDJSON answer as the client reads it (send waits while the client is behind: one batch in
+        memory). A database failure after the start ends the connection without the final chunk, so the client
+        sees an incomplete answer rather than a short one."""
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": OK,
+                        "headers": [(b"content-type", stream.content_type)] + headers})
+            async for chunk in stream.chunks():
+                if watcher.done():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:
+            pass  # the client is gone
+        except Exception as exc:  # (ApiError: the database went away) the answer stays incomplete
+            log.error("export stream failed: %r", exc)
+        finally:
+            watcher.cancel()
+            await stream.close()
 
     def openapi(self, root_path: str) -> bytes:
         """The document for the path the app is mounted at, built once per root_path."""
