@@ -1999,14 +1999,16 @@ COMMENT_INSERT_WITH_EVENT = f"""WITH inserted AS ({COMMENT_INSERT}),
     bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n) VALUES ('comments', $6, $9::smallint, 1)
              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1)
     {EVENT_INTO} VALUES ($10, $6, $11::jsonb, CASE WHEN $12::boolean THEN now() END)"""
-# a visible reply in one statement: it holds its root as REPLY_INSERT does; child_num always, and while the root
-# is visible (or gone) comment_count and comment.replied; one INSERT takes both counter rows, children first (the
-# order of every count change); returns the root's status
+# a visible reply in one statement: it holds its root and its father (FOR KEY SHARE, in that order: a decision on
+# the root or a delete of either waits for it, or it for them) and is written only if both are still there; child_num
+# always, and while the root is visible comment_count and comment.replied; one INSERT takes both counter rows,
+# children first (the order of every count change); returns the root's status (NULL: nothing written)
 REPLY_INSERT_WITH_EVENT = f"""WITH root AS (SELECT status FROM {{comment}} WHERE id = $3 FOR KEY SHARE),
+    father AS (SELECT id FROM {{comment}} WHERE id = $4 FOR KEY SHARE),
     inserted AS (INSERT INTO {{comment}} (id, user_id, root_id, father_id, target_user_id, post_id,
                                           content, extra, created_at, updated_at, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now(), 'visible') RETURNING 1),
-    shown AS (SELECT COALESCE((SELECT status FROM root), 'visible') = 'visible' AS yes),
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, now(), now(), 'visible' FROM root, father RETURNING 1),
+    shown AS (SELECT status = 'visible' AS yes FROM root),
     bump AS (INSERT INTO {{counter_slots}} AS s (kind, target_id, slot, n)
              SELECT v.kind, v.target_id, $9::smallint, 1
              FROM inserted, shown, (VALUES ('children', $3::bigint), ('comments', $6::bigint)) v (kind, target_id)
@@ -2014,7 +2016,7 @@ REPLY_INSERT_WITH_EVENT = f"""WITH root AS (SELECT status FROM {{comment}} WHERE
              ON CONFLICT (kind, target_id, slot) DO UPDATE SET n = s.n + 1),
     ev AS ({EVENT_INTO} SELECT $10::text, $6, $11::jsonb, CASE WHEN $12::boolean THEN now() END
            FROM inserted, shown WHERE shown.yes)
-    SELECT (SELECT status FROM root)"""
+    SELECT (SELECT status FROM root, father)"""
 COMMENT_UPDATE_WITH_EVENT = f"""WITH updated AS (
         UPDATE {{comment}} SET content = COALESCE($3, content), extra = COALESCE($4, extra), updated_at = now()
         WHERE id = $1 AND user_id = $2 AND status = 'visible' RETURNING post_id),
@@ -3280,8 +3282,10 @@ class Comments(Part):
                                               root_comment_id, father_comment_id, father["user_id"], post_id,
                                               content, extra, random.randrange(COUNTER_SLOTS), "comment.replied",
                                               event, self.delivered(svc, "comment.replied"))
-            if root_status in ("visible", None):  # else hidden with its root (made so meanwhile): no event
+            if root_status == "visible":  # else hidden with its root (made so meanwhile): no event
                 self.emitted(conn, svc)
+        if root_status is None:  # its root or its father was deleted meanwhile: nothing written
+            raise ApiError(Err.FIND_FAILED)
         return {"comment_id": comment_id}
 
     async def update_comment(self, svc: str, comment_id: int, user_id: str, content: str | None,

@@ -366,6 +366,38 @@ async def test_a_reply_made_while_its_root_is_removed_is_counted_with_it(clients
     assert (await roots(mod, post))[0]["child_num"] == 1
 
 
+async def test_a_reply_to_a_root_being_deleted_is_refused_not_orphaned(clients, backing, db):
+    """A reply that found its root, written while the root's delete commits: it waits for the delete, then
+    answers 10006 and writes nothing (no reply without its thread, nothing counted)."""
+    api, _ = apis(clients, OFF)
+    post = await api.publish(author="rhea")
+    root = await api.comment(post, "rob", "root")
+    assert (await post_counts(api, post))["comment_count"] == 1
+    assert (await roots(api, post))[0]["like_count"] == 0  # (the root's like count has a base row now)
+    stall = await asyncpg_connect(backing)
+    try:
+        holding = stall.transaction()
+        await holding.start()  # the delete, after it has locked and deleted the root, waits for this row
+        await stall.execute(f'SELECT 1 FROM "{OFF}_like_counts" WHERE kind = \'comment\' AND target_id = $1 '
+                            "FOR UPDATE", root)
+        delete = asyncio.ensure_future(api.ok("DELETE", "/comments/delete", {"comment_id": root, "user_id": "rob"}))
+        assert await eventually(lambda: waiting_on_a_lock(db, "_like_counts"), timeout=10)
+        reply = asyncio.ensure_future(api.call("POST", "/comments/reply", {
+            "post_id": post, "root_comment_id": root, "father_comment_id": root, "user_id": "rex"},
+            data={"content": "re"}))
+        assert await eventually(lambda: waiting_on_a_lock(db, "FOR KEY SHARE"), timeout=10)
+        await holding.rollback()
+        await delete
+        status, body = await reply
+    finally:
+        await stall.close()
+    assert body["code"] == 10006, body
+    assert await db.fetchval(f'SELECT count(*) FROM "{OFF}_post_comment_info" WHERE post_id = $1', post) == 0
+    assert (await post_counts(api, post))["comment_count"] == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{OFF}_events" WHERE type = \'comment.replied\' '
+                             "AND post_id = $1", post) == 0
+
+
 async def asyncpg_connect(backing: dict):
     import asyncpg
     cfg = backing["db"]
