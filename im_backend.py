@@ -3412,8 +3412,8 @@ class Reactions(Part):
     async def react(self, svc: str, post_id: int, user_id: str, kind: str, on: bool,
                     comment_id: int | None = None) -> None:
         """React to a post (or, with comment_id, a comment) with a kind, or take it back (idempotent)."""
-        reactions = self.kinds_of(svc)
-        if reactions is None or kind not in reactions.kinds:
+        reactions = self.kinds_of(svc) or ReactionsConfig()  # no `reactions` key: the like alone
+        if kind not in reactions.kinds:
             raise bad_param(f"reaction kind {kind!r} is not configured")
         if kind == "like" and not (on and reactions.unique):  # the like itself: nothing else changes
             if comment_id is None:
@@ -3500,7 +3500,7 @@ class Reactions(Part):
     async def list_reactions(self, svc: str, post_id: int | None = None, comment_id: int | None = None,
                              kind: str | None = None, cursor: Any = None, limit: int | None = None) -> dict:
         """Who reacted to a post or a comment (with kind: only that kind), newest first."""
-        if (post_id is None) == (comment_id is None):
+        if post_id is None and comment_id is None:
             raise bad_param("give post_id or comment_id")
         target_kind, target_id = ("post", post_id) if comment_id is None else ("comment", comment_id)
         moment, after_user, after_kind = cursor or (dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc), "", "")
@@ -5307,13 +5307,13 @@ REACTION_KIND_SCHEMA = {"type": "string", "pattern": REACTION_KIND.pattern}
 REACT_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
                          description="given: the comment (on post_id) reacted to, rather than the post")
 REACT_KIND = Param("kind", "json", as_reaction_kind, schema=REACTION_KIND_SCHEMA, example="like",
-                   description="one of the service's configured kinds (like is the like of PUT /like)")
+                   description="one of the service's configured kinds; like (the like of PUT /like) always is one")
 REACT_ON = Param("on", "json", as_like, schema={"type": "boolean"}, example=True,
                  description="true: react; false: take the reaction back (both idempotent)")
 REACTIONS_POST_ID = Param("post_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID,
                           description="the post (or comment_id)")
 REACTIONS_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
-                             description="the comment (or post_id)")
+                             description="the comment (given, its reactions are listed rather than the post's)")
 REACTIONS_KIND = Param("kind", "query", as_reaction_kind, required=False, schema=REACTION_KIND_SCHEMA, example="like",
                        description="only this kind")
 REACTIONS_CURSOR = Param("cursor", "query", as_reaction_cursor, required=False,

@@ -112,7 +112,7 @@ async def test_unconfigured_kind_and_bad_input(clients, db):
     a, _ = apis(clients, MANY)
     plain, _ = apis(clients, PLAIN)
     post_id = await a.publish(author="ann")
-    for api, kind in ((a, "angry"), (plain, "love"), (plain, "like"), (a, "Love"), (a, 7)):
+    for api, kind in ((a, "angry"), (plain, "love"), (a, "Love"), (a, 7), (a, "x" * 33)):
         status, body = await react(api, post_id, "u1", kind)
         assert (status, body) == (400, {"code": 400, "msg": BIND, "data": None}), (kind, body)
     status, body = await a.call("PUT", "/react", {"post_id": post_id, "user_id": "u1"}, json={"kind": "love"})
@@ -215,6 +215,8 @@ async def test_a_service_without_reactions_answers_as_before(clients):
     plain, _ = apis(clients, PLAIN)
     post_id = await plain.publish(author="ann")
     await plain.ok("PUT", "/like", {"post_id": post_id, "user_id": "u1"}, json={"like": True})
+    await ok_react(plain, post_id, "u2", "like")  # without the key, like is still the one kind: the like
+    assert await plain.ok("GET", "/getlike", {"post_id": post_id}) == {"like": 2}
     post = await post_of(plain, post_id, viewer="u1")
     assert "reactions" not in post and "my_reactions" not in post
     await plain.comment(post_id)
