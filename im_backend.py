@@ -1893,6 +1893,10 @@ POST_LIKE_TAKE = "DELETE FROM {post_like} WHERE post_id = $1 AND user_id = $2 RE
 COMMENT_LIKE_TAKE = "DELETE FROM {comment_like} WHERE comment_id = $1 AND user_id = $2 RETURNING 1"
 REACTION_COUNTS = """SELECT target_id, kind, sum(n)::bigint FROM {counter_slots}
                      WHERE kind = ANY($1::text[]) AND target_id = ANY($2::bigint[]) GROUP BY 1, 2"""
+# clean-up: the reactions of deleted posts and comments, a batch at a time (their counters die with the ids)
+CLEAN_REACTIONS = """DELETE FROM {reactions} WHERE (target_kind, target_id, user_id, kind) IN
+                     (SELECT target_kind, target_id, user_id, kind FROM {reactions}
+                      WHERE target_kind = $1 AND target_id = ANY($2::bigint[]) LIMIT $3)"""
 POST_LIKE_PUT = """INSERT INTO {post_like} (post_id, user_id, created_at) VALUES ($1, $2, now())
                    ON CONFLICT DO NOTHING RETURNING 1"""
 COMMENT_LIKE_PUT = """INSERT INTO {comment_like} (comment_id, user_id, post_id, created_at) VALUES ($1, $2, $3, now())
@@ -3563,8 +3567,11 @@ class Cleanup(Part):
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", comments)
         likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
+        reactions = _count(await conn.execute(sql(svc, CLEAN_REACTIONS), "post", [post_id], batch.postlikebatch))
+        likes += reactions
         done_keys = [comment_info_key(svc, cid) for cid in comments]
-        if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
+        if len(comments) < batch.commentbatch and likes - reactions < batch.postlikebatch \
+                and reactions < batch.postlikebatch:
             await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
             done_keys.append(post_like_key(svc, post_id))
         log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
@@ -3575,8 +3582,10 @@ class Cleanup(Part):
         """Some likes of deleted comments; their jobs are done when a batch comes back short."""
         batch, ids = self.config.clean.commentlikebatch, [job["target_id"] for job in jobs]
         likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch))
+        reactions = _count(await conn.execute(sql(svc, CLEAN_REACTIONS), "comment", ids, batch))
         done_keys = []
-        if likes < batch:
+        likes += reactions
+        if likes - reactions < batch and reactions < batch:
             await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
             done_keys = [comment_like_key(svc, cid) for cid in ids]
         log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))

@@ -198,7 +198,7 @@ async def test_who_reacted_pages_newest_first(clients):
     for user, kind in order:
         await ok_react(a, post_id, user, kind)
     seen, cursor = [], None
-    while True:
+    for _ in range(10):  # (a cursor that does not move on would loop for ever)
         page = await a.ok("GET", "/reactions", {"post_id": post_id, "limit": 2, **({"cursor": cursor} if cursor else {})})
         seen += [(u["user_id"], u["kind"]) for u in page["users"]]
         cursor = page["next_cursor"]
@@ -240,3 +240,29 @@ async def test_hot_reload_adds_a_kind(make_server, backing):
 
         assert await eventually(accepted)
         assert (await post_of(api, post_id))["reactions"] == {"wow": 1}
+
+
+async def test_deleted_items_lose_their_reactions_in_the_background(clients, db):
+    a, _ = apis(clients, MANY)
+    post_id = await a.publish(author="ann")
+    comment = await a.comment(post_id, user_id="cat")
+    other = await a.comment(post_id, user_id="dan")
+    for user in ("u1", "u2"):
+        await ok_react(a, post_id, user, "love")
+        await ok_react(a, post_id, user, "wow", comment_id=comment)
+        await ok_react(a, post_id, user, "wow", comment_id=other)
+    await a.ok("DELETE", "/comments/delete", {"comment_id": comment, "user_id": "cat"})
+
+    async def rows(target_kind: str, target_id: int) -> int:
+        return await db.fetchval(f'SELECT count(*) FROM "{MANY}_reactions" WHERE target_kind = $1 AND target_id = $2',
+                                 target_kind, target_id)
+
+    assert await eventually(lambda: negate_rows(rows("comment", comment)))
+    assert await rows("comment", other) == 2 and await rows("post", post_id) == 2  # only what was deleted
+    await a.ok("DELETE", "/delete", {"post_id": post_id, "user_id": "ann"})
+    assert await eventually(lambda: negate_rows(rows("post", post_id)))
+    assert await eventually(lambda: negate_rows(rows("comment", other)))
+
+
+async def negate_rows(count) -> bool:
+    return await count == 0
