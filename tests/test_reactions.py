@@ -117,13 +117,15 @@ async def test_unconfigured_kind_and_bad_input(clients, db):
         assert (status, body) == (400, {"code": 400, "msg": BIND, "data": None}), (kind, body)
     status, body = await a.call("PUT", "/react", {"post_id": post_id, "user_id": "u1"}, json={"kind": "love"})
     assert (status, body["msg"]) == (400, BIND)
-    assert await db.fetchval(f'SELECT count(*) FROM "{MANY}_reactions" WHERE target_id = $1', post_id) == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{MANY}_reactions" WHERE target_kind = \'post\' AND target_id = $1',
+                             post_id) == 0
     status, body = await react(a, 12345, "u1", "love")  # no such post
     assert body["code"] == 10006
     other = await a.publish(author="ann")
     comment = await a.comment(post_id)
     assert (await react(a, other, "u1", "love", comment_id=comment))[1]["code"] == 400  # not on that post
-    assert await db.fetchval(f'SELECT count(*) FROM "{MANY}_reactions" WHERE target_id = $1', comment) == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{MANY}_reactions" WHERE target_kind = \'comment\' AND target_id = $1',
+                             comment) == 0
 
 
 async def test_like_is_the_like_both_ways(clients, db):
@@ -170,7 +172,8 @@ async def test_unique_switches_in_one_transaction(clients, db):
         ("post.reacted", "wow"), ("post.unreacted", "wow"), ("post.liked", None)]
     # concurrent switches by one user: never two kinds at once
     await asyncio.gather(*(ok_react((a, b)[i % 2], post_id, "u9", KINDS[i % 3]) for i in range(30)))
-    held = await db.fetchval(f'SELECT count(*) FROM "{ONE}_reactions" WHERE target_id = $1 AND user_id = $2',
+    held = await db.fetchval(f'SELECT count(*) FROM "{ONE}_reactions" WHERE target_kind = \'post\' AND target_id = $1 '
+                             "AND user_id = $2",
                              post_id, "u9")
     liked = await db.fetchval(f'SELECT count(*) FROM "{ONE}_post_like" WHERE post_id = $1 AND user_id = $2',
                               post_id, "u9")
@@ -183,8 +186,8 @@ async def test_concurrent_reactions_count_exactly(clients, db):
     rng = random.Random(22)
     calls = [((a, b)[i % 2], f"user{rng.randrange(50)}", rng.choice(KINDS), rng.random() < 0.7) for i in range(200)]
     await asyncio.gather(*(ok_react(api, post_id, user, kind, on) for api, user, kind, on in calls))
-    rows = dict(await db.fetch(f'SELECT kind, count(*) FROM "{MANY}_reactions" WHERE target_id = $1 GROUP BY kind',
-                               post_id))
+    rows = dict(await db.fetch(f'SELECT kind, count(*) FROM "{MANY}_reactions" WHERE target_kind = \'post\' '
+                               "AND target_id = $1 GROUP BY kind", post_id))
     rows["like"] = await db.fetchval(f'SELECT count(*) FROM "{MANY}_post_like" WHERE post_id = $1', post_id)
     post = await post_of(b, post_id)
     assert post["reactions"] == {k: n for k, n in rows.items() if n}
