@@ -242,7 +242,9 @@ async def keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 SERVICE_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 EVENT_TYPES = ("post.published", "post.updated", "post.deleted", "post.liked", "post.unliked", "comment.published",
                "comment.replied", "comment.updated", "comment.deleted", "comment.liked", "comment.unliked",
-               "post.moderated", "comment.moderated", "post.reported", "comment.reported")
+               "post.moderated", "comment.moderated", "post.reported", "comment.reported",
+               # reactions
+               "post.reacted", "post.unreacted", "comment.reacted", "comment.unreacted")
 DEFAULT_BOOTSTRAP = "configs/config.yaml"
 CONFIG_POLL_INTERVAL = 1.0  # seconds between looks at the configuration file's size and time stamp
 SECRET_LENGTHS = (16, 24, 32)  # bytes: an AES-128, AES-192 or AES-256 key
@@ -495,6 +497,36 @@ def _lifecycle(delete: Any, edit: Any, where: str) -> LifecycleConfig:
     if not isinstance(history, bool):
         raise ConfigError(f"{where}'edit.history' must be true or false, got {history!r}")
     return LifecycleConfig(mode, window, history)
+# --- reactions: kinds of reaction besides the like ---
+REACTION_KIND = re.compile(r"^[a-z0-9_]{1,32}$")
+MAX_REACTION_KINDS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ReactionsConfig:
+    """`reactions:` (top level: the default of every service; `svc[].reactions` replaces it): the kinds a user may
+    react with (`like` always among them: it is the like) and whether a user holds at most one kind per item."""
+    kinds: tuple[str, ...] = ("like",)
+    unique: bool = False
+
+
+def _reactions(raw: Any, where: str) -> ReactionsConfig | None:
+    """A `reactions:` mapping, validated (None: absent, and the service answers without reactions)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'reactions' must be a mapping")
+    kinds, unique = raw.get("kinds"), raw.get("unique", False)
+    if kinds is None:
+        kinds = ["like"]
+    if not isinstance(kinds, list) or not all(isinstance(k, str) and REACTION_KIND.match(k) for k in kinds):
+        raise ConfigError(f"{where}: 'reactions.kinds' must be a list of names matching {REACTION_KIND.pattern}")
+    kinds = list(dict.fromkeys(["like", *kinds]))
+    if len(kinds) > MAX_REACTION_KINDS:
+        raise ConfigError(f"{where}: 'reactions.kinds' may list at most {MAX_REACTION_KINDS} kinds (like included)")
+    if not isinstance(unique, bool):
+        raise ConfigError(f"{where}: 'reactions.unique' must be true or false, got {unique!r}")
+    return ReactionsConfig(tuple(kinds), unique)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +541,7 @@ class Tenant:
     db: DbConfig | None = None  # svc[].db: this service's own PostgreSQL (None: the top-level db)
     moderation: ModerationConfig = ModerationConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    reactions: ReactionsConfig | None = None  # None: no `reactions` key, items carry no reaction fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,6 +602,7 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
         raise ConfigError("'moderation' must be a mapping")
     _moderation(moderation, "moderation", base)  # the default is validated even when every service overrides it
     _lifecycle(raw.get("delete"), raw.get("edit"), "")  # the content lifecycle's default, likewise
+    _reactions(raw.get("reactions"), "top level")  # likewise
     for entry in raw.get("svc") or []:
         if not isinstance(entry, dict) or "name" not in entry or "secret" not in entry:
             raise ConfigError(f"every 'svc' entry needs 'name' and 'secret', got {entry!r}")
@@ -581,6 +615,8 @@ def parse_app_config(text: str, base: pathlib.Path | None = None) -> AppConfig:
             raise ConfigError(f"service {name!r} is listed twice")
         services[name] = secret
         tenants[name] = _tenant(entry, name, secret, limits, moderation or {}, base)
+        own_reactions = entry.get("reactions", raw.get("reactions"))  # a service's own replaces the default
+        tenants[name] = dataclasses.replace(tenants[name], reactions=_reactions(own_reactions, f"service {name!r}"))
         if entry.get("db") is not None:
             tenants[name] = dataclasses.replace(tenants[name], db=_db_config(entry["db"], f"svc[{name}].db", db))
         tenants[name] = dataclasses.replace(tenants[name], lifecycle=_tenant_lifecycle(raw, entry, name))
@@ -1662,6 +1698,10 @@ CREATE INDEX IF NOT EXISTS {comment_user_idx} ON {comment} (user_id, id);
 CREATE INDEX IF NOT EXISTS {post_like_user_idx} ON {post_like} (user_id, post_id);
 CREATE INDEX IF NOT EXISTS {comment_like_user_idx} ON {comment_like} (user_id, comment_id);
 CREATE INDEX IF NOT EXISTS {reports_user_idx} ON {reports} (user_id, kind, id);
+CREATE TABLE IF NOT EXISTS {reactions} (
+    target_kind TEXT NOT NULL, target_id BIGINT NOT NULL, user_id VARCHAR(255) NOT NULL, kind TEXT NOT NULL,
+    post_id BIGINT, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (target_kind, target_id, user_id, kind));
+CREATE INDEX IF NOT EXISTS {reactions_recent_idx} ON {reactions} (target_kind, target_id, created_at DESC, user_id DESC);
 """
 # The moderation and lifecycle objects above come last: an ALTER TABLE names no relation of its own, so each column is followed
 # by an index on it; ensure_tables sees a layout without the column as missing that index and runs the DDL.
@@ -1943,6 +1983,40 @@ EXPORT_COMMENT_LIKES = """SELECT comment_id, post_id, created_at FROM {comment_l
 EXPORT_REPORTS = """SELECT kind, id, reason, note, open, created_at FROM {reports} WHERE user_id = $1
                     ORDER BY user_id, kind, id"""
 EXPORT_BANS = "SELECT mode, until, reason, moderator, created_at FROM {bans} WHERE user_id = $1"
+# Reactions other than the like ({reactions}: one row per (item, user, kind); the like stays in the Go tables).
+# Their counts are counters of kind 'r<post|comment>:<kind>' in {like_counts}/{counter_slots}, changed in the
+# reaction's transaction; the table is new, so a counter without a base is its slots alone (no rows predate them).
+# A reaction's target: visible, or the caller's own; held FOR KEY SHARE until the reaction commits.
+REACT_POST_TARGET = "SELECT id AS post_id FROM {post} WHERE id = $1 AND (status = 'visible' OR author = $2) FOR KEY SHARE"
+REACT_COMMENT_TARGET = """SELECT post_id FROM {comment} WHERE id = $1 AND (status = 'visible' OR user_id = $2)
+                          FOR KEY SHARE"""
+REACTION_PUT = """INSERT INTO {reactions} (target_kind, target_id, user_id, kind, post_id) VALUES ($1, $2, $3, $4, $5)
+                  ON CONFLICT DO NOTHING RETURNING 1"""
+REACTION_TAKE = "DELETE FROM {reactions} WHERE target_kind = $1 AND target_id = $2 AND user_id = $3 AND kind = $4 RETURNING 1"
+REACTIONS_OTHER = """DELETE FROM {reactions} WHERE target_kind = $1 AND target_id = $2 AND user_id = $3 AND kind <> $4
+                     RETURNING kind"""
+REACTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"  # unique mode: one switch per (item, user) at a time
+POST_LIKE_TAKE = "DELETE FROM {post_like} WHERE post_id = $1 AND user_id = $2 RETURNING 1"
+COMMENT_LIKE_TAKE = "DELETE FROM {comment_like} WHERE comment_id = $1 AND user_id = $2 RETURNING 1"
+REACTION_COUNTS = """SELECT target_id, kind, sum(n)::bigint FROM {counter_slots}
+                     WHERE kind = ANY($1::text[]) AND target_id = ANY($2::bigint[]) GROUP BY 1, 2"""
+# clean-up: the reactions of deleted posts and comments, a batch at a time (their counters die with the ids)
+CLEAN_REACTIONS = """DELETE FROM {reactions} WHERE (target_kind, target_id, user_id, kind) IN
+                     (SELECT target_kind, target_id, user_id, kind FROM {reactions}
+                      WHERE target_kind = $1 AND target_id = ANY($2::bigint[]) LIMIT $3)"""
+POST_LIKE_PUT = """INSERT INTO {post_like} (post_id, user_id, created_at) VALUES ($1, $2, now())
+                   ON CONFLICT DO NOTHING RETURNING 1"""
+COMMENT_LIKE_PUT = """INSERT INTO {comment_like} (comment_id, user_id, post_id, created_at) VALUES ($1, $2, $3, now())
+                      ON CONFLICT DO NOTHING RETURNING 1"""
+MY_REACTIONS = """SELECT target_id, kind FROM {reactions} WHERE target_kind = $1 AND target_id = ANY($2::bigint[])
+                  AND user_id = $3 ORDER BY kind"""
+# who reacted, newest first, keyset (created_at $3, user_id $4, kind $5); likes from the Go tables as kind 'like'
+REACTIONS_PAGE = """SELECT user_id, kind, created_at FROM (
+        SELECT user_id, 'like'::text AS kind, created_at FROM {post_like} WHERE $1 = 'post' AND post_id = $2
+        UNION ALL SELECT user_id, 'like', created_at FROM {comment_like} WHERE $1 = 'comment' AND comment_id = $2
+        UNION ALL SELECT user_id, kind, created_at FROM {reactions} WHERE target_kind = $1 AND target_id = $2) r
+    WHERE ($6::text IS NULL OR kind = $6) AND (created_at, user_id, kind) < ($3, $4, $5)
+    ORDER BY created_at DESC, user_id DESC, kind DESC LIMIT $7"""
 
 # The outbox ({events}): one row per change, written in the change's transaction. After the commit the
 # writing process wakes its own streams and webhook workers at once and tells the others with a NOTIFY sent from
@@ -2106,6 +2180,8 @@ def sql(svc: str, statement: str) -> str:
         "comment_user_idx": f"{svc}_post_comment_info_user_idx",
         "post_like_user_idx": f"{svc}_post_like_user_idx", "comment_like_user_idx": f"{svc}_comment_like_user_idx",
         "reports_user_idx": f"{svc}_reports_user_idx",
+        # reactions
+        "reactions": f"{svc}_reactions", "reactions_recent_idx": f"{svc}_reactions_recent_idx",
     }
     return statement.format(**{key: _quote(value) for key, value in names.items()})
 
@@ -3002,6 +3078,8 @@ class Part:
         self.bans: Bans = None  # type: ignore[assignment]  # set by Service: the parts that check writes
         self.moderation: Moderation = None  # type: ignore[assignment]
         self.lifecycle: Lifecycle = None  # type: ignore[assignment]
+        self.likes: Likes = None  # type: ignore[assignment]  # set by Service: the parts that need them
+        self.reactions: Reactions = None  # type: ignore[assignment]
 
     def page_size(self, limit: int | None) -> int:
         """Missing or 0: 20; never above the configured maximum."""
@@ -3192,9 +3270,13 @@ class Posts(Part):
         tag = "posts_r" if replica and self.store.database(svc).replicas else "posts"  # getinfo's counts: primary's
         found, liked = await self.near_feed(svc, (tag, unique) if owner is None else (tag, unique, owner), viewer, read, POSTS_LIKED, list, replica)
         if viewer is None:
-            return [found.get(post_id) for post_id in post_ids]
-        return [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
-                for post_id in post_ids]
+            posts = [found.get(post_id) for post_id in post_ids]
+        else:
+            posts = [None if (post := found.get(post_id)) is None else {**post, "liked": post_id in liked}
+                     for post_id in post_ids]
+        if self.reactions.kinds_of(svc) is not None:  # reactions configured: per-kind counts, the viewer's kinds
+            posts = await self.reactions.decorate(svc, "post", posts, viewer, replica)
+        return posts
 
     async def get_batch(self, svc: str, post_ids: list[int], viewer: str | None = None) -> dict:
         """Read up to 100 posts at once, with their counts; null for unknown ids."""
@@ -3433,6 +3515,8 @@ class Comments(Part):
         page, liked = await self.near_feed(svc, ("comments", post_id, root_comment_id, top, cursor, limit, owner), viewer,
                                            read, COMMENTS_LIKED, lambda page: [c["id"] for c in page[0]], True)
         comments = page[0] if viewer is None else [{**c, "liked": c["id"] in liked} for c in page[0]]
+        if self.reactions.kinds_of(svc) is not None:  # reactions configured: per-kind counts, the viewer's kinds
+            comments = await self.reactions.decorate(svc, "comment", comments, viewer, True)
         return {"comments": comments, "next_cursor": page[1]}
 
     def _comment_page(self, svc: str, rows: list[asyncpg.Record], top: bool) -> tuple[list[dict], str | None]:
@@ -3531,6 +3615,125 @@ class Likes(Part):
         return {"likes": [counts[cid] for cid in comment_ids]}
 
 
+class Reactions(Part):
+    """Reactions of several kinds on posts and comments (the kind `like` is the like), and who reacted."""
+
+    def kinds_of(self, svc: str) -> ReactionsConfig | None:
+        tenant = self.config.tenants.get(svc)
+        return None if tenant is None else tenant.reactions
+
+    async def react(self, svc: str, post_id: int, user_id: str, kind: str, on: bool,
+                    comment_id: int | None = None) -> None:
+        """React to a post (or, with comment_id, a comment) with a kind, or take it back (idempotent)."""
+        reactions = self.kinds_of(svc) or ReactionsConfig()  # no `reactions` key: the like alone
+        if kind not in reactions.kinds:
+            raise bad_param(f"reaction kind {kind!r} is not configured")
+        if kind == "like" and not (on and reactions.unique):  # the like itself: nothing else changes
+            if comment_id is None:
+                return await self.likes.like_post(svc, post_id, user_id, on)
+            return await self.likes.like_comment(svc, post_id, comment_id, user_id, on)
+        self.bans.check(svc, user_id)
+        target_kind, target_id = ("post", post_id) if comment_id is None else ("comment", comment_id)
+        like_key = post_like_key(svc, post_id) if comment_id is None else comment_like_key(svc, comment_id)
+        invalidated = await self.cache.invalidate_unless_hot(like_key) if on and reactions.unique else False
+        async with self.db(svc, Err.CREATE_FAILED if on else Err.DELETE_FAILED) as conn, conn.transaction():
+            owner_post = await conn.fetchval(
+                sql(svc, REACT_POST_TARGET if comment_id is None else REACT_COMMENT_TARGET), target_id, user_id)
+            if owner_post is None:
+                raise ApiError(Err.FIND_FAILED)
+            if owner_post != post_id:  # the comment is not on that post: nothing written
+                raise ApiError(Err.PARAMS_WRONG)
+            changes: list[tuple[str, int, int]] = []
+            events: list[tuple[str, dict]] = []
+            base = {"id": target_id, "post_id": post_id, "user_id": user_id}
+            like_event = {"post_id": post_id, "user_id": user_id} if comment_id is None else {
+                "comment_id": comment_id, "post_id": post_id, "user_id": user_id}
+            if on and reactions.unique:  # one kind per user and item: the others go in this transaction
+                await conn.execute(REACTION_LOCK, f"{svc}:react:{target_kind}:{target_id}:{user_id}")
+                for (other,) in await conn.fetch(sql(svc, REACTIONS_OTHER), target_kind, target_id, user_id, kind):
+                    changes.append((f"r{target_kind}:{other}", target_id, -1))
+                    events.append((f"{target_kind}.unreacted", {**base, "kind": other}))
+                if kind != "like" and await conn.fetchval(
+                        sql(svc, POST_LIKE_TAKE if comment_id is None else COMMENT_LIKE_TAKE), target_id, user_id):
+                    changes.append((target_kind, target_id, -1))
+                    events.append((f"{target_kind}.unliked", like_event))
+            if kind == "like":  # (unique mode, on) the like itself
+                if await conn.fetchval(sql(svc, POST_LIKE_PUT), post_id, user_id) if comment_id is None else \
+                        await conn.fetchval(sql(svc, COMMENT_LIKE_PUT), comment_id, user_id, post_id):
+                    changes.append((target_kind, target_id, 1))
+                    events.append((f"{target_kind}.liked", like_event))
+            elif await conn.fetchval(sql(svc, REACTION_PUT if on else REACTION_TAKE), target_kind, target_id, user_id,
+                                     kind, *((post_id,) if on else ())):
+                changes.append((f"r{target_kind}:{kind}", target_id, 1 if on else -1))
+                events.append((f"{target_kind}.{'reacted' if on else 'unreacted'}", {**base, "kind": kind}))
+            if changes:
+                await self.store.count_change(conn, svc, changes)
+            for event_type, data in events:
+                await self.emit(conn, svc, event_type, data)
+        if invalidated:
+            self.invalidate_later([like_key])
+
+    async def decorate(self, svc: str, target_kind: str, items: list[dict | None], viewer: str | None,
+                       on_replica: bool = False) -> list[dict | None]:
+        """Items with `like_count` (and `liked` with a viewer) gain `reactions` {kind: n > 0} (and `my_reactions`),
+        for a service with reactions configured; the per-kind counts are counters: constant work per item."""
+        reactions = self.kinds_of(svc)
+        present = [item for item in items if item is not None]
+        if reactions is None or not present:
+            return items
+        ids = sorted({item["id"] for item in present})
+        others = [kind for kind in reactions.kinds if kind != "like"]
+
+        async def read(conn: asyncpg.Connection) -> tuple[list, list]:
+            counts = await conn.fetch(sql(svc, REACTION_COUNTS), [f"r{target_kind}:{k}" for k in others], ids) \
+                if others else []
+            mine = await conn.fetch(sql(svc, MY_REACTIONS), target_kind, ids, viewer) if viewer is not None else []
+            return counts, mine
+
+        counts, mine = await (self.store.read if on_replica else self.store.on_primary)(svc, Err.FIND_FAILED, read)
+        per_item: dict[int, dict[str, int]] = {}
+        for target_id, counter, n in counts:
+            per_item.setdefault(target_id, {})[counter.partition(":")[2]] = n
+        held: dict[int, set[str]] = {}
+        for target_id, kind in mine:
+            held.setdefault(target_id, set()).add(kind)
+        result: list[dict | None] = []
+        for item in items:
+            if item is None:
+                result.append(None)
+                continue
+            found = {"like": item.get("like_count") or 0, **per_item.get(item["id"], {})}
+            item = {**item, "reactions": {kind: found[kind] for kind in reactions.kinds if found.get(kind, 0) > 0}}
+            if viewer is not None:
+                kinds = held.get(item["id"], set()) | ({"like"} if item.get("liked") else set())
+                item["my_reactions"] = [kind for kind in reactions.kinds if kind in kinds]
+            result.append(item)
+        return result
+
+    async def list_reactions(self, svc: str, post_id: int | None = None, comment_id: int | None = None,
+                             kind: str | None = None, cursor: Any = None, limit: int | None = None) -> dict:
+        """Who reacted to a post or a comment (with kind: only that kind), newest first."""
+        if post_id is None and comment_id is None:
+            raise bad_param("give post_id or comment_id")
+        target_kind, target_id = ("post", post_id) if comment_id is None else ("comment", comment_id)
+        moment, after_user, after_kind = cursor or (dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc), "", "")
+        size = self.page_size(limit)
+        rows = await self.store.read(svc, Err.FIND_FAILED, lambda conn: conn.fetch(
+            sql(svc, REACTIONS_PAGE), target_kind, target_id, moment, after_user, after_kind, kind, size))
+        users = [{"user_id": row["user_id"], "kind": row["kind"],
+                  "time": row["created_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")}
+                 for row in rows]
+        last = rows[-1] if rows else None
+        return {"users": users, "next_cursor": None if last is None else reaction_cursor(
+            last["created_at"], last["user_id"], last["kind"])}
+
+
+def reaction_cursor(moment: dt.datetime, user_id: str, kind: str) -> str:
+    """The opaque next_cursor of GET /reactions: the last row's (time, user, kind)."""
+    raw = orjson.dumps([moment.astimezone(dt.timezone.utc).isoformat(), user_id, kind])
+    return "r" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 class Streams(Part):
     """The live event stream as an operation (the stream itself is section 7's Events)."""
 
@@ -3573,8 +3776,11 @@ class Cleanup(Part):
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "comment", comments)
             await conn.execute(sql(svc, LIKE_COUNTS_DROP), "children", comments)
         likes = _count(await conn.execute(sql(svc, CLEAN_POST_LIKES), post_id, batch.postlikebatch))
+        reactions = _count(await conn.execute(sql(svc, CLEAN_REACTIONS), "post", [post_id], batch.postlikebatch))
+        likes += reactions
         done_keys = [comment_info_key(svc, cid) for cid in comments]
-        if len(comments) < batch.commentbatch and likes < batch.postlikebatch:
+        if len(comments) < batch.commentbatch and likes - reactions < batch.postlikebatch \
+                and reactions < batch.postlikebatch:
             await conn.execute(sql(svc, CLEANUP_DONE), [job["id"]])
             done_keys.append(post_like_key(svc, post_id))
         log.info("clean-up %s: post %d lost %d comments and %d likes", svc, post_id, len(comments), likes)
@@ -3585,8 +3791,10 @@ class Cleanup(Part):
         """Some likes of deleted comments; their jobs are done when a batch comes back short."""
         batch, ids = self.config.clean.commentlikebatch, [job["target_id"] for job in jobs]
         likes = _count(await conn.execute(sql(svc, CLEAN_COMMENT_LIKES), ids, batch))
+        reactions = _count(await conn.execute(sql(svc, CLEAN_REACTIONS), "comment", ids, batch))
         done_keys = []
-        if likes < batch:
+        likes += reactions
+        if likes - reactions < batch and reactions < batch:
             await conn.execute(sql(svc, CLEANUP_DONE), [job["id"] for job in jobs])
             done_keys = [comment_like_key(svc, cid) for cid in ids]
         log.info("clean-up %s: %d likes of %d deleted comments", svc, likes, len(ids))
@@ -4344,9 +4552,12 @@ class Service:
         self.streams, self.cleanup = Streams(*parts), Cleanup(*parts)
         self.moderation, self.bans = Moderation(*parts), Bans(*parts)
         self.lifecycle = Lifecycle(*parts)
+        self.reactions = Reactions(*parts)
         for part in (self.posts, self.comments, self.likes, self.moderation, self.bans, self.lifecycle,
-                     self.cleanup):
+                     self.reactions, self.cleanup):
             part.bans, part.moderation, part.lifecycle = self.bans, self.moderation, self.lifecycle
+        for part in (self.posts, self.comments, self.reactions):  # reactions: the like is Likes'; reads gain counts
+            part.likes, part.reactions = self.likes, self.reactions
 
 
 def _given(**fields: Any) -> dict:
@@ -5187,6 +5398,27 @@ def as_ban_cursor(raw: Any) -> tuple[dt.datetime, str]:
     except (ValueError, OverflowError, UnicodeDecodeError):
         raise bad_param(f"bad cursor {raw!r}") from None
 
+# --- reactions: parameter kinds ---
+def as_reaction_kind(raw: Any) -> str:
+    """A reaction kind's name (whether the service configured it, the operation checks)."""
+    if not isinstance(raw, str) or not REACTION_KIND.match(raw):
+        raise bad_param(f"not a reaction kind: {raw!r}")
+    return raw
+
+
+def as_reaction_cursor(raw: Any) -> tuple[dt.datetime, str, str]:
+    try:
+        if not isinstance(raw, str) or not raw.startswith("r") or len(raw) > Keyset.MAX_LEN * 4:
+            raise ValueError("not a reactions cursor")
+        moment, user, kind = orjson.loads(base64.urlsafe_b64decode(raw[1:] + "=" * (-len(raw[1:]) % 4)))
+        when = dt.datetime.fromisoformat(moment)
+        if when.tzinfo is None:
+            raise ValueError("a cursor time has a zone")
+        return when, as_name(user), as_reaction_kind(kind)
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError, orjson.JSONDecodeError, ApiError):
+        raise bad_param(f"bad cursor {raw!r}") from None
+
+
 
 MAX_BATCH = 100  # post ids per getbatch at most
 
@@ -5535,6 +5767,27 @@ NDJSON_STREAM = {"description": "application/x-ndjson, streamed: one JSON object
                                 "post_like, comment_like (likes they gave), report (reports they filed), ban (bans "
                                 "on them); empty for a user with no data",
                  "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
+# --- reactions: parameters and answers ---
+REACTION_KIND_SCHEMA = {"type": "string", "pattern": REACTION_KIND.pattern}
+REACT_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
+                         description="given: the comment (on post_id) reacted to, rather than the post")
+REACT_KIND = Param("kind", "json", as_reaction_kind, schema=REACTION_KIND_SCHEMA, example="like",
+                   description="one of the service's configured kinds; like (the like of PUT /like) always is one")
+REACT_ON = Param("on", "json", as_like, schema={"type": "boolean"}, example=True,
+                 description="true: react; false: take the reaction back (both idempotent)")
+REACTIONS_POST_ID = Param("post_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID,
+                          description="the post (or comment_id)")
+REACTIONS_COMMENT_ID = Param("comment_id", "query", as_id, required=False, schema=ID_SCHEMA, example=EXAMPLE_ID + 1,
+                             description="the comment (given, its reactions are listed rather than the post's)")
+REACTIONS_KIND = Param("kind", "query", as_reaction_kind, required=False, schema=REACTION_KIND_SCHEMA, example="like",
+                       description="only this kind")
+REACTIONS_CURSOR = Param("cursor", "query", as_reaction_cursor, required=False,
+                         schema={"type": "string", "pattern": "^r[A-Za-z0-9_-]*$"},
+                         example=reaction_cursor(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc), "u1", "like"),
+                         description="the next_cursor of the previous page")
+REACTION_USERS = _obj(users={"type": "array", "items": _obj(user_id={"type": "string"}, kind=REACTION_KIND_SCHEMA,
+                                                            time=TIME_OUT)},
+                      next_cursor={"type": ["string", "null"], "description": "the cursor of the next page"})
 
 EVENT_STREAM = {"description": "Server-Sent Events: `id:` event id, `event:` type, `data:` the event JSON; a "
                                "comment line as keep-alive", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
@@ -5585,6 +5838,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET",    "/revisions",        Lifecycle.revisions,      REVISIONS_OUT, None,   (REVISION_POST_ID,
                                                                                            REVISION_COMMENT_ID)),
     Route("GET",    "/users/export",     Lifecycle.export,         NDJSON_STREAM, None,   (EXPORTED_USER,)),
+    # reactions
+    Route("PUT",    "/react",            Reactions.react,          None,         USER_ID, (POST_ID, REACT_COMMENT_ID,
+                                                                                           USER_ID, REACT_KIND,
+                                                                                           REACT_ON)),
+    Route("GET",    "/reactions",        Reactions.list_reactions, REACTION_USERS, None,  (REACTIONS_POST_ID,
+                                                                                           REACTIONS_COMMENT_ID,
+                                                                                           REACTIONS_KIND,
+                                                                                           REACTIONS_CURSOR, LIMIT)),
 )
 
 ROUTE_TABLE: dict[str, dict[str, Route]] = {}  # the API: full path -> method -> route

@@ -38,8 +38,8 @@ async def test_openapi_describes_every_route(client):
                 if path.startswith("/api/")}
     served = {(path, method) for path, methods in im_backend.ROUTE_TABLE.items() for method in methods}
     # 14 of v1 + getbatch + events + report, the 6 of moderation/ (queue, decide, log, ban PUT/DELETE, bans),
-    # revisions and users/export
-    assert declared == served and len(served) == 25
+    # revisions and users/export, react and reactions
+    assert declared == served and len(served) == 27
     reply = doc["paths"]["/api/v1/posts/comments/reply"]["post"]
     assert {p["name"] for p in reply["parameters"]} == {"svc", "appKey", "post_id", "root_comment_id",
                                                         "father_comment_id", "user_id", "ids"}  # ids: any route
